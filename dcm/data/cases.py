@@ -1,0 +1,563 @@
+"""Challenge case files (``.npz``) <-> one typed :class:`Case`.
+
+Conventions used everywhere in DCM:
+
+* arrays are ``(z, y, x)``; voxel coordinates are integer ``(z, y, x)`` indices;
+* ``spacing_xyz`` is the spacing exactly as the challenge stores it (x, y, z order) and
+  ``spacing_zyx`` the same numbers in array-axis order (the physically correct one);
+* object ``i`` of ``boxes`` / ``clicks`` is label ``i + 1``.
+
+The challenge file has these keys (see README, "Case format"): ``imgs`` (D, H, W), ``spacing`` (3,),
+optional ``gts``, optional ``boxes`` (list of dicts), and at click steps ``clicks`` (list of
+``{'fg': [[z, y, x], ...], 'bg': [...]}``), ``clicks_order`` (per object ``'fg'`` / ``'bg'`` / ``None``
+per step) and ``prev_pred`` (D, H, W) uint8.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from dcm.errors import CaseError
+
+__all__ = [
+    "BOX_KEYS",
+    "MAX_OBJECTS",
+    "Box",
+    "Click",
+    "ObjectPrompts",
+    "Case",
+    "case_from_arrays",
+    "load_case",
+    "load_npz",
+    "atomic_savez",
+    "save_segmentation",
+    "case_to_arrays",
+]
+
+BOX_KEYS = ("z_min", "z_max", "z_mid", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
+#: ``segs`` is uint8 with label ``i + 1`` for object ``i``.
+MAX_OBJECTS = 255
+
+PathLike = Union[str, os.PathLike]
+ZYX = Tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Box:
+    """The challenge box of one object (all bounds inclusive voxel indices).
+
+    ``z_min`` / ``z_max`` are the object's extreme slices; the y / x extent is the 2D box drawn on slice
+    ``z_mid`` only (the organisers' rule), so it may not cover the object on other slices.
+    """
+
+    z_min: int
+    z_max: int
+    z_mid: int
+    z_mid_x_min: int
+    z_mid_y_min: int
+    z_mid_x_max: int
+    z_mid_y_max: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Box":
+        missing = [k for k in BOX_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"missing keys {missing}")
+        values = {}
+        for k in BOX_KEYS:
+            v = d[k]
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{k}={v!r} is not a number") from None
+            if not np.isfinite(fv) or fv != int(fv):
+                raise ValueError(f"{k}={v!r} is not an integer")
+            values[k] = int(fv)
+        return cls(**values)
+
+    def to_dict(self) -> Dict[str, int]:
+        return {k: int(getattr(self, k)) for k in BOX_KEYS}
+
+    @property
+    def bounds_zyx(self) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+        """``((z_min, z_max), (y_min, y_max), (x_min, x_max))``, inclusive."""
+        return (
+            (self.z_min, self.z_max),
+            (self.z_mid_y_min, self.z_mid_y_max),
+            (self.z_mid_x_min, self.z_mid_x_max),
+        )
+
+    @property
+    def center_zyx(self) -> Tuple[float, float, float]:
+        """Mean of min and max per axis, ``(z, y, x)`` (may be a half-integer)."""
+        return tuple((lo + hi) / 2.0 for lo, hi in self.bounds_zyx)  # type: ignore[return-value]
+
+    def problem(self, shape: Sequence[int]) -> Optional[str]:
+        """A one-line description of what is wrong with the box for a volume of ``shape``, or None."""
+        for (lo, hi), n, axis in zip(self.bounds_zyx, shape, "zyx"):
+            if lo > hi:
+                return f"inverted along {axis} ({lo} > {hi})"
+            if lo < 0 or hi >= n:
+                return f"{axis} range [{lo}, {hi}] outside the image (size {n})"
+        if not self.z_min <= self.z_mid <= self.z_max:
+            return f"z_mid={self.z_mid} outside [z_min, z_max]=[{self.z_min}, {self.z_max}]"
+        return None
+
+
+@dataclass(frozen=True)
+class Click:
+    """One click: voxel ``(z, y, x)`` and whether it is a foreground (positive) click."""
+
+    zyx: ZYX
+    positive: bool
+
+    @property
+    def kind(self) -> str:
+        return "fg" if self.positive else "bg"
+
+
+@dataclass
+class ObjectPrompts:
+    """Everything the user gave for one object.
+
+    Attributes:
+        label: the object's label in ``segs`` (object index + 1).
+        box: its box, or None (no-box cases).
+        clicks: all clicks in the order they were given.
+        problem: a one-line reason when this object's prompts are unusable (the object then keeps its
+            previous mask), else None.
+    """
+
+    label: int
+    box: Optional[Box] = None
+    clicks: List[Click] = field(default_factory=list)
+    problem: Optional[str] = None
+
+    @property
+    def fg_clicks(self) -> List[ZYX]:
+        return [c.zyx for c in self.clicks if c.positive]
+
+    @property
+    def bg_clicks(self) -> List[ZYX]:
+        return [c.zyx for c in self.clicks if not c.positive]
+
+    @property
+    def last_click(self) -> Optional[Click]:
+        return self.clicks[-1] if self.clicks else None
+
+    @property
+    def has_prompt(self) -> bool:
+        return self.box is not None or bool(self.clicks)
+
+
+@dataclass
+class Case:
+    """One challenge case at one step of the protocol.
+
+    Attributes:
+        name: file stem (``CT_abdomen_0001``); its prefix up to the first ``_`` names the modality.
+        image: (z, y, x) intensities as stored (0..255 in challenge files).
+        spacing_xyz: voxel spacing as stored in the file: (x, y, z) order.
+        objects: one :class:`ObjectPrompts` per object, label order.
+        prev_pred: (z, y, x) uint8 previous output, or None at the box step / for a fresh case.
+        gts: (z, y, x) ground truth labels when the file has them, else None.
+        path: the file it came from, if any.
+        warnings: non-fatal findings (one line each).
+    """
+
+    name: str
+    image: np.ndarray
+    spacing_xyz: Tuple[float, float, float]
+    objects: List[ObjectPrompts]
+    prev_pred: Optional[np.ndarray] = None
+    gts: Optional[np.ndarray] = None
+    path: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.image.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing_zyx(self) -> Tuple[float, float, float]:
+        """Spacing in array-axis order (z, y, x): the physically correct order."""
+        return tuple(self.spacing_xyz[::-1])  # type: ignore[return-value]
+
+    @property
+    def modality(self) -> str:
+        return modality_of(self.name)
+
+    @property
+    def has_boxes(self) -> bool:
+        return any(o.box is not None for o in self.objects)
+
+    @property
+    def num_objects(self) -> int:
+        return len(self.objects)
+
+    def prev_mask(self, label: int) -> np.ndarray:
+        """Binary (z, y, x) previous mask of ``label`` (all False when there is no previous output)."""
+        if self.prev_pred is None:
+            return np.zeros(self.shape, dtype=bool)
+        return self.prev_pred == label
+
+
+def modality_of(case_name: str) -> str:
+    """The modality prefix of a challenge case name (``CT``, ``MR``, ``PET``, ``US``, ``Microscopy``)."""
+    return Path(case_name).name.split("_", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def load_npz(path: PathLike) -> Dict[str, Any]:
+    """Read every array of an ``.npz`` into a dict, turning any read failure into one :class:`CaseError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaseError(path, None, "no such file")
+    try:
+        with np.load(path, allow_pickle=True) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib_error()) as e:
+        raise CaseError(path, None, f"not a readable .npz file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # unpickling errors of arbitrary kinds in corrupt object arrays
+        raise CaseError(path, None, f"not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+def load_case(path: PathLike, strict: bool = True, with_gts: bool = True) -> Case:
+    """Read and validate one challenge case file.
+
+    Args:
+        path: the ``.npz`` file.
+        strict: raise :class:`CaseError` on a per-object problem too; when False, the problem is stored on
+            the object (``ObjectPrompts.problem``) and the rest of the case stays usable.
+        with_gts: keep ``gts`` if present (the evaluator's source cases); inference ignores it.
+    """
+    path = Path(path)
+    arrays = load_npz(path)
+    if not with_gts:
+        arrays.pop("gts", None)
+    return case_from_arrays(arrays, name=path.stem, path=path, strict=strict)
+
+
+def _as_scalar_obj(a: Any) -> Any:
+    if isinstance(a, np.ndarray) and a.dtype == object and a.shape == ():
+        return a.item()
+    return a
+
+
+def _check_image(path, image: Any) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise CaseError(path, "imgs", f"must be a 3D (z, y, x) array, got shape {image.shape}")
+    if min(image.shape) < 1:
+        raise CaseError(path, "imgs", f"empty array of shape {image.shape}")
+    if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+        raise CaseError(path, "imgs", f"must be numeric, got dtype {image.dtype}")
+    if np.iscomplexobj(image):
+        raise CaseError(path, "imgs", "complex values are not supported")
+    if np.issubdtype(image.dtype, np.floating):
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            raise CaseError(path, "imgs", f"{bad} non-finite (NaN/inf) values")
+    return image
+
+
+def _check_spacing(path, spacing: Any) -> Tuple[float, float, float]:
+    try:
+        sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise CaseError(path, "spacing", f"must be 3 numbers, got {spacing!r}") from None
+    if sp.size != 3:
+        raise CaseError(path, "spacing", f"must have 3 values (x, y, z), got {sp.size}")
+    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise CaseError(path, "spacing", f"values must be finite and > 0, got {sp.tolist()}")
+    return tuple(float(s) for s in sp)  # type: ignore[return-value]
+
+
+def _parse_point(p: Any, shape: Sequence[int]) -> ZYX:
+    arr = np.asarray(p, dtype=np.float64).reshape(-1)
+    if arr.size != 3:
+        raise ValueError(f"click {p!r} must have 3 coordinates (z, y, x)")
+    if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+        raise ValueError(f"click {arr.tolist()} is not an integer voxel index")
+    zyx = tuple(int(v) for v in arr)
+    if any(c < 0 or c >= n for c, n in zip(zyx, shape)):
+        raise ValueError(f"click {list(zyx)} outside the image of shape {tuple(shape)}")
+    return zyx  # type: ignore[return-value]
+
+
+def _order_rows(clicks_order: Any, n: int) -> List[List[Optional[str]]]:
+    rows: List[List[Optional[str]]] = []
+    co = _as_scalar_obj(clicks_order)
+    if isinstance(co, np.ndarray) and co.ndim == 1 and co.dtype != object and n > 0:
+        co = co.reshape(n, -1) if co.size % max(n, 1) == 0 else [co]
+    for row in list(co):
+        if row is None:
+            rows.append([])
+            continue
+        if isinstance(row, (str, np.str_)):
+            row = [row]
+        rows.append([None if e is None else str(e) for e in list(row)])
+    return rows
+
+
+def case_from_arrays(
+    arrays: Mapping[str, Any],
+    name: str = "case",
+    path: Optional[PathLike] = None,
+    strict: bool = True,
+) -> Case:
+    """Validate the arrays of a challenge case (as loaded from its ``.npz``) and build a :class:`Case`.
+
+    Raises:
+        CaseError: naming the file and the field for any case-level problem (and, when ``strict``, for
+            per-object problems too).
+    """
+    where = path if path is not None else name
+    if "imgs" not in arrays:
+        raise CaseError(where, "imgs", "missing (the case has no image)")
+    image = _check_image(where, arrays["imgs"])
+    shape = image.shape
+    if "spacing" not in arrays:
+        raise CaseError(where, "spacing", "missing")
+    spacing_xyz = _check_spacing(where, arrays["spacing"])
+    warnings: List[str] = []
+
+    boxes_raw = _as_scalar_obj(arrays.get("boxes"))
+    boxes: Optional[List[Any]] = None
+    if boxes_raw is not None:
+        boxes = list(boxes_raw) if not isinstance(boxes_raw, dict) else [boxes_raw]
+
+    clicks_raw = _as_scalar_obj(arrays.get("clicks"))
+    clicks_list: Optional[List[Any]] = None
+    if clicks_raw is not None:
+        clicks_list = list(clicks_raw) if not isinstance(clicks_raw, dict) else [clicks_raw]
+
+    if boxes is not None and clicks_list is not None and len(clicks_list) != len(boxes):
+        raise CaseError(
+            where, "clicks", f"{len(clicks_list)} click lists for {len(boxes)} boxes (one per object expected)"
+        )
+    n_objects = len(boxes) if boxes is not None else (len(clicks_list) if clicks_list is not None else 0)
+    if n_objects > MAX_OBJECTS:
+        raise CaseError(where, "boxes" if boxes is not None else "clicks",
+                        f"{n_objects} objects, but uint8 output holds at most {MAX_OBJECTS}")
+    if n_objects == 0:
+        warnings.append(f"{where}: no objects (no boxes and no clicks); the output will be empty")
+
+    order_rows: Optional[List[List[Optional[str]]]] = None
+    if "clicks_order" in arrays and clicks_list is not None:
+        try:
+            order_rows = _order_rows(arrays["clicks_order"], n_objects)
+        except TypeError:
+            raise CaseError(where, "clicks_order", "not a per-object list") from None
+        if len(order_rows) != n_objects:
+            raise CaseError(where, "clicks_order", f"{len(order_rows)} rows for {n_objects} objects")
+
+    objects: List[ObjectPrompts] = []
+    for i in range(n_objects):
+        obj = ObjectPrompts(label=i + 1)
+        problems: List[str] = []
+        if boxes is not None:
+            field_name = f"boxes[{i}]"
+            try:
+                if not isinstance(boxes[i], Mapping):
+                    raise ValueError(f"must be a dict with keys {list(BOX_KEYS)}, got {type(boxes[i]).__name__}")
+                box = Box.from_dict(boxes[i])
+                bad = box.problem(shape)
+                if bad:
+                    raise ValueError(bad)
+                obj.box = box
+            except ValueError as e:
+                problems.append(f"{field_name}: {e}")
+        if clicks_list is not None:
+            field_name = f"clicks[{i}]"
+            entry = clicks_list[i]
+            try:
+                if entry is None:
+                    entry = {"fg": [], "bg": []}
+                if not isinstance(entry, Mapping):
+                    raise ValueError(f"must be a dict with 'fg' and 'bg' lists, got {type(entry).__name__}")
+                fg = [_parse_point(p, shape) for p in _point_list(entry.get("fg"))]
+                bg = [_parse_point(p, shape) for p in _point_list(entry.get("bg"))]
+                obj.clicks = _ordered_clicks(fg, bg, None if order_rows is None else order_rows[i], warnings,
+                                             f"{where}: clicks_order[{i}]")
+            except ValueError as e:
+                problems.append(f"{field_name}: {e}")
+        if problems:
+            obj.problem = "; ".join(problems)
+            if strict:
+                field_name, _, msg = problems[0].partition(": ")
+                raise CaseError(where, field_name, msg)
+            obj.box = obj.box if obj.box is not None and not any(p.startswith("boxes") for p in problems) else None
+        objects.append(obj)
+
+    prev_pred = None
+    if "prev_pred" in arrays and arrays["prev_pred"] is not None and _as_scalar_obj(arrays["prev_pred"]) is not None:
+        prev_pred = _check_label_map(where, "prev_pred", arrays["prev_pred"], shape, n_objects, strict, warnings)
+    gts = None
+    if "gts" in arrays:
+        gts = _check_label_map(where, "gts", arrays["gts"], shape, None, True, warnings)
+
+    return Case(
+        name=name,
+        image=image,
+        spacing_xyz=spacing_xyz,
+        objects=objects,
+        prev_pred=prev_pred,
+        gts=gts,
+        path=None if path is None else str(path),
+        warnings=warnings,
+    )
+
+
+def _point_list(v: Any) -> List[Any]:
+    if v is None:
+        return []
+    arr = np.asarray(v, dtype=object) if not isinstance(v, np.ndarray) else v
+    if arr.size == 0:
+        return []
+    if isinstance(v, np.ndarray) and v.dtype != object:
+        return list(v.reshape(-1, v.shape[-1]))
+    return list(v)
+
+
+def _ordered_clicks(fg: List[ZYX], bg: List[ZYX], order: Optional[List[Optional[str]]],
+                    warnings: List[str], where: str) -> List[Click]:
+    """Interleave fg / bg clicks in the order ``clicks_order`` gives (None entries = no click that step)."""
+    if order is not None:
+        kinds = [k for k in order if k is not None]
+        if any(k not in ("fg", "bg") for k in kinds):
+            raise ValueError(f"clicks_order entries must be 'fg', 'bg' or None, got {sorted(set(kinds))}")
+        if kinds.count("fg") == len(fg) and kinds.count("bg") == len(bg):
+            it = {"fg": iter(fg), "bg": iter(bg)}
+            return [Click(next(it[k]), k == "fg") for k in kinds]
+        warnings.append(f"{where}: order does not match the click counts; fg clicks are taken first")
+    elif fg and bg:
+        warnings.append(f"{where.split(':')[0]}: no clicks_order; fg clicks are taken before bg clicks")
+    return [Click(p, True) for p in fg] + [Click(p, False) for p in bg]
+
+
+def _check_label_map(where, field_name: str, arr: Any, shape, n_objects: Optional[int], strict: bool,
+                     warnings: List[str]) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.shape != tuple(shape):
+        raise CaseError(where, field_name, f"shape {arr.shape} differs from imgs {tuple(shape)}")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise CaseError(where, field_name, f"must hold integer labels, got dtype {arr.dtype}")
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if lo < 0:
+        raise CaseError(where, field_name, f"negative label {lo}")
+    if n_objects is not None and hi > n_objects:
+        if strict:
+            raise CaseError(where, field_name, f"label {hi} but the case has {n_objects} objects")
+        warnings.append(f"{where}: {field_name}: labels above {n_objects} set to 0")
+        arr = np.where(arr > n_objects, 0, arr)
+    if field_name == "prev_pred" or hi <= 255:
+        return arr.astype(np.uint8, copy=False)
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def atomic_savez(path: PathLike, compress: bool = True, **arrays: Any) -> Path:
+    """Write ``arrays`` to ``path`` as an ``.npz`` so that ``path`` is either absent or complete.
+
+    The data goes to a temporary file in the same folder first and is renamed over ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (np.savez_compressed if compress else np.savez)(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def save_segmentation(path: PathLike, segs: np.ndarray, shape: Optional[Sequence[int]] = None) -> Path:
+    """Write a challenge output file (key ``segs``, uint8, (z, y, x)) atomically.
+
+    Raises:
+        CaseError: when ``segs`` has the wrong shape or labels that do not fit uint8.
+    """
+    segs = np.asarray(segs)
+    if shape is not None and tuple(segs.shape) != tuple(shape):
+        raise CaseError(path, "segs", f"shape {segs.shape} differs from the image {tuple(shape)}")
+    if segs.size and (segs.min() < 0 or segs.max() > MAX_OBJECTS):
+        raise CaseError(path, "segs", f"labels must be 0..{MAX_OBJECTS}")
+    return atomic_savez(path, segs=segs.astype(np.uint8, copy=False))
+
+
+def _object_array(items: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    for i, it in enumerate(items):
+        out[i] = it
+    return out
+
+
+def case_to_arrays(
+    image: np.ndarray,
+    spacing_xyz: Sequence[float],
+    boxes: Optional[Sequence[Mapping[str, int]]] = None,
+    clicks: Optional[Sequence[Mapping[str, Sequence[Sequence[int]]]]] = None,
+    clicks_order: Optional[Sequence[Sequence[Optional[str]]]] = None,
+    prev_pred: Optional[np.ndarray] = None,
+    gts: Optional[np.ndarray] = None,
+) -> Dict[str, Any]:
+    """The arrays of a challenge case file in the organisers' layout (what :func:`atomic_savez` writes).
+
+    ``clicks`` becomes an object array of dicts; ``clicks_order`` a 2D ``<U2`` array when it holds no None
+    and an object array otherwise, as the organisers' evaluator writes them.
+    """
+    out: Dict[str, Any] = {"imgs": image, "spacing": np.asarray(spacing_xyz, dtype=np.float64)}
+    if gts is not None:
+        out["gts"] = gts
+    if boxes is not None:
+        out["boxes"] = _object_array([dict(b) for b in boxes])
+    if clicks is not None:
+        out["clicks"] = _object_array(
+            [{"fg": [list(map(int, p)) for p in c.get("fg", [])], "bg": [list(map(int, p)) for p in c.get("bg", [])]}
+             for c in clicks]
+        )
+    if clicks_order is not None:
+        rows = [list(r) for r in clicks_order]
+        if rows and all(e is not None for r in rows for e in r) and len({len(r) for r in rows}) == 1:
+            out["clicks_order"] = np.array(rows, dtype="<U2")
+        else:
+            width = max((len(r) for r in rows), default=0)
+            arr = np.empty((len(rows), width), dtype=object)
+            for i, r in enumerate(rows):
+                for j, e in enumerate(r):
+                    arr[i, j] = e
+            out["clicks_order"] = arr
+    if prev_pred is not None:
+        out["prev_pred"] = np.asarray(prev_pred, dtype=np.uint8)
+    return out
