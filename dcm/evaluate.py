@@ -1,0 +1,403 @@
+"""The 6-step interactive evaluation of the CVPR 2025 challenge, reproducing the official numbers.
+
+Per case: step 1 gives the boxes (skipped, scored 0, for cases without boxes); steps 2..6 each add one
+click per object at the organisers' next-click location (``dcm.protocol.next_click``) computed from the
+previous output. Every step is one predictor call, timed, exactly as the organisers run a container:
+a working folder holding ``inputs/<case>.npz`` and ``outputs/``.
+
+    python -m dcm.evaluate --cases DIR --out DIR --predict-cmd "sh predict.sh"
+    python -m dcm.evaluate --cases DIR --out DIR --predictor box-fill        # in-process, fast
+    python -m dcm.evaluate --cases DIR --out DIR --predictor my.module:predict
+
+Writes ``metrics.csv`` (official columns and order), ``summary.csv`` / ``summary.md`` (per-modality means),
+``failures.csv`` (cases that could not be evaluated), and with ``--save-all-segs`` ``all_segs/<case>.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dcm.data.cases import Case, atomic_savez, case_from_arrays, case_to_arrays, load_case, load_npz
+from dcm.errors import CaseError, DCMError
+from dcm.metrics import case_scores, click_auc
+from dcm.protocol import next_click
+
+__all__ = [
+    "NUM_STEPS",
+    "SECONDS_PER_CLASS",
+    "METRIC_COLUMNS",
+    "CaseResult",
+    "CommandPredictor",
+    "evaluate_case",
+    "evaluate_folder",
+    "summarise",
+    "main",
+]
+
+NUM_STEPS = 6
+#: the organisers' budget: 90 s per class, summed over the 6 calls of a case.
+SECONDS_PER_CLASS = 90.0
+METRIC_COLUMNS = (
+    ["CaseName", "TotalRunningTime"]
+    + [f"RunningTime_{i}" for i in range(1, NUM_STEPS + 1)]
+    + ["DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final"]
+    + [f"DSC_{i}" for i in range(1, NUM_STEPS + 1)]
+    + [f"NSD_{i}" for i in range(1, NUM_STEPS + 1)]
+    + ["num_class", "runtime_upperbound"]
+)
+SUMMARY_METRICS = ["DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final"]
+
+
+class ShapeError(DCMError):
+    """A predictor returned ``segs`` of the wrong shape (the organisers abort the whole run on this)."""
+
+
+@dataclass
+class CaseResult:
+    """Scores and timings of one case over the 6 steps (index 0 = step 1)."""
+
+    name: str
+    num_class: int
+    dsc: List[float] = field(default_factory=lambda: [0.0] * NUM_STEPS)
+    nsd: List[float] = field(default_factory=lambda: [0.0] * NUM_STEPS)
+    seconds: List[float] = field(default_factory=lambda: [0.0] * NUM_STEPS)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds))
+
+    @property
+    def runtime_upperbound(self) -> float:
+        return SECONDS_PER_CLASS * self.num_class
+
+    @property
+    def over_budget(self) -> bool:
+        return self.total_seconds > self.runtime_upperbound
+
+    def row(self) -> Dict[str, object]:
+        row: Dict[str, object] = {"CaseName": self.name, "TotalRunningTime": self.total_seconds}
+        for i in range(NUM_STEPS):
+            row[f"RunningTime_{i + 1}"] = self.seconds[i]
+        row["DSC_AUC"] = click_auc(self.dsc)
+        row["NSD_AUC"] = click_auc(self.nsd)
+        row["DSC_Final"] = self.dsc[-1]
+        row["NSD_Final"] = self.nsd[-1]
+        for i in range(NUM_STEPS):
+            row[f"DSC_{i + 1}"] = self.dsc[i]
+        for i in range(NUM_STEPS):
+            row[f"NSD_{i + 1}"] = self.nsd[i]
+        row["num_class"] = self.num_class
+        row["runtime_upperbound"] = self.runtime_upperbound
+        return row
+
+
+# ------------------------------------------------------------------------------------------ predictors
+
+#: A step predictor: ``(input_file, workdir) -> (seconds, log)``; it writes ``workdir/outputs/<input name>``.
+StepRunner = Callable[[Path, Path], Tuple[float, str]]
+
+
+class CommandPredictor:
+    """Runs a shell command per step in a working folder holding ``inputs/`` and ``outputs/``.
+
+    The command runs with that folder as its working directory (as ``/workspace`` in the organisers'
+    container); relative paths in the command that name existing files where the evaluator was started
+    (``predict.sh``) are made absolute. ``DCM_INPUT_DIR`` / ``DCM_OUTPUT_DIR`` are set too, and the folder
+    holding the ``dcm`` package is put on ``PYTHONPATH``.
+    """
+
+    def __init__(self, command: str, timeout: Optional[float] = None, verbose: bool = False):
+        self.command = self._absolutise(command)
+        self.timeout = timeout
+        self.verbose = verbose
+
+    @staticmethod
+    def _absolutise(command: str) -> str:
+        parts = []
+        for token in shlex.split(command):
+            if not token.startswith("-") and Path(token).exists():
+                token = str(Path(token).resolve())
+            parts.append(shlex.quote(token))
+        return " ".join(parts)
+
+    def __call__(self, case_file: Path, workdir: Path) -> Tuple[float, str]:
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["DCM_INPUT_DIR"] = str(workdir / "inputs")
+        env["DCM_OUTPUT_DIR"] = str(workdir / "outputs")
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(self.command, shell=True, cwd=workdir, env=env, timeout=self.timeout,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            log = proc.stdout or ""
+            if proc.returncode != 0:
+                log += f"\n[exit status {proc.returncode}]"
+        except subprocess.TimeoutExpired:
+            log = f"[timed out after {self.timeout} s]"
+        seconds = time.perf_counter() - start
+        if self.verbose and log.strip():
+            print(log, file=sys.stderr)
+        return seconds, log
+
+
+class InProcessPredictor:
+    """Calls ``predict_fn(case) -> segs`` on the step's input file, timing only the call."""
+
+    def __init__(self, predict_fn: Callable[[Case], np.ndarray]):
+        self.predict_fn = predict_fn
+
+    def __call__(self, case_file: Path, workdir: Path) -> Tuple[float, str]:
+        from dcm.runner import predict_folder
+
+        start = time.perf_counter()
+        result = predict_folder(case_file.parent, workdir / "outputs", self.predict_fn)
+        seconds = time.perf_counter() - start
+        return seconds, "; ".join(r for _, r in result.failed)
+
+
+def resolve_predictor(spec: str, cases_dir: Path) -> Callable[[Case], np.ndarray]:
+    """``oracle``, ``box-fill`` or ``module:callable`` (a callable, or a class / factory taking no args)."""
+    from dcm.baselines import BoxFillPredictor, OraclePredictor
+
+    if spec == "oracle":
+        return OraclePredictor(str(cases_dir))
+    if spec == "box-fill":
+        return BoxFillPredictor()
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise SystemExit(f"--predictor {spec!r}: expected 'oracle', 'box-fill' or 'module:callable'")
+    obj = getattr(importlib.import_module(module_name), attr)
+    if isinstance(obj, type):
+        obj = obj()
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _read_segs(path: Path, shape: Tuple[int, ...]) -> Tuple[np.ndarray, Optional[str]]:
+    """The step's output; a missing or unreadable file counts as all zeros (the organisers' rule)."""
+    if not path.is_file():
+        return np.zeros(shape, dtype=np.uint8), "no output file (scored as empty)"
+    try:
+        arrays = load_npz(path)
+    except CaseError as e:
+        return np.zeros(shape, dtype=np.uint8), f"{e} (scored as empty)"
+    if "segs" not in arrays:
+        return np.zeros(shape, dtype=np.uint8), f"{path}: no 'segs' key (scored as empty)"
+    segs = np.asarray(arrays["segs"])
+    if segs.shape != tuple(shape):
+        raise ShapeError(f"{path}: segs shape {segs.shape} differs from imgs {tuple(shape)}")
+    return segs, None
+
+
+def evaluate_case(
+    case: Case,
+    run_step: StepRunner,
+    workdir: Path,
+    nsd_spacing: str = "stored",
+    all_segs: Optional[List[np.ndarray]] = None,
+) -> CaseResult:
+    """Run the 6 steps of one source case (which must hold ``gts``) and score them.
+
+    Args:
+        case: the source case with ground truth.
+        run_step: the predictor, called once per step with the step's input file.
+        workdir: an empty folder; ``inputs/`` and ``outputs/`` are created in it.
+        nsd_spacing: ``stored`` (the organisers' x-y-z spacing applied to z-y-x axes: official numbers) or
+            ``physical`` (z-y-x: the geometrically correct NSD).
+        all_segs: if given, receives the output of each step (zeros for a skipped box step).
+    """
+    if case.gts is None:
+        raise CaseError(case.path or case.name, "gts", "missing (evaluation needs ground truth)")
+    gts = case.gts
+    labels = [int(v) for v in np.unique(gts) if v != 0]
+    if labels != list(range(1, len(labels) + 1)):
+        raise CaseError(case.path or case.name, "gts", f"labels must be sequential 1..N, got {labels[:10]}")
+    has_boxes = case.has_boxes
+    if has_boxes and len(case.objects) != len(labels):
+        raise CaseError(case.path or case.name, "boxes", f"{len(case.objects)} boxes for {len(labels)} labels")
+    spacing = case.spacing_xyz if nsd_spacing == "stored" else case.spacing_zyx
+    result = CaseResult(name=case.name, num_class=len(labels))
+
+    in_dir, out_dir = workdir / "inputs", workdir / "outputs"
+    in_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    in_file, out_file = in_dir / f"{case.name}.npz", out_dir / f"{case.name}.npz"
+    boxes = [o.box.to_dict() for o in case.objects] if has_boxes else None
+    clicks = [{"fg": [], "bg": []} for _ in labels]
+    clicks_order: List[List[Optional[str]]] = [[] for _ in labels]
+    segs = np.zeros(case.shape, dtype=np.uint8)
+
+    for step in range(1, NUM_STEPS + 1):
+        if step == 1 and not has_boxes:
+            if all_segs is not None:
+                all_segs.append(np.zeros(case.shape, dtype=np.uint8))
+            continue
+        if step == 1:
+            arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes)
+        else:
+            for i, label in enumerate(labels):
+                click = next_click(gts == label, segs == label)
+                if click is None:
+                    clicks_order[i].append(None)
+                else:
+                    zyx, kind = click
+                    clicks[i][kind].append(list(zyx))
+                    clicks_order[i].append(kind)
+            arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes, clicks=clicks,
+                                    clicks_order=clicks_order, prev_pred=segs)
+        atomic_savez(in_file, compress=False, **arrays)
+        # A stale output of the previous step must not be mistaken for this step's answer.
+        out_file.unlink(missing_ok=True)
+        seconds, log = run_step(in_file, workdir)
+        segs, problem = _read_segs(out_file, case.shape)
+        segs = segs.astype(np.uint8, copy=False)
+        result.seconds[step - 1] = seconds
+        if problem:
+            result.notes.append(f"step {step}: {problem}" + (f" [{log.strip().splitlines()[-1]}]" if log.strip() else ""))
+        dsc, nsd_value = case_scores(gts, segs, spacing)
+        result.dsc[step - 1], result.nsd[step - 1] = dsc, nsd_value
+        if all_segs is not None:
+            all_segs.append(segs.copy())
+    in_file.unlink(missing_ok=True)
+    return result
+
+
+def summarise(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Per-modality means (modality = case-name prefix) of the AUC and final metrics, plus ``All``."""
+    from dcm.data.cases import modality_of
+
+    groups: Dict[str, List[Dict[str, object]]] = {}
+    for row in rows:
+        groups.setdefault(modality_of(str(row["CaseName"])), []).append(row)
+    out = []
+    for modality in sorted(groups) + (["All"] if rows else []):
+        members = rows if modality == "All" else groups[modality]
+        entry: Dict[str, object] = {"Modality": modality, "Cases": len(members)}
+        for metric in SUMMARY_METRICS:
+            entry[metric] = float(np.mean([float(r[metric]) for r in members]))
+        entry["Over_budget"] = sum(float(r["TotalRunningTime"]) > float(r["runtime_upperbound"]) for r in members)
+        out.append(entry)
+    return out
+
+
+def markdown_table(summary: Sequence[Dict[str, object]]) -> str:
+    cols = ["Modality", "Cases"] + SUMMARY_METRICS + ["Over_budget"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for entry in summary:
+        cells = [f"{entry[c]:.4f}" if isinstance(entry[c], float) else str(entry[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    os.replace(tmp, path)
+
+
+def evaluate_folder(
+    cases_dir: Path,
+    out_dir: Path,
+    run_step: StepRunner,
+    nsd_spacing: str = "stored",
+    save_all_segs: bool = False,
+    limit: Optional[int] = None,
+    progress: bool = True,
+) -> Tuple[List[Dict[str, object]], List[Tuple[str, str]]]:
+    """Evaluate every ``*.npz`` of ``cases_dir`` (sorted by name) and write the result files to ``out_dir``.
+
+    Returns:
+        ``(metric_rows, failures)``; a case that cannot be evaluated is listed in ``failures`` and the run
+        goes on.
+    """
+    from tqdm import tqdm
+
+    cases_dir, out_dir = Path(cases_dir), Path(out_dir)
+    if not cases_dir.is_dir():
+        raise SystemExit(f"{cases_dir}: no such folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in cases_dir.iterdir() if p.suffix == ".npz")[:limit]
+    rows: List[Dict[str, object]] = []
+    failures: List[Tuple[str, str]] = []
+    notes: List[str] = []
+    bar = tqdm(files, desc="evaluate", unit="case", disable=not progress)
+    for path in bar:
+        bar.set_postfix_str(path.stem)
+        steps: Optional[List[np.ndarray]] = [] if save_all_segs else None
+        with tempfile.TemporaryDirectory(prefix="dcm-eval-") as tmp:
+            try:
+                case = load_case(path, strict=True)
+                result = evaluate_case(case, run_step, Path(tmp), nsd_spacing, steps)
+            except (DCMError, ValueError) as e:
+                # ShapeError: the organisers would abort the whole run here; we record it and go on.
+                failures.append((path.stem, str(e)))
+                tqdm.write(f"FAILED {path.name}: {e}")
+                continue
+        rows.append(result.row())
+        notes += [f"{result.name}: {n}" for n in result.notes]
+        if result.over_budget:
+            notes.append(f"{result.name}: OVER BUDGET {result.total_seconds:.1f} s > {result.runtime_upperbound:.0f} s")
+            tqdm.write(notes[-1])
+        if steps is not None:
+            atomic_savez(out_dir / "all_segs" / f"{path.stem}.npz", all_segs=np.stack(steps))
+    _write_csv(out_dir / "metrics.csv", rows, METRIC_COLUMNS)
+    summary = summarise(rows)
+    _write_csv(out_dir / "summary.csv", summary, ["Modality", "Cases"] + SUMMARY_METRICS + ["Over_budget"])
+    (out_dir / "summary.md").write_text(markdown_table(summary) + "\n")
+    _write_csv(out_dir / "failures.csv", [{"CaseName": n, "Error": e} for n, e in failures], ["CaseName", "Error"])
+    (out_dir / "notes.txt").write_text("\n".join(notes) + ("\n" if notes else ""))
+    return rows, failures
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcm.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", required=True, help="folder of source cases (.npz with gts)")
+    parser.add_argument("--out", required=True, help="folder for metrics.csv, summary.md, ...")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--predict-cmd", help='external command run per step, e.g. "sh predict.sh"')
+    who.add_argument("--predictor", help="in-process: oracle, box-fill or module:callable")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per external call")
+    parser.add_argument("--nsd-spacing", choices=["stored", "physical"], default="stored",
+                        help="stored = organisers' x-y-z spacing on z-y-x axes (official numbers); physical = z-y-x")
+    parser.add_argument("--save-all-segs", action="store_true", help="write all_segs/<case>.npz (6, z, y, x)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
+    parser.add_argument("--verbose", action="store_true", help="print the external command's output")
+    args = parser.parse_args(argv)
+
+    if args.predict_cmd:
+        runner: StepRunner = CommandPredictor(args.predict_cmd, timeout=args.timeout, verbose=args.verbose)
+    else:
+        runner = InProcessPredictor(resolve_predictor(args.predictor, Path(args.cases)))
+    rows, failures = evaluate_folder(Path(args.cases), Path(args.out), runner, args.nsd_spacing,
+                                     args.save_all_segs, args.limit)
+    print(markdown_table(summarise(rows)))
+    print(f"\n{len(rows)} cases evaluated, {len(failures)} failed; results in {args.out}")
+    return 1 if failures or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Shared test helpers. Fixtures (golden values from the original third-party code) live in tests/fixtures/."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Two cores in CI: keep torch from oversubscribing them when several workers run.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def protocol_golden():
+    """(json dict, npz arrays) of the organisers' evaluator outputs."""
+    meta = json.loads((FIXTURES / "protocol_golden.json").read_text())
+    with np.load(FIXTURES / "protocol_golden.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta, arrays
