@@ -1,0 +1,73 @@
+"""Training checkpoints in DCM's layout, written atomically, with everything needed for an exact resume.
+
+Layout (a superset of the released DCM file, so released tools read ours)::
+
+    {epoch, model_state_dict, optimizer_state_dict, lr_scheduler_state_dict, losses, dices, best_loss,
+     best_dice, args,                                   # the released keys
+     scaler_state_dict, global_step, batches_done, rng_states, config}   # what exact resume needs
+
+``epoch`` is the epoch being trained and ``batches_done`` how many of its (per-rank) batches are done, so a
+mid-epoch checkpoint resumes at the next batch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_torch_save", "capture_rng_state", "restore_rng_state"]
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous complete file or the new complete file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """This process's Python, NumPy and torch (CPU and CUDA) generator states, in safe-to-load types."""
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states: List[torch.Tensor] = state["cuda"]
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
