@@ -1,0 +1,155 @@
+"""The DCM engine: route each object's prompts to the experts, fuse, write, within the time budget.
+
+``DCMPredictor(cfg, experts)`` is a callable ``case -> segs`` (what ``predict.sh`` and the evaluator's
+in-process mode call); :class:`dcm.engine.session.InteractiveSession` drives the same per-object step.
+
+Engine config (section ``engine``)::
+
+    policy: dual                     # see dcm.engine.policies
+    fusion: local_overrides          # local_overrides | average | confidence
+    overlap: later_wins              # later_wins | highest_prob | keep_others
+    local_at_box_step: box_center    # box_center | skip
+    threshold: 0.5
+    budget:
+      seconds_per_object: 90         # the challenge budget, summed over the calls of a case
+      calls_per_case: 6
+      safety: 0.85                   # fraction of the call's share we allow ourselves
+      expected_seconds: {global: 1.0, local: 5.0}   # cost priors until a call is measured
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from dcm.data.cases import Case, ObjectPrompts
+from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions
+from dcm.engine.policies import GLOBAL, LOCAL, route
+from dcm.experts.base import Expert, RoIPrediction
+
+__all__ = ["ENGINE_DEFAULTS", "CallBudget", "DCMPredictor", "predict_object"]
+
+ENGINE_DEFAULTS: Dict[str, Any] = {
+    "policy": "dual",
+    "fusion": "local_overrides",
+    "overlap": "later_wins",
+    "local_at_box_step": "box_center",
+    "threshold": 0.5,
+    "budget": {
+        "seconds_per_object": 90.0,
+        "calls_per_case": 6,
+        "safety": 0.85,
+        "expected_seconds": {GLOBAL: 1.0, LOCAL: 5.0},
+    },
+}
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class CallBudget:
+    """This call's share of the case budget and the time spent in it.
+
+    The organisers allow ``seconds_per_object x objects`` over the ``calls_per_case`` calls of a case,
+    counting start-up and model loading, so ``start`` should be the process start when known.
+    """
+
+    seconds: float
+    start: float = field(default_factory=time.perf_counter)
+    costs: Dict[str, List[float]] = field(default_factory=dict)
+    priors: Dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def for_case(cls, num_objects: int, cfg: Dict[str, Any], start: Optional[float] = None) -> "CallBudget":
+        b = {**ENGINE_DEFAULTS["budget"], **(cfg or {})}
+        share = float(b["seconds_per_object"]) * max(num_objects, 1) / int(b["calls_per_case"]) * float(b["safety"])
+        return cls(seconds=share, start=start if start is not None else time.perf_counter(),
+                   priors=dict(b.get("expected_seconds") or {}))
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def expected(self, expert: str) -> float:
+        measured = self.costs.get(expert)
+        return float(np.mean(measured)) if measured else float(self.priors.get(expert, 0.0))
+
+    def allows(self, expert: str) -> bool:
+        return self.elapsed + self.expected(expert) <= self.seconds
+
+    def record(self, expert: str, seconds: float) -> None:
+        self.costs.setdefault(expert, []).append(seconds)
+
+
+def predict_object(
+    case: Case,
+    obj: ObjectPrompts,
+    experts: Dict[str, Expert],
+    cfg: Dict[str, Any],
+    budget: Optional[CallBudget] = None,
+) -> Optional[FusedPrediction]:
+    """Route one object's prompts to the experts and fuse their answers (None: keep the previous mask).
+
+    Args:
+        case: the case; ``case.prev_pred`` is the previous mask the experts read.
+        obj: the object.
+        experts: ``{'global': ..., 'local': ...}`` (either may be absent).
+        cfg: the ``engine`` config section.
+        budget: when given, an expert call that would overrun it is skipped with a message.
+    """
+    if obj.problem or not obj.has_prompt:
+        return None
+    names = route(cfg["policy"], case, obj, experts)
+    if not obj.clicks and cfg.get("local_at_box_step", "box_center") == "skip" and len(names) > 1:
+        names = [n for n in names if n != LOCAL]
+    predictions: List[RoIPrediction] = []
+    for name in names:
+        if budget is not None and not budget.allows(name):
+            _say(f"{case.name}: object {obj.label}: {name} expert skipped to stay within the time budget "
+                 f"({budget.elapsed:.1f} s of {budget.seconds:.1f} s used, ~{budget.expected(name):.1f} s needed)")
+            continue
+        t0 = time.perf_counter()
+        prediction = experts[name].predict(obj, case.prev_pred)
+        if budget is not None:
+            budget.record(name, time.perf_counter() - t0)
+        if prediction is not None:
+            predictions.append(prediction)
+    return fuse_predictions(predictions, cfg.get("fusion", "local_overrides"))
+
+
+class DCMPredictor:
+    """``case -> segs`` with the configured policy, fusion and overlap rules.
+
+    Args:
+        experts: built experts by role (``'global'``, ``'local'``).
+        engine_cfg: the ``engine`` config section (missing keys take :data:`ENGINE_DEFAULTS`).
+        process_start: ``time.perf_counter()`` at process start, so the budget counts model loading.
+    """
+
+    def __init__(self, experts: Dict[str, Expert], engine_cfg: Optional[Dict[str, Any]] = None,
+                 process_start: Optional[float] = None):
+        cfg = {**ENGINE_DEFAULTS, **(engine_cfg or {})}
+        cfg["budget"] = {**ENGINE_DEFAULTS["budget"], **((engine_cfg or {}).get("budget") or {})}
+        self.cfg = cfg
+        self.experts = experts
+        self.process_start = process_start
+
+    def __call__(self, case: Case) -> np.ndarray:
+        segs = case.prev_pred.copy() if case.prev_pred is not None else np.zeros(case.shape, dtype=np.uint8)
+        if not case.objects:
+            return segs
+        budget = CallBudget.for_case(case.num_objects, self.cfg["budget"], self.process_start)
+        for expert in self.experts.values():
+            expert.set_image(case.image, case.spacing_zyx)
+        writer = LabelWriter(segs, self.cfg["overlap"])
+        for obj in case.objects:
+            fused = predict_object(case, obj, self.experts, self.cfg, budget)
+            if fused is not None:
+                writer.write(obj.label, fused, float(self.cfg["threshold"]))
+        return segs

@@ -1,0 +1,152 @@
+"""Engine routing, RoI-update fusion, overlap rules and the time budget, with stand-in experts."""
+
+import time
+
+import numpy as np
+import pytest
+
+from dcm.data.cases import Box, Case, Click, ObjectPrompts
+from dcm.engine.fusion import LabelWriter, fuse_predictions
+from dcm.engine.policies import POLICIES, route
+from dcm.engine.predictor import CallBudget, DCMPredictor
+from dcm.experts.base import Expert, RoIPrediction
+
+SHAPE = (20, 30, 30)
+
+
+class StubExpert(Expert):
+    """Predicts probability ``value`` on a fixed-size cube around the box centre / last click."""
+
+    def __init__(self, name, half, value, delay=0.0):
+        self.name, self.half, self.value, self.delay = name, half, value, delay
+        self.calls = []
+
+    def set_image(self, image, spacing_zyx=None):
+        self.shape = image.shape
+
+    def _center(self, obj):
+        if self.name == "local" and obj.last_click is not None:
+            return obj.last_click.zyx
+        if obj.box is not None:
+            return tuple(int(c) for c in obj.box.center_zyx)
+        return obj.clicks[0].zyx if obj.clicks else None
+
+    def roi_of(self, obj):
+        c = self._center(obj)
+        if c is None:
+            return None
+        return tuple(slice(max(x - self.half, 0), min(x + self.half + 1, n)) for x, n in zip(c, self.shape))
+
+    def predict(self, obj, prev_pred=None):
+        self.calls.append(obj.label)
+        time.sleep(self.delay)
+        roi = self.roi_of(obj)
+        if roi is None:
+            return None
+        shape = tuple(s.stop - s.start for s in roi)
+        return RoIPrediction(roi, np.full(shape, self.value, np.float32), self.name)
+
+
+BOX = Box(z_min=5, z_max=14, z_mid=10, z_mid_x_min=5, z_mid_y_min=5, z_mid_x_max=14, z_mid_y_max=14)
+
+
+def _case(clicks=(), prev=None, boxes=True):
+    obj = ObjectPrompts(label=1, box=BOX if boxes else None, clicks=list(clicks))
+    return Case("CT_t", np.zeros(SHAPE, np.float32), (1.0, 1.0, 1.0), [obj], prev_pred=prev)
+
+
+def _experts(g=0.9, l=0.9):
+    return {"global": StubExpert("global", 4, g), "local": StubExpert("local", 2, l)}
+
+
+def test_policies_route_as_documented():
+    ex = _experts()
+    box_step = _case()
+    click = _case([Click((10, 10, 10), True)])
+    far = _case([Click((18, 25, 25), True)])
+    noboxes = _case([Click((10, 10, 10), True)], boxes=False)
+    for e in ex.values():
+        e.set_image(box_step.image)
+    o = lambda c: c.objects[0]
+    assert route("dual", box_step, o(box_step), ex) == ["global", "local"]
+    assert route("released", click, o(click), ex) == ["global"]
+    assert route("released", noboxes, o(noboxes), ex) == ["local"]
+    assert route("global_then_local", box_step, o(box_step), ex) == ["global"]
+    assert route("global_then_local", click, o(click), ex) == ["local"]
+    assert route("outside_global_roi", click, o(click), ex) == ["global"]
+    assert route("outside_global_roi", far, o(far), ex) == ["local"]
+    assert route("global_only", far, o(far), ex) == ["global"]
+    assert route("local_only", box_step, o(box_step), ex) == ["local"]
+    assert set(POLICIES) == {"dual", "released", "global_then_local", "outside_global_roi", "global_only", "local_only"}
+
+
+def test_local_overrides_inside_its_window_only():
+    g = RoIPrediction((slice(0, 10),) * 3, np.full((10,) * 3, 0.9, np.float32))
+    l = RoIPrediction((slice(4, 8),) * 3, np.full((4,) * 3, 0.1, np.float32))
+    fused = fuse_predictions([g, l], "local_overrides")
+    m = fused.mask()
+    assert m.sum() == 1000 - 64 and not m[4:8, 4:8, 4:8].any()
+    avg = fuse_predictions([g, l], "average")
+    assert avg.prob[5, 5, 5] == pytest.approx(0.5) and avg.prob[0, 0, 0] == pytest.approx(0.9)
+    conf = fuse_predictions([g, l], "confidence")
+    assert conf.prob[5, 5, 5] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_roi_update_keeps_previous_mask_outside_rois():
+    prev = np.zeros(SHAPE, np.uint8)
+    prev[0:3, 0:3, 0:3] = 1  # far from every RoI
+    prev[10, 10, 10] = 1
+    case = _case([Click((10, 10, 10), False)], prev=prev)
+    segs = DCMPredictor(_experts(g=0.9, l=0.1), {"policy": "dual"})(case)
+    assert segs[0:3, 0:3, 0:3].all()
+    assert segs[10, 10, 10] == 0  # the local window says background
+    assert segs[6, 6, 6] == 1  # global RoI, outside the local window
+    assert segs.dtype == np.uint8 and segs.shape == SHAPE
+
+
+def test_local_skipped_at_box_step_when_configured():
+    ex = _experts()
+    DCMPredictor(ex, {"policy": "dual", "local_at_box_step": "skip"})(_case())
+    assert ex["global"].calls == [1] and ex["local"].calls == []
+
+
+def test_overlap_rules():
+    segs = np.zeros((4, 4, 4), np.uint8)
+    a = fuse_predictions([RoIPrediction((slice(0, 3),) * 3, np.full((3,) * 3, 0.6, np.float32))])
+    b = fuse_predictions([RoIPrediction((slice(1, 4),) * 3, np.full((3,) * 3, 0.9, np.float32))])
+    low = fuse_predictions([RoIPrediction((slice(1, 4),) * 3, np.full((3,) * 3, 0.55, np.float32))])
+    w = LabelWriter(segs.copy(), "later_wins")
+    w.write(1, a); w.write(2, low)
+    assert w.segs[1, 1, 1] == 2
+    w = LabelWriter(segs.copy(), "highest_prob")
+    w.write(1, a); w.write(2, low)
+    assert w.segs[1, 1, 1] == 1 and w.segs[3, 3, 3] == 2
+    w.write(2, b)
+    assert w.segs[1, 1, 1] == 2
+    w = LabelWriter(segs.copy(), "keep_others")
+    w.write(1, a); w.write(2, b)
+    assert w.segs[1, 1, 1] == 1 and w.segs[3, 3, 3] == 2
+
+
+def test_budget_skips_expert_and_keeps_previous_mask(capsys):
+    prev = np.zeros(SHAPE, np.uint8)
+    prev[10, 10, 10] = 1
+    ex = {"global": StubExpert("global", 4, 0.0, delay=0.05)}
+    case = _case([Click((10, 10, 10), True)], prev=prev)
+    cfg = {"policy": "global_only", "budget": {"seconds_per_object": 0.04, "calls_per_case": 1, "safety": 1.0,
+                                               "expected_seconds": {"global": 0.0}}}
+    case.objects.append(ObjectPrompts(label=2, box=BOX, clicks=[]))
+    segs = DCMPredictor(ex, cfg)(case)
+    assert ex["global"].calls == [1]  # the second object would overrun the share
+    assert "skipped to stay within the time budget" in capsys.readouterr().err
+    b = CallBudget.for_case(10, {"seconds_per_object": 90, "calls_per_case": 6, "safety": 1.0})
+    assert b.seconds == pytest.approx(150.0)
+
+
+def test_object_with_problem_keeps_previous_mask():
+    prev = np.zeros(SHAPE, np.uint8)
+    prev[1, 1, 1] = 1
+    case = _case(prev=prev)
+    case.objects[0].problem = "boxes[0]: outside"
+    segs = DCMPredictor(_experts(g=0.0, l=0.0))(case)
+    assert segs[1, 1, 1] == 1
