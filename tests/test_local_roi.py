@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Tuple
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -19,7 +19,6 @@ from dcm.errors import CheckpointError, ConfigError
 from dcm.experts.base import Expert
 from dcm.experts.local_roi import (
     LocalRoIExpert,
-    LocalWindow,
     intensity_percentiles,
     place_window,
     scale_intensity,
@@ -372,6 +371,39 @@ def test_encoder_cache_reused_in_same_window_only(model):
         assert calls.count == 5
     finally:
         calls.close()
+
+
+def test_reuse_window_margin_keeps_previous_window(model):
+    """Off by default (each window centred at its last click); with a margin, a nearby click reuses the crop."""
+    image = random_image((96, 96, 96), seed=11)
+    obj = obj_with(((48, 48, 48), True))
+    default = make_expert(model)
+    default.set_image(image)
+    default.predict(obj)
+    obj.clicks.append(Click((50, 45, 56), False))
+    assert [s.start for s in default.roi_of(obj)] == [34, 29, 40]
+
+    expert = make_expert(model, reuse_window_margin=4)
+    expert.set_image(image)
+    calls = EncoderCalls(model)
+    try:
+        expert.predict(obj_with(((48, 48, 48), True)))
+        pred = expert.predict(obj)  # (50, 45, 56) is >= 4 voxels inside [32, 64)^3
+        assert [s.start for s in pred.roi] == [32, 32, 32] and calls.count == 1
+        assert expert.prompts_of(obj, expert.window_of(obj))[0].tolist() == [[16, 16, 16], [18, 13, 24]]
+        obj.clicks.append(Click((61, 48, 48), True))  # 2 voxels from the inner edge: a new centred window
+        assert [s.start for s in expert.roi_of(obj)] == [45, 32, 32]
+        expert.predict(obj)
+        assert calls.count == 2
+        # edges on the image border do not count against the margin
+        expert.predict(obj_with(((2, 2, 2), True)))
+        assert calls.count == 3
+        assert [s.start for s in expert.roi_of(obj_with(((20, 1, 0), True)))] == [0, 0, 0]
+        assert [s.start for s in expert.roi_of(obj_with(((28, 1, 0), True)))] == [12, 0, 0]
+    finally:
+        calls.close()
+    with pytest.raises(ConfigError, match="reuse_window_margin"):
+        make_expert(model, reuse_window_margin=-1)
 
 
 # -------------------------------------------------------------------------------------- normalisation

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from dcm.data.cases import Click, ObjectPrompts
-from dcm.errors import ConfigError
+from dcm.errors import CheckpointError, ConfigError
 from dcm.experts.base import Expert, RoIPrediction, RoISlices
 
 __all__ = [
@@ -49,6 +50,9 @@ LOCAL_ROI_DEFAULTS: Dict[str, Any] = {
     "clicks": "inside_window",
     # Use the box centre as a positive click for an object that has a box but no click yet.
     "box_center_as_click": False,
+    # None: every window is centred at the last click (DCM). An int m: keep the previous window of the same
+    # image (and its cached encoder output) while the last click lies >= m voxels inside its inner edges.
+    "reuse_window_margin": None,
     # Percentiles of the whole image mapped to 0 and 1.
     "percentiles": (1.0, 99.0),
     "device": "cpu",
@@ -120,7 +124,8 @@ class LocalWindow:
 
     def to_window(self, zyx: Sequence[int]) -> ZYX:
         """Image voxel (z, y, x) -> voxel index in the (padded) network input."""
-        return tuple(int(p) - s.start + b for p, s, (b, _) in zip(zyx, self.roi, self.pad))  # type: ignore[return-value]
+        shifted = (int(p) - s.start + before for p, s, (before, _) in zip(zyx, self.roi, self.pad))
+        return tuple(shifted)  # type: ignore[return-value]
 
 
 def place_window(center_zyx: Sequence[int], image_shape: Sequence[int], window_size: Sequence[int]) -> LocalWindow:
@@ -149,7 +154,9 @@ def place_window(center_zyx: Sequence[int], image_shape: Sequence[int], window_s
     )
 
 
-def window_clicks(clicks: Sequence[Click], window: LocalWindow, mode: str = "inside_window") -> Tuple[np.ndarray, np.ndarray]:
+def window_clicks(
+    clicks: Sequence[Click], window: LocalWindow, mode: str = "inside_window"
+) -> Tuple[np.ndarray, np.ndarray]:
     """The clicks VISTA3D gets for ``window``, in window coordinates.
 
     Args:
@@ -172,6 +179,31 @@ def window_clicks(clicks: Sequence[Click], window: LocalWindow, mode: str = "ins
 
 
 # ------------------------------------------------------------------------------------------------- expert
+
+
+def _load_vista3d_weights(
+    model: torch.nn.Module, weights: Union[str, Path, Mapping[str, Any]], key: Optional[str], trusted: bool
+) -> None:
+    """Strictly load VISTA3D weights from any of the layouts seen in the wild.
+
+    ``key`` (``model``) is used when the checkpoint has it, which covers DCM's combined file (whose first
+    wrapper key, ``model_state_dict``, is the *global* expert), ``{'model': sd, 'epoch', 'step'}`` and DDP
+    files; a raw state dict has no wrapper and is loaded as is. The file is read once.
+    """
+    from dcm.checkpoints import load_checkpoint, load_into
+
+    path = weights if isinstance(weights, (str, os.PathLike)) else None
+    ckpt = load_checkpoint(path, trusted=trusted) if path is not None else weights
+    if key is not None and not (isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping)):
+        key = None
+    try:
+        load_into(model, ckpt, strict=True, key=key)
+    except CheckpointError as e:
+        if path is None:
+            raise
+        msg = str(e)
+        msg = msg[len("<state dict>: "):] if msg.startswith("<state dict>: ") else msg
+        raise CheckpointError(f"{path}: {msg}") from e
 
 
 def _as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
@@ -210,13 +242,20 @@ class LocalRoIExpert(Expert):
         factor = self._size_factor(model)
         bad = [w for w, f in zip(self.window_size, factor) if w % f]
         if bad:
-            raise ConfigError(f"local expert: window_size {self.window_size} must be divisible by {factor} for this model")
+            raise ConfigError(
+                f"local expert: window_size {self.window_size} must be divisible by {factor} for this model"
+            )
         if self.cfg["clicks"] not in ("inside_window", "last"):
             raise ConfigError(f"local expert: clicks must be 'inside_window' or 'last', got {self.cfg['clicks']!r}")
         lower, upper = (float(p) for p in self.cfg["percentiles"])
         if not 0.0 <= lower < upper <= 100.0:
-            raise ConfigError(f"local expert: percentiles must satisfy 0 <= lower < upper <= 100, got {self.cfg['percentiles']}")
+            raise ConfigError(
+                f"local expert: percentiles must satisfy 0 <= lower < upper <= 100, got {self.cfg['percentiles']}"
+            )
         self.percentiles = (lower, upper)
+        margin = self.cfg["reuse_window_margin"]
+        if margin is not None and (not isinstance(margin, (int, np.integer)) or margin < 0):
+            raise ConfigError(f"local expert: reuse_window_margin must be None or an int >= 0, got {margin!r}")
         self.device = torch.device(self.cfg["device"])
         self.amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(self.cfg["amp_dtype"]))
         if self.amp_dtype is None:
@@ -265,12 +304,8 @@ class LocalRoIExpert(Expert):
             cfg["device"] = str(device)
         model = build_vista3d(model_cfg)
         if weights is not None:
-            from dcm.checkpoints import load_into
-
             key = cfg.get("checkpoint_key", LOCAL_ROI_DEFAULTS["checkpoint_key"])
-            if key is not None and isinstance(weights, Mapping) and key not in weights:
-                key = None  # an in-memory raw state dict
-            load_into(model, weights, strict=True, key=key, trusted=trusted)
+            _load_vista3d_weights(model, weights, key, trusted)
         return cls(model, cfg)
 
     # ------------------------------------------------------------------ Expert API
@@ -290,7 +325,7 @@ class LocalRoIExpert(Expert):
         self.image: Optional[np.ndarray] = None
         self.spacing_zyx: Optional[Tuple[float, float, float]] = None
         self.intensity_range: Optional[Tuple[float, float]] = None
-        self._cached_key: Optional[Tuple[Tuple[int, int], ...]] = None
+        self._cached_window: Optional[LocalWindow] = None
         self._cached_embedding: Optional[torch.Tensor] = None
 
     def window_center(self, obj: ObjectPrompts) -> Optional[ZYX]:
@@ -307,7 +342,22 @@ class LocalRoIExpert(Expert):
         center = self.window_center(obj)
         if center is None:
             return None
-        return place_window(center, self.image.shape, self.window_size)  # type: ignore[union-attr]
+        window = place_window(center, self.image.shape, self.window_size)  # type: ignore[union-attr]
+        cached = self._cached_window
+        margin = self.cfg["reuse_window_margin"]
+        if margin is not None and cached is not None and window.key != cached.key:
+            if self._inside_with_margin(center, cached, int(margin)):
+                return LocalWindow(roi=cached.roi, pad=cached.pad, size=cached.size, center=center)
+        return window
+
+    def _inside_with_margin(self, zyx: ZYX, window: LocalWindow, margin: int) -> bool:
+        # Edges on the image border do not count: a fresh window would be clamped there too.
+        for c, s, n in zip(zyx, window.roi, self.image.shape):  # type: ignore[union-attr]
+            if not s.start <= c < s.stop:
+                return False
+            if (s.start > 0 and c - s.start < margin) or (s.stop < n and s.stop - 1 - c < margin):
+                return False
+        return True
 
     def roi_of(self, obj: ObjectPrompts) -> Optional[RoISlices]:
         window = self.window_of(obj)
@@ -356,14 +406,15 @@ class LocalRoIExpert(Expert):
 
     def image_embedding(self, window: LocalWindow) -> torch.Tensor:
         """Encoder output (1, C, *window.size) of ``window``: reused when the last call had the same crop."""
-        if self._cached_key != window.key or self._cached_embedding is None:
-            self._cached_embedding, self._cached_key = None, None
+        cached = self._cached_window
+        if cached is None or cached.key != window.key or self._cached_embedding is None:
+            self._cached_embedding, self._cached_window = None, None  # free it before the next pass
             x = self.window_input(window)
             with torch.inference_mode(), self._autocast():
                 # VISTA3D.forward's point-only path: the encoder's point branch, no class branch.
                 embedding, _ = self.model.image_encoder(x, with_point=True, with_label=False)
             self.encoder_runs += 1
-            self._cached_embedding, self._cached_key = embedding, window.key
+            self._cached_embedding, self._cached_window = embedding, window
         return self._cached_embedding
 
     def window_logits(self, window: LocalWindow, coords: np.ndarray, labels: np.ndarray) -> torch.Tensor:
