@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from dcm.data.cases import Case, ObjectPrompts
+from dcm.data.cases import Case, Click, ObjectPrompts
 from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions
 from dcm.engine.policies import GLOBAL, LOCAL, route
 from dcm.experts.base import Expert, RoIPrediction
@@ -87,6 +87,14 @@ class CallBudget:
         self.costs.setdefault(expert, []).append(seconds)
 
 
+def _local_view(obj: ObjectPrompts) -> ObjectPrompts:
+    """At the box step the local expert has no click to centre on: it takes the box centre as one."""
+    if obj.clicks or obj.box is None:
+        return obj
+    center = tuple(int(c) for c in obj.box.center_zyx)  # floor of the half-integer centre
+    return replace(obj, clicks=[Click(center, True)])  # type: ignore[arg-type]
+
+
 def predict_object(
     case: Case,
     obj: ObjectPrompts,
@@ -115,7 +123,7 @@ def predict_object(
                  f"({budget.elapsed:.1f} s of {budget.seconds:.1f} s used, ~{budget.expected(name):.1f} s needed)")
             continue
         t0 = time.perf_counter()
-        prediction = experts[name].predict(obj, case.prev_pred)
+        prediction = experts[name].predict(_local_view(obj) if name == LOCAL else obj, case.prev_pred)
         if budget is not None:
             budget.record(name, time.perf_counter() - t0)
         if prediction is not None:

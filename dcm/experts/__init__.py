@@ -1,0 +1,86 @@
+"""The two experts and how a config builds them.
+
+A DCM config has sections ``global_expert`` and ``local_expert`` (expert settings, each with a ``model``
+preset) and ``engine`` (policy, fusion, budget). One combined checkpoint holds both experts: the global one
+under ``model_state_dict`` and VISTA3D under ``model`` (DCM's released layout); it is read once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+from dcm.experts.base import Expert, RoIPrediction, RoISlices
+
+__all__ = ["Expert", "RoIPrediction", "RoISlices", "build_experts", "build_experts_from_config", "resolve_device"]
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _needed_roles(cfg: Dict[str, Any]) -> Tuple[str, ...]:
+    policy = (cfg.get("engine") or {}).get("policy", "dual")
+    return {"global_only": ("global",), "local_only": ("local",)}.get(policy, ("global", "local"))
+
+
+def build_experts(
+    cfg: Dict[str, Any],
+    weights: Optional[Union[str, Path]] = None,
+    device: Optional[str] = None,
+    trusted: bool = False,
+    random_init: bool = False,
+) -> Dict[str, Expert]:
+    """Build the experts the config's policy needs and load their weights from one combined file.
+
+    Args:
+        cfg: the whole DCM config.
+        weights: combined checkpoint; default ``cfg['weights']``.
+        device: overrides ``cfg['device']`` (``auto`` picks CUDA when available).
+        trusted: allow full unpickling of the checkpoint (only for files you trust).
+        random_init: build without weights (tests, benchmarks); otherwise missing weights are an error.
+    """
+    from dcm.errors import CheckpointError
+
+    weights = weights or cfg.get("weights")
+    if weights is None and not random_init:
+        raise CheckpointError("no weights given: pass --weights FILE (or DCM_WEIGHTS=FILE), or --random-init for a test run")
+    checkpoint = None
+    if weights is not None:
+        from dcm.checkpoints import load_checkpoint
+
+        checkpoint = load_checkpoint(weights, trusted=trusted)
+    dev = resolve_device(device or cfg.get("device"))
+    experts: Dict[str, Expert] = {}
+    roles = _needed_roles(cfg)
+    if "global" in roles:
+        from dcm.experts.global_roi import GlobalRoIExpert
+
+        experts["global"] = GlobalRoIExpert.from_config(cfg.get("global_expert") or {}, weights=checkpoint, device=dev)
+    if "local" in roles:
+        from dcm.experts.local_roi import LocalRoIExpert
+
+        experts["local"] = LocalRoIExpert.from_config(cfg.get("local_expert") or {}, weights=checkpoint, device=dev)
+    return experts
+
+
+def build_experts_from_config(
+    config: Union[str, Path, Dict[str, Any], None],
+    weights: Optional[Union[str, Path]] = None,
+    device: Optional[str] = None,
+    overrides: Tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Tuple[Dict[str, Any], Dict[str, Expert]]:
+    """Load a config (path, preset name or dict; None = ``configs/dcm.yaml``) and build its experts."""
+    from dcm.config import apply_overrides, load_config
+
+    if isinstance(config, dict):
+        cfg = apply_overrides(config, overrides)
+    else:
+        cfg = load_config(config or "dcm", overrides)
+    return cfg, build_experts(cfg, weights, device, **kwargs)

@@ -1,0 +1,54 @@
+"""DCM inference over a folder of challenge cases: what ``predict.sh`` runs at every protocol step.
+
+    python inference/predict.py [--inputs DIR] [--outputs DIR] [--config FILE] [--weights FILE]
+                                [--device auto|cpu|cuda] [key=value ...]
+
+Each ``inputs/*.npz`` becomes ``outputs/<same name>.npz`` (``segs``). Nothing is kept between calls: every
+input carries its whole state (boxes, clicks, previous prediction). Environment variables ``DCM_INPUT_DIR``,
+``DCM_OUTPUT_DIR``, ``DCM_CONFIG``, ``DCM_WEIGHTS``, ``DCM_DEVICE`` supply defaults for the flags.
+"""
+
+import time
+
+PROCESS_START = time.perf_counter()  # the challenge budget counts start-up and model loading
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dcm.errors import DCMError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inputs", help="input folder (default /workspace/inputs if it exists, else ./inputs)")
+    parser.add_argument("--outputs", help="output folder (default /workspace/outputs or ./outputs)")
+    parser.add_argument("--config", default=os.environ.get("DCM_CONFIG"), help="YAML config (default configs/dcm.yaml)")
+    parser.add_argument("--weights", default=os.environ.get("DCM_WEIGHTS"), help="combined checkpoint of both experts")
+    parser.add_argument("--device", default=os.environ.get("DCM_DEVICE"), help="auto (default), cpu or cuda")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in --weights")
+    parser.add_argument("--random-init", action="store_true", help="no weights: random models (tests, benchmarks)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_args(argv)
+
+    from dcm.engine.predictor import DCMPredictor
+    from dcm.experts import build_experts_from_config
+    from dcm.runner import default_io_dirs, predict_folder
+
+    inputs, outputs = default_io_dirs(args.inputs, args.outputs)
+    try:
+        cfg, experts = build_experts_from_config(args.config, args.weights, args.device, tuple(args.overrides),
+                                                 trusted=args.trust_checkpoint, random_init=args.random_init)
+    except DCMError as e:
+        print(f"predict: {e}", file=sys.stderr)
+        return 2
+    predictor = DCMPredictor(experts, cfg.get("engine"), process_start=PROCESS_START)
+    result = predict_folder(inputs, outputs, predictor)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
