@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dcm.atomic import atomic_path
 from dcm.data.cases import Case, atomic_savez, case_from_arrays, case_to_arrays, load_case, load_npz
 from dcm.errors import CaseError, DCMError
 from dcm.metrics import case_scores, click_auc
@@ -309,13 +308,11 @@ def markdown_table(summary: Sequence[Dict[str, object]]) -> str:
 
 
 def _write_csv(path: Path, rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         for row in rows:
             writer.writerow(row)
-    os.replace(tmp, path)
 
 
 def evaluate_folder(
@@ -366,7 +363,8 @@ def evaluate_folder(
     _write_csv(out_dir / "metrics.csv", rows, METRIC_COLUMNS)
     summary = summarise(rows)
     _write_csv(out_dir / "summary.csv", summary, ["Modality", "Cases"] + SUMMARY_METRICS + ["Over_budget"])
-    (out_dir / "summary.md").write_text(markdown_table(summary) + "\n")
+    with atomic_path(out_dir / "summary.md") as tmp:
+        tmp.write_text(markdown_table(summary) + "\n")
     _write_csv(out_dir / "failures.csv", [{"CaseName": n, "Error": e} for n, e in failures], ["CaseName", "Error"])
     (out_dir / "notes.txt").write_text("\n".join(notes) + ("\n" if notes else ""))
     return rows, failures

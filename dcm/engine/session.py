@@ -179,10 +179,10 @@ class InteractiveSession:
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the label map, on the input's grid and geometry when the image came from a file."""
-        from dcm.data.nifti import ImageGeometry, write_nifti
+        from dcm.data.nifti import Geometry, write_nifti
 
         self._need_image()
-        geometry = self.geometry or ImageGeometry(spacing_xyz=tuple(self.spacing_zyx[::-1]))
+        geometry = self.geometry or Geometry(spacing_xyz=tuple(self.spacing_zyx[::-1]))
         return write_nifti(path, self.segs, geometry)
 
     # -------------------------------------------------------------------------------------- core

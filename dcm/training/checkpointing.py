@@ -12,14 +12,14 @@ mid-epoch checkpoint resumes at the next batch.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
 import numpy as np
 import torch
+
+from dcm.atomic import atomic_path
 
 __all__ = ["atomic_torch_save", "capture_rng_state", "restore_rng_state"]
 
@@ -29,22 +29,9 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
 
     A crash at any point leaves either the previous complete file or the new complete file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def capture_rng_state() -> Dict[str, Any]:
