@@ -266,9 +266,9 @@ class Attention3D(nn.Module):
         b = x.shape[0]
         q, k, v = self._split(x)
         if self.qkv.bias is not None:
-            bias = self.qkv.bias.view(3, self.num_heads, self.head_dim).to(x.dtype)
+            bias = self.qkv.bias.view(3, self.num_heads, self.head_dim).to(q.dtype)
         else:
-            bias = x.new_zeros(3, self.num_heads, self.head_dim)
+            bias = q.new_zeros(3, self.num_heads, self.head_dim)
         bias = bias.repeat(1, b, 1)  # (3, B * heads, head_dim)
         out = fast_window_attention(
             q, k, v, bias[0], bias[1], bias[2], self.rel_pos_d, self.rel_pos_h, self.rel_pos_w, n, self.scale

@@ -47,9 +47,10 @@ class SamMed3D(nn.Module):
         masks: Optional[torch.Tensor] = None,
         multimask_output: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """image (B, 1, S, S, S) + prompts -> (low-res logits (B, M, S/2, S/2, S/2) for patch 8, iou or None).
+        """image (B, 1, S, S, S) + prompts -> (low-res logits (B, M, 4g, 4g, 4g), iou (B, M) or None).
 
-        The logits are on the ``4 g`` grid (``g = S // patch``); see :class:`MaskDecoder3D`.
+        ``g = S // patch_size`` (32^3 logits for both presets); prompts as in :class:`PromptEncoder3D`,
+        outputs as in :class:`MaskDecoder3D`.
         """
         emb = self.image_encoder(image)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)

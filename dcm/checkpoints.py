@@ -1,0 +1,419 @@
+"""One checkpoint loader for both experts.
+
+* :func:`load_checkpoint` reads ``.pt`` / ``.pth`` / ``.ckpt`` (``torch.load`` on CPU with
+  ``weights_only=True`` and a small allow-list) and ``.safetensors``; a file that pickles anything else
+  is refused unless ``trusted=True`` (CLI: ``--trust-checkpoint``).
+* :func:`load_state_dict` unwraps the state dict (first of ``model_state_dict``, ``state_dict``,
+  ``model``; DCM's combined file holds the global expert under ``model_state_dict`` and VISTA3D under
+  ``model``) and strips ``module.`` / ``_orig_mod.`` prefixes.
+* :func:`load_into` loads it into a module: strict (every name and shape must match; the error lists
+  the first offending keys and names the known preset the checkpoint's layout fits) or by name + shape
+  with a printed :class:`LoadReport` of what was skipped.
+
+Known layouts (key -> shape) live in ``dcm/models/manifests.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcm.errors import CheckpointError
+
+__all__ = [
+    "STATE_DICT_KEYS",
+    "STRIP_PREFIXES",
+    "LoadReport",
+    "load_checkpoint",
+    "load_state_dict",
+    "load_into",
+    "strip_prefixes",
+    "known_layouts",
+    "identify_layout",
+    "safe_globals",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Wrapper keys searched, in this order, for the state dict inside a checkpoint.
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
+#: Prefixes added by DistributedDataParallel / DataParallel and torch.compile.
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+_MANIFESTS = Path(__file__).resolve().parent / "models" / "manifests.json"
+_HOW_TO_TRUST = "pass trusted=True (CLI flag --trust-checkpoint) to load it fully, only if you trust its source"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------
+
+
+def safe_globals() -> List[Any]:
+    """What ``weights_only`` loading allows beyond torch's defaults.
+
+    ``argparse.Namespace`` (training args saved in checkpoints), ``torch.device``, and numpy scalars /
+    arrays / dtypes (old checkpoints store metrics as numpy values), under their numpy 1 and 2 names.
+    """
+    allowed: List[Any] = [argparse.Namespace, torch.device, np.dtype, np.ndarray]
+    try:
+        from numpy._core import multiarray as _ma  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import multiarray as _ma  # type: ignore[no-redef]
+    for fn in (_ma.scalar, _ma._reconstruct):
+        for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            allowed.append((fn, f"{mod}.{fn.__name__}"))
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        for name in dir(dtypes):
+            obj = getattr(dtypes, name)
+            if isinstance(obj, type) and issubclass(obj, np.dtype):
+                allowed.append(obj)
+    return allowed
+
+
+def _unsafe_globals(path: Path) -> List[str]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return []
+    allowed = set()
+    for g in safe_globals():
+        if isinstance(g, tuple):
+            allowed.add(g[1])
+        else:
+            allowed.add(f"{g.__module__}.{g.__qualname__}")
+    return [g for g in found if g not in allowed]
+
+
+def load_checkpoint(path: PathLike, trusted: bool = False) -> Any:
+    """Read a checkpoint file onto the CPU.
+
+    Args:
+        path: ``.safetensors`` (read with safetensors) or anything ``torch.save`` wrote (``.pt``,
+            ``.pth``, ``.ckpt``, ...).
+        trusted: load pickles fully (``weights_only=False``): arbitrary code may run; only for files
+            from a trusted source.
+
+    Returns:
+        The stored object (a dict of tensors for ``.safetensors``).
+
+    Raises:
+        CheckpointError: missing / unreadable / corrupt file, or (``trusted=False``) a file that pickles
+            objects outside the allow-list.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint file not found")
+    if p.suffix.lower() == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:  # pragma: no cover - safetensors is a requirement
+            raise CheckpointError(f"{p}: reading .safetensors needs the 'safetensors' package") from e
+        try:
+            return load_file(str(p), device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{p}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+    try:
+        if trusted:
+            return torch.load(str(p), map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if not trusted and ("not an allowed global" in msg or "Unsupported global" in msg):
+            bad = _unsafe_globals(p)
+            what = f" ({', '.join(bad[:5])})" if bad else ""
+            raise CheckpointError(
+                f"{p}: the file contains arbitrary pickled objects{what} that a safe (weights-only) load "
+                f"refuses; {_HOW_TO_TRUST}"
+            ) from e
+        if not trusted and "Weights only load failed" in msg:
+            detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), _first_line(e))
+            raise CheckpointError(
+                f"{p}: cannot be read safely ({detail}): the file is corrupt, or a plain pickle (arbitrary "
+                f"pickled objects) that only a full load can read; {_HOW_TO_TRUST}"
+            ) from e
+        raise CheckpointError(f"{p}: corrupt or not a checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{p}: corrupt or not a checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Unwrapping
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_tensor_like(v: Any) -> bool:
+    return isinstance(v, (torch.Tensor, np.ndarray))
+
+
+def strip_prefixes(state_dict: Mapping[str, Any], prefixes: Sequence[str] = STRIP_PREFIXES) -> Dict[str, Any]:
+    """Remove wrapper prefixes from every key.
+
+    A leading prefix is removed (repeatedly, in any combination, e.g. ``module._orig_mod.``) when every
+    key carries it; ``_orig_mod.`` components (torch.compile) are removed anywhere.
+    """
+    keys = list(state_dict.keys())
+    if "_orig_mod." in prefixes:
+        keys = [k.replace("._orig_mod.", ".") for k in keys]
+    changed = True
+    while changed and keys:
+        changed = False
+        for pre in prefixes:
+            if all(k.startswith(pre) for k in keys):
+                keys = [k[len(pre):] for k in keys]
+                changed = True
+    if len(set(keys)) != len(keys):
+        raise CheckpointError("state dict has duplicate keys after stripping prefixes " + ", ".join(prefixes))
+    return dict(zip(keys, state_dict.values()))
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        keys = list(obj.keys())[:8]
+        return "a dict with keys " + ", ".join(map(repr, keys)) + (" ..." if len(obj) > 8 else "")
+    return f"a {type(obj).__name__}"
+
+
+def load_state_dict(
+    path_or_obj: Union[PathLike, Mapping[str, Any], nn.Module],
+    key: Optional[str] = None,
+    trusted: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """The unwrapped, prefix-stripped state dict of a checkpoint.
+
+    Args:
+        path_or_obj: a checkpoint path (see :func:`load_checkpoint`), an already loaded checkpoint
+            object, a raw state dict, or a module.
+        key: the wrapper key holding the state dict (e.g. ``"model"`` for the local expert in DCM's
+            combined file). None: the first of ``model_state_dict``, ``state_dict``, ``model`` present;
+            a raw state dict passes through.
+        trusted: see :func:`load_checkpoint`.
+
+    Returns:
+        ``{name: tensor}`` in the checkpoint's order (numpy arrays converted to tensors).
+
+    Raises:
+        CheckpointError: no state dict found, ``key`` absent, or non-tensor entries.
+    """
+    src = ""
+    obj: Any = path_or_obj
+    if isinstance(obj, (str, os.PathLike)):
+        src = f"{obj}: "
+        obj = load_checkpoint(obj, trusted=trusted)
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{src}expected a dict-like checkpoint, found {_describe(obj)}")
+    if key is not None:
+        if key not in obj:
+            raise CheckpointError(f"{src}checkpoint has no key {key!r}; it is {_describe(obj)}")
+        obj = obj[key]
+    else:
+        for _ in range(3):  # nested wrappers, e.g. {'state_dict': {'model': ...}}
+            if obj and all(_is_tensor_like(v) for v in obj.values()):
+                break
+            picked = next((k for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if picked is None:
+                break
+            obj = obj[picked]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{src}no state dict found (looked for {', '.join(STATE_DICT_KEYS)}); it is {_describe(obj)}")
+    bad = [k for k, v in obj.items() if not _is_tensor_like(v)]
+    if bad:
+        raise CheckpointError(
+            f"{src}no state dict found: entries are not tensors ({', '.join(map(repr, bad[:5]))}); "
+            f"looked for {', '.join(STATE_DICT_KEYS)}; pass key= to pick the right one"
+        )
+    out = {str(k): (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v) for k, v in obj.items()}
+    return strip_prefixes(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Known layouts
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def known_layouts() -> Dict[str, Dict[str, Any]]:
+    """``{layout: {"preset": str, "params": int, "state_dict": {key: shape list}}}`` of the known models."""
+    try:
+        with open(_MANIFESTS, "r", encoding="utf-8") as f:
+            return json.load(f)["layouts"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def identify_layout(shapes: Mapping[str, Any]) -> Optional[Tuple[str, bool, float]]:
+    """Which known layout a state dict (or ``{key: shape}``) fits best.
+
+    Returns:
+        ``(layout name, exact, score)`` where ``exact`` means identical keys and shapes and ``score`` is the
+        fraction of (key, shape) pairs shared (intersection over union); None when nothing overlaps.
+    """
+    mine = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in shapes.items()}
+    best: Optional[Tuple[str, bool, float]] = None
+    for name, lay in known_layouts().items():
+        ref = {k: tuple(s) for k, s in lay["state_dict"].items()}
+        common = sum(1 for k, s in mine.items() if ref.get(k) == s)
+        union = len(set(mine) | set(ref))
+        score = common / union if union else 0.0
+        exact = mine == ref
+        if score > 0 and (best is None or (exact, score) > (best[1], best[2])):
+            best = (name, exact, score)
+    return best
+
+
+def _layout_hint(state_dict: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]) -> str:
+    layouts = known_layouts()
+    parts = []
+    ck = identify_layout(state_dict)
+    if ck is not None and ck[2] >= 0.5:
+        name, exact, score = ck
+        rel = "has exactly the layout of" if exact else f"is closest to the layout of ({score:.0%} of tensors match)"
+        parts.append(f"the checkpoint {rel} '{name}' -> {layouts[name]['preset']}")
+    md = identify_layout(model_sd)
+    if md is not None and md[1]:
+        parts.append(f"the model is built as '{md[0]}' ({layouts[md[0]]['preset']})")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading into a module
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_into` did.
+
+    Attributes:
+        loaded: model keys filled from the checkpoint.
+        missing: model keys the checkpoint lacks (left as initialised).
+        unexpected: checkpoint keys the model lacks (ignored).
+        mismatched: ``(key, checkpoint shape, model shape)`` for keys present in both with different shapes
+            (left as initialised).
+        source: where the state dict came from (a path, or "<state dict>").
+    """
+
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def skipped(self) -> List[str]:
+        """Every model or checkpoint key that was not loaded (missing, mismatched, unexpected)."""
+        return list(self.missing) + [k for k, _, _ in self.mismatched] + list(self.unexpected)
+
+    @property
+    def complete(self) -> bool:
+        """True when every key and shape matched."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def format(self, limit: int = 20) -> str:
+        """Multi-line human-readable report (at most ``limit`` keys per list)."""
+
+        def show(items: Sequence[str]) -> str:
+            s = ", ".join(items[:limit])
+            return s + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
+
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        lines = [f"checkpoint {self.source or '<state dict>'}: loaded {len(self.loaded)}/{total} model tensors"]
+        if self.mismatched:
+            lines.append(f"  skipped, shape mismatch ({len(self.mismatched)}): " + show(
+                [f"{k} {list(a)} (model {list(b)})" for k, a, b in self.mismatched]))
+        if self.missing:
+            lines.append(f"  missing, left as initialised ({len(self.missing)}): " + show(self.missing))
+        if self.unexpected:
+            lines.append(f"  unexpected, ignored ({len(self.unexpected)}): " + show(self.unexpected))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _compare(
+    sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor], source: str
+) -> LoadReport:
+    rep = LoadReport(source=source)
+    for k, v in model_sd.items():
+        if k not in sd:
+            rep.missing.append(k)
+        elif tuple(sd[k].shape) != tuple(v.shape):
+            rep.mismatched.append((k, tuple(sd[k].shape), tuple(v.shape)))
+        else:
+            rep.loaded.append(k)
+    rep.unexpected = [k for k in sd if k not in model_sd]
+    return rep
+
+
+def load_into(
+    model: nn.Module,
+    path_or_state_dict: Union[PathLike, Mapping[str, Any]],
+    strict: bool = True,
+    key: Optional[str] = None,
+    trusted: bool = False,
+    verbose: bool = True,
+) -> LoadReport:
+    """Load a checkpoint into ``model`` (in place) and report what happened.
+
+    Args:
+        model: the module to fill (its ``state_dict()`` keys, persistent buffers included).
+        path_or_state_dict: a checkpoint path, a loaded checkpoint object or a state dict.
+        strict: True: every key and shape must match (else nothing is loaded and CheckpointError lists
+            the first missing / unexpected / mismatched keys and the known preset the checkpoint fits).
+            False: load the tensors whose name and shape match, skip the rest.
+        key: wrapper key, see :func:`load_state_dict`.
+        trusted: see :func:`load_checkpoint`.
+        verbose: with ``strict=False``, print the report of what was skipped.
+
+    Returns:
+        The :class:`LoadReport`.
+    """
+    source = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "<state dict>"
+    sd = load_state_dict(path_or_state_dict, key=key, trusted=trusted)
+    model_sd = model.state_dict()
+    rep = _compare(sd, model_sd, source)
+    if strict and not rep.complete:
+        problems = []
+        if rep.missing:
+            problems.append(f"{len(rep.missing)} missing (" + ", ".join(rep.missing[:5]) + (", ..." if len(rep.missing) > 5 else "") + ")")
+        if rep.unexpected:
+            problems.append(f"{len(rep.unexpected)} unexpected (" + ", ".join(rep.unexpected[:5]) + (", ..." if len(rep.unexpected) > 5 else "") + ")")
+        if rep.mismatched:
+            problems.append(f"{len(rep.mismatched)} shape mismatch(es) (" + ", ".join(
+                f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in rep.mismatched[:5]
+            ) + (", ..." if len(rep.mismatched) > 5 else "") + ")")
+        hint = _layout_hint(sd, model_sd)
+        raise CheckpointError(
+            f"{source}: checkpoint does not fit the model: " + "; ".join(problems)
+            + (f". Hint: {hint}" if hint else "")
+            + ". Use strict=False to load by name and shape."
+        )
+    if strict:
+        model.load_state_dict(sd, strict=True)
+    else:
+        model.load_state_dict({k: sd[k] for k in rep.loaded}, strict=False)
+        if verbose:
+            print(rep.format())
+    return rep
