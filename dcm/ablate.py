@@ -1,7 +1,7 @@
 """Run several variants of a DCM config through the evaluator and write one comparison table.
 
     python -m dcm.ablate --ablation configs/ablations/policies.yaml --cases CASES_DIR --out RESULTS_DIR \\
-        [--weights FILE | --random-init] [key=value ...]
+        [--base CONFIG] [--weights FILE | --random-init] [key=value ...]
 
 An ablation file names a base config and its variants, each a list of overrides::
 
@@ -76,6 +76,7 @@ def run_ablation(ablation: Dict[str, Any], cases: Path, out: Path, weights: Opti
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcm.ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ablation", required=True, help="ablation YAML (base + variants)")
+    parser.add_argument("--base", help="base config instead of the ablation file's (e.g. dcm_reduced)")
     parser.add_argument("--cases", required=True, help="folder of source cases with gts")
     parser.add_argument("--out", required=True)
     parser.add_argument("--weights", help="combined checkpoint")
@@ -84,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="overrides applied to the base config")
     args = parser.parse_args(argv)
     ablation = yaml.safe_load(resolve_config_path(args.ablation).read_text())
+    if args.base:
+        ablation["base"] = args.base
     rows = run_ablation(ablation, Path(args.cases), Path(args.out), args.weights, args.random_init,
                         args.overrides, args.device)
     print((Path(args.out) / "comparison.md").read_text())

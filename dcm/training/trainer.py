@@ -378,7 +378,7 @@ class Trainer:
                 break
             mean_loss = epoch_loss / max(epoch_count, 1)
             self.losses.append(mean_loss)
-            dice = float(all_reduce_mean(torch.tensor(sum(dice_values) / len(dice_values)))) if dice_values else float("nan")
+            dice = float(all_reduce_mean(torch.tensor(sum(dice_values) / len(dice_values), device=device))) if dice_values else float("nan")
             self.dices.append(dice)
             self.best_dice = max(self.best_dice, dice) if dice == dice else self.best_dice
             improved = mean_loss < self.best_loss

@@ -1,0 +1,388 @@
+"""The global-RoI expert: SAM-Med3D on the object's whole RoI, resampled to the model's frame (64^3).
+
+Per object and interaction (DCM's RoI pipeline, geometry in :mod:`dcm.experts.roi`):
+
+1. RoI: the box enlarged ``box_scale`` (1.8) times, at least ``min_size`` voxels per axis; an object without a
+   box gets ``noboxes_size_mm`` (96 mm, the released ``64 / spacing * 1.5``) around its first positive click.
+   Every positive click outside the RoI then grows it (in click order, minimally, with ``grow_margin``) so the
+   RoI encompasses all positive prompts. The RoI is a pure function of (box, clicks, spacing, image shape):
+   the stateless ``predict.sh`` and the interactive session get the same RoI for the same prompts, and
+   removing a click (undo) gives back the smaller RoI.
+2. The RoI is cropped with zero padding and resized to the frame (trilinear), then z-normalised over the
+   voxels > 0; the encoder's output is cached per RoI (small LRU), so a click that leaves the RoI unchanged
+   costs only the prompt encoder and the decoder.
+3. Prompts in the frame, (z, y, x): the box centre as a positive click (frame voxel 31 while the RoI is the
+   box's), then every click of the object in order, 1 fg / 0 bg. Without a box no click is added: the first
+   positive click is the RoI centre and plays that role. Negative clicks outside the RoI are dropped (or
+   clipped onto its border, ``outside_clicks: clip``); positive ones are always inside (step 1).
+   Mask prompt: ``prev_pred == label`` resampled (nearest) to the frame, then every ``frame / 32``-th voxel
+   (``[::2, ::2, ::2]`` for 64) -> 32^3 binary; at the box step (no click yet) zeros, or no mask prompt
+   (``mask_prompt_at_box_step: none``, the ``no_mask_embed`` path).
+4. Logits 32^3 -> sigmoid -> trilinear onto the RoI's image voxels, clipped to the image ->
+   ``RoIPrediction(slices, prob)``; the engine thresholds and writes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from dcm.data.cases import ObjectPrompts
+from dcm.errors import CheckpointError, ConfigError
+from dcm.experts.base import Expert, RoIPrediction, RoISlices
+from dcm.experts.roi import (
+    ZNORM_MODES,
+    GlobalRoI,
+    crop_and_resize,
+    grow_to_include,
+    paste_back,
+    roi_from_box,
+    roi_from_clicks,
+    znorm_positive,
+)
+
+__all__ = ["GLOBAL_ROI_DEFAULTS", "GlobalRoIExpert"]
+
+#: Expert settings (``cfg`` of :class:`GlobalRoIExpert`) and their defaults.
+GLOBAL_ROI_DEFAULTS: Dict[str, Any] = {
+    # Box rule: RoI extent = round((max - min + 1) * box_scale), at least min_size voxels per axis.
+    "box_scale": 1.8,
+    "min_size": 8,
+    # Objects without a box: RoI of this many mm per axis around the first positive click (64 / spacing * 1.5).
+    "noboxes_size_mm": 96.0,
+    # Grow the RoI to take in positive clicks outside it; margin around such a click = ceil(grow_margin *
+    # RoI extent) voxels on that axis (clipped to the image).
+    "grow": True,
+    "grow_margin": 0.1,
+    # The box centre as the first positive click (DCM). Ignored for objects without a box.
+    "box_center_click": True,
+    # Negative clicks outside the RoI: 'drop' them, or 'clip' them onto the frame's border.
+    "outside_clicks": "drop",
+    # Mask prompt at the box step (object without clicks): 'zeros' (DCM training's step 0) or 'none'.
+    "mask_prompt_at_box_step": "zeros",
+    # Resampling of the image into the frame and of the probabilities back ('trilinear' | 'nearest').
+    "image_interpolation": "trilinear",
+    "prob_interpolation": "trilinear",
+    # Z-normalisation over voxels > 0: 'monai' (NormalizeIntensity(nonzero=True)) or 'torchio' (ZNormalization).
+    "znorm": "torchio",
+    # Image embeddings kept (one per RoI; several objects in a session).
+    "cache_size": 4,
+    "device": "cpu",
+    # Autocast (CUDA only) and its dtype.
+    "amp": False,
+    "amp_dtype": "float16",
+    # Model config (dict, preset name or YAML path), checkpoint key, and name+shape partial loading
+    # (e.g. SAM-Med3D turbo -> 64/8, with a printed report), used by ``from_config``.
+    "model": "sam_med3d_64",
+    "checkpoint_key": "model_state_dict",
+    "init_partial": False,
+}
+
+_INTERPOLATIONS = ("trilinear", "nearest")
+
+
+def _validate(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    unknown = sorted(set(cfg) - set(GLOBAL_ROI_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"global expert: unknown keys {unknown} (known: {sorted(GLOBAL_ROI_DEFAULTS)})")
+    c = {**GLOBAL_ROI_DEFAULTS, **cfg}
+
+    def bad(key: str, what: str) -> ConfigError:
+        return ConfigError(f"global expert: {key} must be {what}, got {c[key]!r}")
+
+    try:
+        if not float(c["box_scale"]) > 0:
+            raise bad("box_scale", "> 0")
+        if float(c["noboxes_size_mm"]) <= 0:
+            raise bad("noboxes_size_mm", "> 0")
+        if float(c["grow_margin"]) < 0:
+            raise bad("grow_margin", ">= 0")
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"global expert: box_scale, noboxes_size_mm and grow_margin must be numbers ({e})") from None
+    if not isinstance(c["min_size"], (int, np.integer)) or c["min_size"] < 1:
+        raise bad("min_size", "an int >= 1")
+    if not isinstance(c["cache_size"], (int, np.integer)) or c["cache_size"] < 1:
+        raise bad("cache_size", "an int >= 1")
+    if c["outside_clicks"] not in ("drop", "clip"):
+        raise bad("outside_clicks", "'drop' or 'clip'")
+    if c["mask_prompt_at_box_step"] not in ("zeros", "none", None):
+        raise bad("mask_prompt_at_box_step", "'zeros' or 'none'")
+    for key in ("image_interpolation", "prob_interpolation"):
+        if c[key] not in _INTERPOLATIONS:
+            raise bad(key, f"one of {_INTERPOLATIONS}")
+    if c["znorm"] not in ZNORM_MODES:
+        raise bad("znorm", f"one of {ZNORM_MODES}")
+    if str(c["amp_dtype"]) not in ("float16", "bfloat16"):
+        raise bad("amp_dtype", "'float16' or 'bfloat16'")
+    return c
+
+
+def _load_global_weights(
+    model: torch.nn.Module,
+    weights: Union[str, Path, Mapping[str, Any]],
+    key: Optional[str],
+    trusted: bool,
+    partial: bool,
+) -> None:
+    """Load SAM-Med3D weights: strictly, or by name + shape with a printed report when ``partial``.
+
+    ``key`` (``model_state_dict``) is used when the checkpoint has it (DCM's combined file, SAM-Med3D training
+    checkpoints, DDP files); a raw state dict is loaded as is. ``module.`` / ``_orig_mod.`` are stripped.
+    """
+    from dcm.checkpoints import load_checkpoint, load_into
+
+    path = weights if isinstance(weights, (str, os.PathLike)) else None
+    ckpt = load_checkpoint(path, trusted=trusted) if path is not None else weights
+    if key is not None and not (isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping)):
+        key = None
+    try:
+        report = load_into(model, ckpt, strict=not partial, key=key, verbose=False)
+    except CheckpointError as e:
+        if path is None:
+            raise
+        msg = str(e)
+        msg = msg[len("<state dict>: "):] if msg.startswith("<state dict>: ") else msg
+        raise CheckpointError(f"{path}: {msg}") from e
+    if partial:
+        if path is not None:
+            report.source = str(path)
+        print(report.format(), flush=True)
+
+
+class GlobalRoIExpert(Expert):
+    """DCM's global-RoI expert around SAM-Med3D (any frame size: 64/8 by default, 128/16 for turbo).
+
+    Args:
+        model: a :class:`dcm.models.SamMed3D` with weights loaded.
+        cfg: settings, keys of :data:`GLOBAL_ROI_DEFAULTS` (missing keys take the defaults).
+
+    Attributes:
+        frame_size: side of the network input (the model's ``img_size``).
+        mask_size: side of the mask prompt / low-res logits (32).
+        encoder_runs: number of image-encoder passes (the embedding cache saves the others).
+    """
+
+    name = "global"
+
+    def __init__(self, model: torch.nn.Module, cfg: Optional[Mapping[str, Any]] = None):
+        from dcm.experts import resolve_device
+
+        self.cfg: Dict[str, Any] = _validate(dict(cfg or {}))
+        self.frame_size = int(model.img_size)
+        self.mask_size = int(model.prompt_encoder.mask_input_size[0])
+        if self.frame_size % self.mask_size:
+            raise ConfigError(f"global expert: frame {self.frame_size} is not a multiple of the mask size {self.mask_size}")
+        self.device = torch.device(resolve_device(self.cfg["device"]))
+        self.amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[str(self.cfg["amp_dtype"])]
+        self.model = model.to(self.device).eval()
+        self.encoder_runs = 0
+        self.reset()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Optional[Mapping[str, Any]] = None,
+        weights: Optional[Union[str, Path, Mapping[str, Any]]] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        trusted: bool = False,
+    ) -> "GlobalRoIExpert":
+        """Build SAM-Med3D from ``cfg['model']`` and load ``weights``.
+
+        Args:
+            cfg: expert settings; ``model`` is a model config dict, a preset name in ``configs/models`` or a
+                YAML path; ``checkpoint_key`` picks the global expert inside a checkpoint (``model_state_dict``,
+                as in DCM's combined file and SAM-Med3D checkpoints; ``None`` lets the loader pick);
+                ``init_partial`` loads by name + shape and prints what was skipped (turbo -> 64/8).
+            weights: a checkpoint path or an already loaded checkpoint / state dict; None keeps random weights.
+            device: overrides ``cfg['device']``.
+            trusted: allow full unpickling of the checkpoint (only for files you trust).
+
+        Raises:
+            dcm.errors.CheckpointError: (strict) the checkpoint misses a tensor, has unexpected ones or other
+                shapes.
+        """
+        from dcm.models import build_sam_med3d, load_model_config
+
+        cfg = dict(cfg or {})
+        _validate(cfg)
+        if device is not None:
+            cfg["device"] = str(device)
+        model_cfg = cfg.get("model", GLOBAL_ROI_DEFAULTS["model"])
+        if not isinstance(model_cfg, Mapping):
+            model_cfg = load_model_config(model_cfg)
+        model = build_sam_med3d(model_cfg)
+        if weights is not None:
+            key = cfg.get("checkpoint_key", GLOBAL_ROI_DEFAULTS["checkpoint_key"])
+            partial = bool(cfg.get("init_partial", GLOBAL_ROI_DEFAULTS["init_partial"]))
+            _load_global_weights(model, weights, key, trusted, partial)
+        return cls(model, cfg)
+
+    # ------------------------------------------------------------------ Expert API
+
+    def set_image(self, image: np.ndarray, spacing_zyx: Optional[Tuple[float, float, float]] = None) -> None:
+        """Set the (z, y, x) image and its (z, y, x) spacing in mm (None: 1 mm); drops cached embeddings."""
+        image = np.asarray(image)
+        if image.ndim != 3 or min(image.shape) < 1:
+            raise ValueError(f"global expert: image must be a non-empty (z, y, x) array, got shape {image.shape}")
+        self.reset()
+        self.image = image
+        self.spacing_zyx = None if spacing_zyx is None else tuple(float(s) for s in spacing_zyx)
+
+    def reset(self) -> None:
+        """Forget the image and every cached embedding."""
+        self.image: Optional[np.ndarray] = None
+        self.spacing_zyx: Optional[Tuple[float, float, float]] = None
+        self._embeddings: "OrderedDict[GlobalRoI, torch.Tensor]" = OrderedDict()
+
+    def global_roi(self, obj: ObjectPrompts) -> Optional[GlobalRoI]:
+        """The object's RoI from its prompts alone (see the module docstring), or None without box and positive click."""
+        self._require_image()
+        c = self.cfg
+        positives = [click.zyx for click in obj.clicks if click.positive]
+        if obj.box is not None:
+            roi = roi_from_box(obj.box, float(c["box_scale"]), int(c["min_size"]), self.frame_size)
+        elif positives:
+            roi = roi_from_clicks(positives[:1], self.spacing_zyx, float(c["noboxes_size_mm"]),
+                                  float(c["box_scale"]), int(c["min_size"]), self.frame_size)
+        else:
+            return None
+        if c["grow"]:
+            for p in positives:
+                margin = tuple(int(math.ceil(float(c["grow_margin"]) * s - 1e-9)) for s in roi.size)
+                roi = grow_to_include(roi, [p], margin, self.image.shape)  # type: ignore[union-attr]
+        return roi
+
+    def roi_of(self, obj: ObjectPrompts) -> Optional[RoISlices]:
+        roi = self.global_roi(obj)
+        return None if roi is None else roi.slices(self.image.shape)  # type: ignore[union-attr]
+
+    def prompts_of(self, obj: ObjectPrompts, roi: GlobalRoI) -> Tuple[np.ndarray, np.ndarray]:
+        """The point prompts of ``obj`` in ``roi``'s frame.
+
+        Returns:
+            ``coords`` (N, 3) float32 frame coordinates (z, y, x) and ``labels`` (N,) int64 (1 fg, 0 bg): the box
+            centre first (``box_center_click``), then the clicks in order; negative clicks outside the frame
+            dropped or clipped (``outside_clicks``).
+        """
+        points, labels = [], []
+        if obj.box is not None and self.cfg["box_center_click"]:
+            points.append(obj.box.center_zyx)
+            labels.append(1)
+        for click in obj.clicks:
+            points.append(click.zyx)
+            labels.append(1 if click.positive else 0)
+        if not points:
+            return np.zeros((0, 3), np.float32), np.zeros((0,), np.int64)
+        q = roi.to_frame(np.asarray(points, dtype=np.float64))
+        inside = roi.in_frame(q)
+        if self.cfg["outside_clicks"] == "drop":
+            q, labels = q[inside], [lab for lab, ok in zip(labels, inside) if ok]
+        else:
+            q = np.clip(q, 0.0, self.frame_size - 1.0)
+        return q.astype(np.float32), np.asarray(labels, dtype=np.int64)
+
+    def mask_prompt(self, obj: ObjectPrompts, roi: GlobalRoI, prev_pred: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """(m, m, m) float32 binary mask prompt (m = 32), or None for no mask prompt.
+
+        ``prev_pred == obj.label`` resampled (nearest) to the frame, then every ``frame / m``-th voxel; zeros
+        when there is no ``prev_pred``; at the box step per ``mask_prompt_at_box_step``.
+        """
+        m = self.mask_size
+        if not obj.clicks and self.cfg["mask_prompt_at_box_step"] in ("none", None):
+            return None
+        if not obj.clicks or prev_pred is None:
+            return np.zeros((m, m, m), np.float32)
+        if tuple(prev_pred.shape) != tuple(self.image.shape):  # type: ignore[union-attr]
+            raise ValueError(f"global expert: prev_pred shape {prev_pred.shape} differs from the image {self.image.shape}")
+        # Nearest-resampling the labels then comparing equals comparing then resampling, on a 64^3 array only.
+        labels = crop_and_resize(np.asarray(prev_pred), roi, mode="nearest")
+        step = self.frame_size // m
+        return (labels[::step, ::step, ::step] == obj.label).astype(np.float32)
+
+    def predict(self, obj: ObjectPrompts, prev_pred: Optional[np.ndarray] = None) -> Optional[RoIPrediction]:
+        """Segment ``obj`` in its global RoI.
+
+        Returns:
+            ``RoIPrediction(slices, prob, 'global')``: ``slices`` the RoI clipped to the image, ``prob`` float32
+            in [0, 1] of shape ``image[slices].shape``; None when the object has neither a box nor a positive
+            click.
+        """
+        roi = self.global_roi(obj)
+        if roi is None:
+            return None
+        coords, labels = self.prompts_of(obj, roi)
+        mask = self.mask_prompt(obj, roi, prev_pred)
+        logits = self.frame_logits(roi, coords, labels, mask)
+        prob = torch.sigmoid(logits.float())
+        values, slices = paste_back(prob, roi, self.image.shape, self.cfg["prob_interpolation"])  # type: ignore[union-attr]
+        values = values.cpu().numpy().astype(np.float32, copy=False)
+        return RoIPrediction(roi=slices, prob=values, expert=self.name)
+
+    # ------------------------------------------------------------------ network
+
+    def frame_input(self, roi: GlobalRoI) -> torch.Tensor:
+        """The network input of ``roi``: (1, 1, S, S, S) float32 on the device (S = frame size), z-normalised."""
+        self._require_image()
+        crop = crop_and_resize(self.image, roi, mode=self.cfg["image_interpolation"])  # type: ignore[arg-type]
+        x = znorm_positive(np.asarray(crop, dtype=np.float32), self.cfg["znorm"])
+        return torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg["amp"] and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    def image_embedding(self, roi: GlobalRoI) -> torch.Tensor:
+        """Encoder output (1, C, g, g, g) of ``roi``, from the LRU cache when this RoI was encoded before."""
+        cached = self._embeddings.get(roi)
+        if cached is not None:
+            self._embeddings.move_to_end(roi)
+            return cached
+        x = self.frame_input(roi)
+        with torch.inference_mode(), self._autocast():
+            embedding = self.model.image_encoder(x)
+        self.encoder_runs += 1
+        self._embeddings[roi] = embedding
+        while len(self._embeddings) > int(self.cfg["cache_size"]):
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    def frame_logits(
+        self, roi: GlobalRoI, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray]
+    ) -> torch.Tensor:
+        """Decoder logits (m, m, m) on the frame for clicks ``coords`` (N, 3) frame (z, y, x), ``labels`` (N,)
+        and mask prompt ``mask`` (m, m, m) or None."""
+        embedding = self.image_embedding(roi)
+        pe = self.model.prompt_encoder
+        points = None
+        if len(coords):
+            points = (
+                torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None],
+                torch.as_tensor(labels, dtype=torch.long, device=self.device)[None],
+            )
+        masks = None if mask is None else torch.as_tensor(mask, dtype=torch.float32, device=self.device)[None, None]
+        with torch.inference_mode(), self._autocast():
+            sparse, dense = pe(points=points, boxes=None, masks=masks)
+            logits, _ = self.model.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+        return logits[0, 0]
+
+    def _require_image(self) -> None:
+        if self.image is None:
+            raise RuntimeError("global expert: call set_image() first")
