@@ -151,6 +151,7 @@ class Trainer:
         self.global_step = 0
         self.start_epoch = 0
         self.batches_done = 0
+        self.epoch_progress: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ subclass hooks
     def build_model(self) -> nn.Module:  # subclass
@@ -200,7 +201,9 @@ class Trainer:
         if skip_batches:
             sampler = SkipSampler(sampler, skip_batches * batch_size)
         workers = int(self.tcfg.get("num_workers", 0))
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        # An explicit generator: creating the iterator must not draw from the global one (exact resume).
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, self.dist.rank, skip_batches))
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=generator,
                           collate_fn=getattr(dataset, "collate", None) or _collate_list, drop_last=True,
                           pin_memory=self.dist.device.type == "cuda", persistent_workers=False)
 
@@ -211,7 +214,7 @@ class Trainer:
         return n // int(self.tcfg.get("batch_size", 1))
 
     def save_checkpoint(self, path: Path, model: nn.Module, optimizer, scheduler, scaler, epoch: int,
-                        batches_done: int) -> None:
+                        batches_done: int, epoch_progress: Optional[Dict[str, Any]] = None) -> None:
         """Gather every rank's RNG state and write the checkpoint from rank 0 (atomically)."""
         rng_states = all_gather_objects(capture_rng_state())
         if self.dist.is_main:
@@ -231,6 +234,7 @@ class Trainer:
                 "batches_done": batches_done,
                 "rng_states": rng_states,
                 "world_size": self.dist.world_size,
+                "epoch_progress": epoch_progress or {},
             }
             atomic_torch_save(state, path)
         barrier()
@@ -250,6 +254,7 @@ class Trainer:
         self.global_step = int(state.get("global_step", 0))
         self.start_epoch = int(state["epoch"])
         self.batches_done = int(state.get("batches_done", 0))
+        self.epoch_progress = dict(state.get("epoch_progress") or {})
         rngs = state.get("rng_states") or []
         if int(state.get("world_size", 1)) == self.dist.world_size and self.dist.rank < len(rngs):
             restore_rng_state(rngs[self.dist.rank])
@@ -322,7 +327,11 @@ class Trainer:
             skip = self.batches_done if epoch == self.start_epoch else 0
             loader = self._loader(dataset, epoch, skip)
             model.train()
-            epoch_loss, epoch_count, dice_values = 0.0, 0, []
+            # a mid-epoch resume continues the interrupted epoch's running means
+            progress = self.epoch_progress if skip else {}
+            epoch_loss = float(progress.get("loss_sum", 0.0))
+            epoch_count = int(progress.get("count", 0))
+            dice_values = list(progress.get("dice_values", []))
             batch = None
             bar = tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not self.dist.is_main,
                        dynamic_ncols=True)
@@ -336,7 +345,9 @@ class Trainer:
                     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                         out = self.training_step(model, batch, generator)
                     loss = out["loss"]
-                    scaler.scale(loss / accumulation).backward()
+                    # the last group of an epoch may hold fewer micro-batches than `accumulation`
+                    group = min(accumulation, batches_per_epoch - (i // accumulation) * accumulation)
+                    scaler.scale(loss / group).backward()
                 micro_losses.append(loss.detach())
                 if "dice" in out:
                     dice_values.append(float(out["dice"]))
@@ -367,14 +378,16 @@ class Trainer:
                         self.writer.add_scalar(f"lr/group{gi}", group["lr"], self.global_step)
                 if ckpt_every and self.global_step % ckpt_every == 0 and i + 1 < batches_per_epoch:
                     self.save_checkpoint(self.work_dir / self.checkpoint_name, model, optimizer, scheduler, scaler,
-                                         epoch, i + 1)
+                                         epoch, i + 1, {"loss_sum": epoch_loss, "count": epoch_count,
+                                                        "dice_values": dice_values})
                 if max_steps is not None and self.global_step >= int(max_steps):
                     stop = True
                     break
             bar.close()
             if stop and i + 1 < batches_per_epoch:
                 self.save_checkpoint(self.work_dir / self.checkpoint_name, model, optimizer, scheduler, scaler,
-                                     epoch, i + 1)
+                                     epoch, i + 1, {"loss_sum": epoch_loss, "count": epoch_count,
+                                                    "dice_values": dice_values})
                 break
             mean_loss = epoch_loss / max(epoch_count, 1)
             self.losses.append(mean_loss)
