@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -417,3 +418,44 @@ def load_into(
         if verbose:
             print(rep.format())
     return rep
+
+
+# ---------------------------------------------------------------------------------------------- combine
+
+
+def combine(global_path: PathLike, local_path: PathLike, out_path: PathLike, trusted: bool = False) -> Path:
+    """Write DCM's combined inference file: the global expert under ``model_state_dict``, VISTA3D under ``model``.
+
+    Each input may be a training checkpoint (ours or DCM's), a raw state dict or a ``.safetensors`` file;
+    prefixes are stripped. The output is written atomically.
+    """
+    from dcm.training.checkpointing import atomic_torch_save
+
+    global_sd = load_state_dict(global_path, trusted=trusted)
+    local_obj = load_checkpoint(local_path, trusted=trusted)
+    local_sd = load_state_dict(local_obj, key="model" if isinstance(local_obj, Mapping) and "model" in local_obj
+                               else None, trusted=trusted)
+    return atomic_torch_save({"model_state_dict": global_sd, "model": local_sd}, out_path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcm.checkpoints",
+                                     description="Checkpoint tools: combine two expert checkpoints into DCM's file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("combine", help="global + local checkpoints -> one inference file")
+    c.add_argument("--global", dest="global_path", required=True, help="global-RoI expert checkpoint")
+    c.add_argument("--local", dest="local_path", required=True, help="local-RoI expert (VISTA3D) checkpoint")
+    c.add_argument("--out", required=True)
+    c.add_argument("--trust-checkpoint", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        out = combine(args.global_path, args.local_path, args.out, args.trust_checkpoint)
+    except CheckpointError as e:
+        print(f"combine: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -325,3 +325,15 @@ def test_no_state_dict_inside(tmp_path):
     torch.save({"epoch": 3, "args": argparse.Namespace(a=1)}, path)
     with pytest.raises(CheckpointError, match="no state dict"):
         load_state_dict(path)
+
+
+def test_combine_two_training_checkpoints(tmp_path):
+    from dcm.checkpoints import combine, load_state_dict
+
+    g = {"image_encoder.w": torch.ones(2)}
+    l = {"image_encoder.v": torch.zeros(3)}
+    torch.save({"epoch": 1, "model_state_dict": g, "args": {}}, tmp_path / "g.pt")
+    torch.save({"model_state_dict": {"module." + k: v for k, v in l.items()}, "epoch": 2}, tmp_path / "l.pt")
+    out = combine(tmp_path / "g.pt", tmp_path / "l.pt", tmp_path / "dcm.pt")
+    assert set(load_state_dict(out)) == {"image_encoder.w"}
+    assert set(load_state_dict(out, key="model")) == {"image_encoder.v"}
