@@ -3,12 +3,14 @@
     python -m dcm.ablate --ablation configs/ablations/policies.yaml --cases CASES_DIR --out RESULTS_DIR \\
         [--base CONFIG] [--weights FILE | --random-init] [key=value ...]
 
-An ablation file names a base config and its variants, each a list of overrides::
+An ablation file names a base config and its variants, each a list of overrides of the base, or a
+mapping naming its own config (and optionally overrides and a weights file)::
 
     base: dcm_small
     variants:
       dual: [engine.policy=dual]
       released: [engine.policy=released]
+      card_pairing: {config: dcm_card_pairing.yaml, weights: weights/dcm_card.pt}
 
 Experts are built once and reused by every variant whose expert sections are unchanged (policies and
 fusion rules only change the engine), so weights load once. Results: ``RESULTS_DIR/<variant>/`` as
@@ -22,16 +24,33 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from dcm.atomic import atomic_path
 from dcm.config import apply_overrides, load_config, resolve_config_path
 
-__all__ = ["run_ablation", "main"]
+__all__ = ["variant_configs", "run_ablation", "main"]
 
 COLUMNS = ["Variant", "Cases", "DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", "Seconds_per_case"]
+
+
+def variant_configs(ablation: Dict[str, Any], overrides: Sequence[str] = (),
+                    weights: Optional[str] = None) -> Dict[str, Tuple[Dict[str, Any], Optional[str]]]:
+    """Each variant's full config and weights file.
+
+    A variant is a list of overrides of the base, or ``{config: FILE, overrides: [...], weights: FILE}``.
+    """
+    base = load_config(ablation["base"], overrides)
+    out: Dict[str, Tuple[Dict[str, Any], Optional[str]]] = {}
+    for name, variant in (ablation.get("variants") or {}).items():
+        if isinstance(variant, dict):
+            start = load_config(variant["config"], overrides) if variant.get("config") else base
+            out[name] = (apply_overrides(start, variant.get("overrides") or []), variant.get("weights", weights))
+        else:
+            out[name] = (apply_overrides(base, variant or []), weights)
+    return out
 
 
 def run_ablation(ablation: Dict[str, Any], cases: Path, out: Path, weights: Optional[str] = None,
@@ -42,15 +61,13 @@ def run_ablation(ablation: Dict[str, Any], cases: Path, out: Path, weights: Opti
     from dcm.evaluate import InProcessPredictor, evaluate_folder, summarise
     from dcm.experts import build_experts
 
-    base = load_config(ablation["base"], overrides)
     rows: List[Dict[str, Any]] = []
     built_key, experts = None, None
-    for name, variant_overrides in (ablation.get("variants") or {}).items():
-        cfg = apply_overrides(base, variant_overrides or [])
+    for name, (cfg, variant_weights) in variant_configs(ablation, overrides, weights).items():
         key = json.dumps({k: cfg.get(k) for k in ("global_expert", "local_expert", "weights", "device")},
-                         sort_keys=True, default=str)
+                         sort_keys=True, default=str) + str(variant_weights)
         if key != built_key:
-            experts = build_experts(cfg, weights, device, random_init=random_init)
+            experts = build_experts(cfg, variant_weights, device, random_init=random_init)
             built_key = key
         roles = {"global_only": ["global"], "local_only": ["local"]}.get(cfg["engine"]["policy"])
         used = {r: e for r, e in experts.items() if roles is None or r in roles}  # type: ignore[union-attr]

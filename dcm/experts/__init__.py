@@ -1,8 +1,11 @@
 """The two experts and how a config builds them.
 
-A DCM config has sections ``global_expert`` and ``local_expert`` (expert settings, each with a ``model``
-preset) and ``engine`` (policy, fusion, budget). One combined checkpoint holds both experts: the global one
-under ``model_state_dict`` and VISTA3D under ``model`` (DCM's released layout); it is read once.
+A DCM config has sections ``global_expert`` and ``local_expert`` (expert settings, each with a ``backbone``
+and a ``model`` preset of that backbone) and ``engine`` (policy, fusion, budget). Each expert is an RoI
+strategy over a backbone (:mod:`dcm.experts.backbones`): the released pairing is global RoI -> SAM-Med3D,
+local RoI -> VISTA3D (the defaults); ``configs/dcm_card_pairing.yaml`` is the design card's opposite pairing.
+One combined checkpoint holds both experts by role, whatever their backbones: the global expert under
+``model_state_dict`` and the local one under ``model`` (DCM's released layout); it is read once.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def build_experts(
     """
     from dcm.errors import CheckpointError
 
-    weights = weights or cfg.get("weights")
+    weights = None if random_init else (weights or cfg.get("weights"))
     if weights is None and not random_init:
         raise CheckpointError("no weights given: pass --weights FILE (or DCM_WEIGHTS=FILE), or --random-init for a test run")
     checkpoint = None

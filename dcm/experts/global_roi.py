@@ -1,33 +1,34 @@
-"""The global-RoI expert: SAM-Med3D on the object's whole RoI, resampled to the model's frame (64^3).
+"""The global-RoI expert: the object's whole RoI, resampled to a cubic frame, on any backbone.
 
-Per object and interaction (DCM's RoI pipeline, geometry in :mod:`dcm.experts.roi`):
+The RoI strategy (this module, geometry in :mod:`dcm.experts.roi`) is separate from the network
+(:mod:`dcm.experts.backbones`, config key ``backbone``): SAM-Med3D at its ``img_size`` (64^3, DCM's released
+pairing, the default) or VISTA3D at ``frame_size`` (the design card's pairing). Per object and interaction:
 
 1. RoI: the box enlarged ``box_scale`` (1.8) times, at least ``min_size`` voxels per axis; an object without a
    box gets ``noboxes_size_mm`` (96 mm, the released ``64 / spacing * 1.5``) around its first positive click.
    Every positive click outside the RoI then grows it (in click order, minimally, with ``grow_margin``) so the
    RoI encompasses all positive prompts. The RoI is a pure function of (box, clicks, spacing, image shape):
    the stateless ``predict.sh`` and the interactive session get the same RoI for the same prompts, and
-   removing a click (undo) gives back the smaller RoI.
-2. The RoI is cropped with zero padding and resized to the frame (trilinear), then z-normalised over the
-   voxels > 0; the encoder's output is cached per RoI (small LRU), so a click that leaves the RoI unchanged
-   costs only the prompt encoder and the decoder.
+   removing a click (undo) gives back the smaller RoI. The backbone changes only the frame size.
+2. The RoI is cropped with zero padding and resized to the frame (trilinear), then normalised by the
+   backbone: SAM-Med3D z-normalises the frame over its voxels > 0; VISTA3D maps the image's percentiles to
+   [0, 1] before resampling (padding 0). The encoder's output is cached per RoI (small LRU), so a click that
+   leaves the RoI unchanged costs only the prompt head.
 3. Prompts in the frame, (z, y, x): the box centre as a positive click (frame voxel 31 while the RoI is the
-   box's), then every click of the object in order, 1 fg / 0 bg. Without a box no click is added: the first
-   positive click is the RoI centre and plays that role. Negative clicks outside the RoI are dropped (or
-   clipped onto its border, ``outside_clicks: clip``); positive ones are always inside (step 1).
-   Mask prompt: ``prev_pred == label`` resampled (nearest) to the frame, then every ``frame / 32``-th voxel
-   (``[::2, ::2, ::2]`` for 64) -> 32^3 binary; at the box step (no click yet) zeros, or no mask prompt
-   (``mask_prompt_at_box_step: none``, the ``no_mask_embed`` path).
-4. Logits 32^3 -> sigmoid -> trilinear onto the RoI's image voxels, clipped to the image ->
-   ``RoIPrediction(slices, prob)``; the engine thresholds and writes it.
+   box's and the frame 64), then every click of the object in order, 1 fg / 0 bg. Without a box no click is
+   added: the first positive click is the RoI centre and plays that role. Negative clicks outside the RoI are
+   dropped (or clipped onto its border, ``outside_clicks: clip``); positive ones are always inside (step 1).
+   Mask prompt (SAM-Med3D only): ``prev_pred == label`` resampled (nearest) to the frame, then every
+   ``frame / 32``-th voxel (``[::2, ::2, ::2]`` for 64) -> 32^3 binary; at the box step (no click yet) zeros,
+   or no mask prompt (``mask_prompt_at_box_step: none``, the ``no_mask_embed`` path).
+4. Logits on the backbone's grid over the frame (SAM-Med3D 32^3, VISTA3D the frame) -> sigmoid -> trilinear
+   onto the RoI's image voxels, clipped to the image -> ``RoIPrediction(slices, prob)``; the engine
+   thresholds and writes it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -35,7 +36,14 @@ import numpy as np
 import torch
 
 from dcm.data.cases import ObjectPrompts
-from dcm.errors import CheckpointError, ConfigError
+from dcm.errors import ConfigError
+from dcm.experts.backbones import (
+    Backbone,
+    backbone_options,
+    build_backbone_model,
+    load_backbone_weights,
+    make_backbone,
+)
 from dcm.experts.base import Expert, RoIPrediction, RoISlices
 from dcm.experts.roi import (
     ZNORM_MODES,
@@ -45,13 +53,17 @@ from dcm.experts.roi import (
     paste_back,
     roi_from_box,
     roi_from_clicks,
-    znorm_positive,
 )
 
 __all__ = ["GLOBAL_ROI_DEFAULTS", "GlobalRoIExpert"]
 
 #: Expert settings (``cfg`` of :class:`GlobalRoIExpert`) and their defaults.
 GLOBAL_ROI_DEFAULTS: Dict[str, Any] = {
+    # The network on the frame: 'sam_med3d' (DCM's released pairing) or 'vista3d' (the design card's).
+    "backbone": "sam_med3d",
+    # Side of the cubic frame the RoI is resampled to. None: the backbone's own (SAM-Med3D: its img_size,
+    # the only size it takes; VISTA3D: 128). VISTA3D takes any multiple of its factor (16 full, 8 reduced).
+    "frame_size": None,
     # Box rule: RoI extent = round((max - min + 1) * box_scale), at least min_size voxels per axis.
     "box_scale": 1.8,
     "min_size": 8,
@@ -66,26 +78,31 @@ GLOBAL_ROI_DEFAULTS: Dict[str, Any] = {
     # Negative clicks outside the RoI: 'drop' them, or 'clip' them onto the frame's border.
     "outside_clicks": "drop",
     # Mask prompt at the box step (object without clicks): 'zeros' (DCM training's step 0) or 'none'.
+    # Only for a backbone that takes a mask prompt (SAM-Med3D).
     "mask_prompt_at_box_step": "zeros",
     # Resampling of the image into the frame and of the probabilities back ('trilinear' | 'nearest').
     "image_interpolation": "trilinear",
     "prob_interpolation": "trilinear",
-    # Z-normalisation over voxels > 0: 'monai' (NormalizeIntensity(nonzero=True)) or 'torchio' (ZNormalization).
+    # SAM-Med3D's z-normalisation over voxels > 0: 'monai' (NormalizeIntensity(nonzero=True)) or 'torchio'.
     "znorm": "torchio",
+    # VISTA3D's normalisation: these percentiles of the whole image mapped to [0, 1].
+    "percentiles": (1.0, 99.0),
     # Image embeddings kept (one per RoI; several objects in a session).
     "cache_size": 4,
     "device": "cpu",
     # Autocast (CUDA only) and its dtype.
     "amp": False,
     "amp_dtype": "float16",
-    # Model config (dict, preset name or YAML path), checkpoint key, and name+shape partial loading
-    # (e.g. SAM-Med3D turbo -> 64/8, with a printed report), used by ``from_config``.
-    "model": "sam_med3d_64",
+    # Model config (dict, preset name or YAML path; None: sam_med3d_64 / vista3d132 by backbone), checkpoint
+    # key (by role, whatever the backbone) and name+shape partial loading (SAM-Med3D only, e.g. turbo -> 64/8,
+    # with a printed report), used by ``from_config``.
+    "model": None,
     "checkpoint_key": "model_state_dict",
     "init_partial": False,
 }
 
 _INTERPOLATIONS = ("trilinear", "nearest")
+_WHO = "global expert"
 
 
 def _validate(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -112,6 +129,8 @@ def _validate(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         raise bad("min_size", "an int >= 1")
     if not isinstance(c["cache_size"], (int, np.integer)) or c["cache_size"] < 1:
         raise bad("cache_size", "an int >= 1")
+    if c["frame_size"] is not None and (not isinstance(c["frame_size"], (int, np.integer)) or c["frame_size"] < 1):
+        raise bad("frame_size", "None or an int >= 1")
     if c["outside_clicks"] not in ("drop", "clip"):
         raise bad("outside_clicks", "'drop' or 'clip'")
     if c["mask_prompt_at_box_step"] not in ("zeros", "none", None):
@@ -123,69 +142,60 @@ def _validate(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         raise bad("znorm", f"one of {ZNORM_MODES}")
     if str(c["amp_dtype"]) not in ("float16", "bfloat16"):
         raise bad("amp_dtype", "'float16' or 'bfloat16'")
+    backbone_options(c, _WHO)
     return c
 
 
-def _load_global_weights(
-    model: torch.nn.Module,
-    weights: Union[str, Path, Mapping[str, Any]],
-    key: Optional[str],
-    trusted: bool,
-    partial: bool,
-) -> None:
-    """Load SAM-Med3D weights: strictly, or by name + shape with a printed report when ``partial``.
-
-    ``key`` (``model_state_dict``) is used when the checkpoint has it (DCM's combined file, SAM-Med3D training
-    checkpoints, DDP files); a raw state dict is loaded as is. ``module.`` / ``_orig_mod.`` are stripped.
-    """
-    from dcm.checkpoints import load_checkpoint, load_into
-
-    path = weights if isinstance(weights, (str, os.PathLike)) else None
-    ckpt = load_checkpoint(path, trusted=trusted) if path is not None else weights
-    if key is not None and not (isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping)):
-        key = None
-    try:
-        report = load_into(model, ckpt, strict=not partial, key=key, verbose=False)
-    except CheckpointError as e:
-        if path is None:
-            raise
-        msg = str(e)
-        msg = msg[len("<state dict>: "):] if msg.startswith("<state dict>: ") else msg
-        raise CheckpointError(f"{path}: {msg}") from e
-    if partial:
-        if path is not None:
-            report.source = str(path)
-        print(report.format(), flush=True)
-
-
 class GlobalRoIExpert(Expert):
-    """DCM's global-RoI expert around SAM-Med3D (any frame size: 64/8 by default, 128/16 for turbo).
+    """DCM's global-RoI expert: the global RoI strategy over a backbone.
+
+    SAM-Med3D by default (any frame size: 64/8 by default, 128/16 for turbo), or VISTA3D at ``frame_size``.
 
     Args:
-        model: a :class:`dcm.models.SamMed3D` with weights loaded.
-        cfg: settings, keys of :data:`GLOBAL_ROI_DEFAULTS` (missing keys take the defaults).
+        model: the network with weights loaded (a :class:`dcm.models.SamMed3D` or a MONAI ``VISTA3D``), or a
+            :class:`~dcm.experts.backbones.Backbone`; it must be of the kind ``cfg['backbone']`` names.
+        cfg: settings, keys of :data:`GLOBAL_ROI_DEFAULTS` (missing keys take the defaults, except that
+            ``backbone`` defaults to the model's kind).
 
     Attributes:
-        frame_size: side of the network input (the model's ``img_size``).
-        mask_size: side of the mask prompt / low-res logits (32).
+        backbone: the :class:`~dcm.experts.backbones.Backbone` around ``model``.
+        frame_size: side of the network input (SAM-Med3D: the model's ``img_size``).
+        mask_size: side of the mask prompt / low-res logits (32 for SAM-Med3D), None without mask prompt.
         encoder_runs: number of image-encoder passes (the embedding cache saves the others).
     """
 
     name = "global"
 
-    def __init__(self, model: torch.nn.Module, cfg: Optional[Mapping[str, Any]] = None):
-        from dcm.experts import resolve_device
-
-        self.cfg: Dict[str, Any] = _validate(dict(cfg or {}))
-        self.frame_size = int(model.img_size)
-        self.mask_size = int(model.prompt_encoder.mask_input_size[0])
-        if self.frame_size % self.mask_size:
+    def __init__(self, model: Union[torch.nn.Module, Backbone], cfg: Optional[Mapping[str, Any]] = None):
+        cfg = dict(cfg or {})
+        self.cfg: Dict[str, Any] = _validate(cfg)
+        options = backbone_options(self.cfg, _WHO, cache_size=int(self.cfg["cache_size"]))
+        self.backbone: Backbone = make_backbone(model, cfg.get("backbone"), _WHO, **options)
+        self.cfg["backbone"] = self.backbone.kind
+        frame = self.cfg["frame_size"]
+        self.frame_size = int(self.backbone.default_frame_size() if frame is None else frame)
+        self.backbone.check_frame((self.frame_size,) * 3, "global expert: frame_size")
+        self.mask_size: Optional[int] = self.backbone.mask_size
+        if self.mask_size is not None and self.frame_size % self.mask_size:
             raise ConfigError(f"global expert: frame {self.frame_size} is not a multiple of the mask size {self.mask_size}")
-        self.device = torch.device(resolve_device(self.cfg["device"]))
-        self.amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[str(self.cfg["amp_dtype"])]
-        self.model = model.to(self.device).eval()
-        self.encoder_runs = 0
         self.reset()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The backbone's network."""
+        return self.backbone.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return self.backbone.amp_dtype
+
+    @property
+    def encoder_runs(self) -> int:
+        return self.backbone.encoder_runs
 
     # ------------------------------------------------------------------ construction
 
@@ -197,13 +207,15 @@ class GlobalRoIExpert(Expert):
         device: Optional[Union[str, torch.device]] = None,
         trusted: bool = False,
     ) -> "GlobalRoIExpert":
-        """Build SAM-Med3D from ``cfg['model']`` and load ``weights``.
+        """Build the backbone's network from ``cfg['model']`` and load ``weights``.
 
         Args:
-            cfg: expert settings; ``model`` is a model config dict, a preset name in ``configs/models`` or a
-                YAML path; ``checkpoint_key`` picks the global expert inside a checkpoint (``model_state_dict``,
-                as in DCM's combined file and SAM-Med3D checkpoints; ``None`` lets the loader pick);
-                ``init_partial`` loads by name + shape and prints what was skipped (turbo -> 64/8).
+            cfg: expert settings; ``backbone`` picks the network (``sam_med3d`` by default, or ``vista3d``);
+                ``model`` is a model config dict, a preset name in ``configs/models`` or a YAML path, of that
+                backbone (absent: ``sam_med3d_64`` / ``vista3d132``); ``checkpoint_key`` picks the global expert
+                inside a checkpoint (``model_state_dict``, as in DCM's combined file and SAM-Med3D checkpoints,
+                whatever the backbone; ``None`` lets the loader pick); ``init_partial`` loads by name + shape
+                and prints what was skipped (SAM-Med3D only: turbo -> 64/8).
             weights: a checkpoint path or an already loaded checkpoint / state dict; None keeps random weights.
             device: overrides ``cfg['device']``.
             trusted: allow full unpickling of the checkpoint (only for files you trust).
@@ -212,21 +224,17 @@ class GlobalRoIExpert(Expert):
             dcm.errors.CheckpointError: (strict) the checkpoint misses a tensor, has unexpected ones or other
                 shapes.
         """
-        from dcm.models import build_sam_med3d, load_model_config
-
         cfg = dict(cfg or {})
         _validate(cfg)
         if device is not None:
             cfg["device"] = str(device)
-        model_cfg = cfg.get("model", GLOBAL_ROI_DEFAULTS["model"])
-        if not isinstance(model_cfg, Mapping):
-            model_cfg = load_model_config(model_cfg)
-        model = build_sam_med3d(model_cfg)
+        kind = cfg.get("backbone", GLOBAL_ROI_DEFAULTS["backbone"])
+        model = build_backbone_model(kind, cfg.get("model"), "global_expert")
         if weights is not None:
             key = cfg.get("checkpoint_key", GLOBAL_ROI_DEFAULTS["checkpoint_key"])
             partial = bool(cfg.get("init_partial", GLOBAL_ROI_DEFAULTS["init_partial"]))
-            _load_global_weights(model, weights, key, trusted, partial)
-        return cls(model, cfg)
+            load_backbone_weights(model, weights, key, trusted, partial)
+        return cls(model, {**cfg, "backbone": kind})
 
     # ------------------------------------------------------------------ Expert API
 
@@ -238,12 +246,13 @@ class GlobalRoIExpert(Expert):
         self.reset()
         self.image = image
         self.spacing_zyx = None if spacing_zyx is None else tuple(float(s) for s in spacing_zyx)
+        self.backbone.set_image(image)
 
     def reset(self) -> None:
         """Forget the image and every cached embedding."""
         self.image: Optional[np.ndarray] = None
         self.spacing_zyx: Optional[Tuple[float, float, float]] = None
-        self._embeddings: "OrderedDict[GlobalRoI, torch.Tensor]" = OrderedDict()
+        self.backbone.reset()
 
     def global_roi(self, obj: ObjectPrompts) -> Optional[GlobalRoI]:
         """The object's RoI from its prompts alone (see the module docstring), or None without box and positive click."""
@@ -296,9 +305,12 @@ class GlobalRoIExpert(Expert):
         """(m, m, m) float32 binary mask prompt (m = 32), or None for no mask prompt.
 
         ``prev_pred == obj.label`` resampled (nearest) to the frame, then every ``frame / m``-th voxel; zeros
-        when there is no ``prev_pred``; at the box step per ``mask_prompt_at_box_step``.
+        when there is no ``prev_pred``; at the box step per ``mask_prompt_at_box_step``. Always None for a
+        backbone without mask prompt (VISTA3D).
         """
         m = self.mask_size
+        if m is None:
+            return None
         if not obj.clicks and self.cfg["mask_prompt_at_box_step"] in ("none", None):
             return None
         if not obj.clicks or prev_pred is None:
@@ -325,6 +337,7 @@ class GlobalRoIExpert(Expert):
         mask = self.mask_prompt(obj, roi, prev_pred)
         logits = self.frame_logits(roi, coords, labels, mask)
         prob = torch.sigmoid(logits.float())
+        # paste_back interpolates from any grid covering the frame (32^3 or the frame itself) in one step.
         values, slices = paste_back(prob, roi, self.image.shape, self.cfg["prob_interpolation"])  # type: ignore[union-attr]
         values = values.cpu().numpy().astype(np.float32, copy=False)
         return RoIPrediction(roi=slices, prob=values, expert=self.name)
@@ -332,56 +345,41 @@ class GlobalRoIExpert(Expert):
     # ------------------------------------------------------------------ network
 
     def frame_input(self, roi: GlobalRoI) -> torch.Tensor:
-        """The network input of ``roi``: (1, 1, S, S, S) float32 on the device (S = frame size), z-normalised."""
+        """The network input of ``roi``: (1, 1, S, S, S) float32 on the device (S = frame size), normalised."""
         self._require_image()
-        crop = crop_and_resize(self.image, roi, mode=self.cfg["image_interpolation"])  # type: ignore[arg-type]
-        x = znorm_positive(np.asarray(crop, dtype=np.float32), self.cfg["znorm"])
+        mode = self.cfg["image_interpolation"]
+        if self.backbone.normalise_scope == "frame":
+            crop = crop_and_resize(self.image, roi, mode=mode)  # type: ignore[arg-type]
+            x = self.backbone.normalise(crop)
+        else:
+            x = self._resample_normalised(roi, mode)
         return torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg["amp"] and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-        return contextlib.nullcontext()
+    def _resample_normalised(self, roi: GlobalRoI, mode: str) -> np.ndarray:
+        # Per-image (pointwise) normalisation comes before resampling, so that padding outside the image is 0
+        # after it, as in the backbone's training. Only the block the resampling reads is normalised: the RoI's
+        # voxel range plus one voxel each side (linear interpolation reaches at most that far).
+        image = self.image
+        lo = [max(a - 1, 0) for a in roi.start]
+        hi = [min(b + 1, int(n)) for b, n in zip(roi.stop, image.shape)]  # type: ignore[union-attr]
+        if any(a >= b for a, b in zip(lo, hi)):  # the RoI misses the image: all padding
+            return np.zeros((roi.out_size,) * 3, np.float32)
+        block = self.backbone.normalise(image[tuple(slice(a, b) for a, b in zip(lo, hi))])  # type: ignore[index]
+        center = tuple(c - a for c, a in zip(roi.center, lo))
+        shifted = GlobalRoI(center, roi.size, roi.out_size)  # type: ignore[arg-type]
+        return np.asarray(crop_and_resize(block, shifted, mode=mode), dtype=np.float32)
 
     def image_embedding(self, roi: GlobalRoI) -> torch.Tensor:
-        """Encoder output (1, C, g, g, g) of ``roi``, from the LRU cache when this RoI was encoded before."""
-        cached = self._embeddings.get(roi)
-        if cached is not None:
-            self._embeddings.move_to_end(roi)
-            return cached
-        x = self.frame_input(roi)
-        with torch.inference_mode(), self._autocast():
-            embedding = self.model.image_encoder(x)
-        self.encoder_runs += 1
-        self._embeddings[roi] = embedding
-        while len(self._embeddings) > int(self.cfg["cache_size"]):
-            self._embeddings.popitem(last=False)
-        return embedding
+        """Encoder output of ``roi``, from the LRU cache when this RoI was encoded before."""
+        return self.backbone.embedding(roi, lambda: self.frame_input(roi))
 
     def frame_logits(
         self, roi: GlobalRoI, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray]
     ) -> torch.Tensor:
-        """Decoder logits (m, m, m) on the frame for clicks ``coords`` (N, 3) frame (z, y, x), ``labels`` (N,)
-        and mask prompt ``mask`` (m, m, m) or None."""
-        embedding = self.image_embedding(roi)
-        pe = self.model.prompt_encoder
-        points = None
-        if len(coords):
-            points = (
-                torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None],
-                torch.as_tensor(labels, dtype=torch.long, device=self.device)[None],
-            )
-        masks = None if mask is None else torch.as_tensor(mask, dtype=torch.float32, device=self.device)[None, None]
-        with torch.inference_mode(), self._autocast():
-            sparse, dense = pe(points=points, boxes=None, masks=masks)
-            logits, _ = self.model.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=pe.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-        return logits[0, 0]
+        """Backbone logits covering the frame (SAM-Med3D: (m, m, m); VISTA3D: (S, S, S)) for clicks ``coords``
+        (N, 3) frame (z, y, x), ``labels`` (N,) and mask prompt ``mask`` (m, m, m) or None."""
+        frame = (self.frame_size,) * 3
+        return self.backbone.forward(lambda: self.image_embedding(roi), frame, coords, labels, mask)
 
     def _require_image(self) -> None:
         if self.image is None:

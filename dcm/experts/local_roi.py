@@ -1,26 +1,31 @@
-"""The local-RoI expert: MONAI VISTA3D on one native-resolution window centred at the last click.
+"""The local-RoI expert: one native-resolution window centred at the last click, on any backbone.
 
-Per object and interaction:
+The window strategy (this module) is separate from the network (:mod:`dcm.experts.backbones`, config key
+``backbone``): MONAI VISTA3D on a 128^3 window (DCM's released pairing, the default) or SAM-Med3D on a window
+of its ``img_size`` (64^3 for SAM-Med3D-64, 128^3 for turbo; the design card's pairing). Per object and
+interaction:
 
-1. the window (default 128^3) is centred at the object's last click and shifted to lie inside the image;
-   along an axis where the image is smaller than the window it covers the whole axis and the input is
-   zero-padded (after normalisation) to the window size, half before and half after;
-2. the crop is normalised with the image's 1st..99th percentiles (computed once per image) to [0, 1];
-3. the object's clicks inside the window (or only the last one) are given to VISTA3D's point head as
-   window voxel indices in (z, y, x) order with labels 1 (fg) / 0 (bg), without a class prompt;
-4. ``sigmoid(logits)`` on the window, padding removed, is the result on the window's image region.
+1. the window (``window_size``; default the backbone's own: 128^3 for VISTA3D, SAM-Med3D's ``img_size``^3)
+   is centred at the object's last click and shifted to lie inside the image; along an axis where the image
+   is smaller than the window it covers the whole axis and the input is zero-padded to the window size, half
+   before and half after;
+2. the crop is normalised by the backbone: VISTA3D maps the image's 1st..99th percentiles (computed once
+   per image) to [0, 1] and pads with 0 after that; SAM-Med3D z-normalises the padded window over its
+   voxels > 0;
+3. the object's clicks inside the window (or only the last one) are given to the backbone as window voxel
+   indices in (z, y, x) order with labels 1 (fg) / 0 (bg) (VISTA3D's point head, without a class prompt);
+   SAM-Med3D also gets the object's previous mask in the window (``mask_prompt: previous``) on its 32^3 grid;
+4. ``sigmoid(logits)`` on the window (SAM-Med3D's 32^3 logits upsampled trilinearly to it), padding removed,
+   is the result on the window's image region.
 
 We own the window logic instead of calling ``monai.apps.vista3d.inferer.point_based_window_inferer``,
 which drops a click lying on a window's first voxel, sums overlapping windows and runs one window per
 click. The encoder output of the last window is cached, so a further click whose window is the same
-crop of the same image only reruns the (cheap) point head.
+crop of the same image only reruns the (cheap) prompt head.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -29,7 +34,17 @@ import numpy as np
 import torch
 
 from dcm.data.cases import Click, ObjectPrompts
-from dcm.errors import CheckpointError, ConfigError
+from dcm.errors import ConfigError
+from dcm.experts.backbones import (
+    Backbone,
+    backbone_options,
+    build_backbone_model,
+    intensity_percentiles,
+    load_backbone_weights,
+    make_backbone,
+    scale_intensity,
+    vista3d_frame_factor,
+)
 from dcm.experts.base import Expert, RoIPrediction, RoISlices
 
 __all__ = [
@@ -44,49 +59,39 @@ __all__ = [
 
 #: Expert settings (``cfg`` of :class:`LocalRoIExpert`) and their defaults.
 LOCAL_ROI_DEFAULTS: Dict[str, Any] = {
-    # (z, y, x) window size, or one int for a cube; each must suit the encoder (multiple of 16 for vista3d132).
-    "window_size": 128,
-    # Clicks given to VISTA3D: all of the object's clicks inside the window, or only the last one.
+    # The network on the window: 'vista3d' (DCM's released pairing) or 'sam_med3d' (the design card's).
+    "backbone": "vista3d",
+    # (z, y, x) window size, or one int for a cube; None: the backbone's own (VISTA3D: 128; SAM-Med3D: its
+    # img_size, the only size it takes). VISTA3D needs multiples of 16 (vista3d132) / 8 (reduced).
+    "window_size": None,
+    # Clicks given to the backbone: all of the object's clicks inside the window, or only the last one.
     "clicks": "inside_window",
     # Use the box centre as a positive click for an object that has a box but no click yet.
     "box_center_as_click": False,
     # None: every window is centred at the last click (DCM). An int m: keep the previous window of the same
     # image (and its cached encoder output) while the last click lies >= m voxels inside its inner edges.
     "reuse_window_margin": None,
-    # Percentiles of the whole image mapped to 0 and 1.
+    # VISTA3D's normalisation: these percentiles of the whole image mapped to 0 and 1.
     "percentiles": (1.0, 99.0),
+    # SAM-Med3D's z-normalisation over voxels > 0 of the window: 'torchio' or 'monai'.
+    "znorm": "torchio",
+    # SAM-Med3D's mask prompt: 'previous' (prev_pred == label in the window; zeros without prev_pred) or
+    # 'none' (no_mask_embed). VISTA3D takes none.
+    "mask_prompt": "previous",
     "device": "cpu",
     # Autocast (CUDA only) and its dtype.
     "amp": False,
     "amp_dtype": "float16",
-    # Model config (dict, preset name or YAML path) and checkpoint key, used by ``from_config``.
-    "model": "vista3d132",
+    # Model config (dict, preset name or YAML path; None: vista3d132 / sam_med3d_64 by backbone), checkpoint
+    # key (by role, whatever the backbone) and name+shape partial loading (SAM-Med3D only), used by
+    # ``from_config``.
+    "model": None,
     "checkpoint_key": "model",
+    "init_partial": False,
 }
 
 ZYX = Tuple[int, int, int]
-
-
-# ------------------------------------------------------------------------------------------ intensities
-
-
-def intensity_percentiles(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> Tuple[float, float]:
-    """The ``lower`` and ``upper`` percentiles (linear interpolation, as ``np.percentile``) of the whole image."""
-    lo, hi = np.percentile(image, [lower, upper])
-    return float(lo), float(hi)
-
-
-def scale_intensity(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``[lo, hi]`` to ``[0, 1]`` and clip; float32, same shape as ``values``.
-
-    When ``hi == lo`` (at least 98% of the voxels share one value) the result is ``clip(values - lo, 0, 1)``,
-    so a constant image gives zeros. MONAI's ``ScaleIntensityRangePercentiles`` returns ``values - lo``
-    unclipped there; we keep the [0, 1] range the network was trained on.
-    """
-    out = np.asarray(values, dtype=np.float32) - np.float32(lo)
-    if hi > lo:
-        out /= np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+_WHO = "local expert"
 
 
 # ------------------------------------------------------------------------------------------------ windows
@@ -157,7 +162,7 @@ def place_window(center_zyx: Sequence[int], image_shape: Sequence[int], window_s
 def window_clicks(
     clicks: Sequence[Click], window: LocalWindow, mode: str = "inside_window"
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """The clicks VISTA3D gets for ``window``, in window coordinates.
+    """The clicks the backbone gets for ``window``, in window coordinates.
 
     Args:
         clicks: the object's clicks in order (image (z, y, x) voxels).
@@ -181,31 +186,6 @@ def window_clicks(
 # ------------------------------------------------------------------------------------------------- expert
 
 
-def _load_vista3d_weights(
-    model: torch.nn.Module, weights: Union[str, Path, Mapping[str, Any]], key: Optional[str], trusted: bool
-) -> None:
-    """Strictly load VISTA3D weights from any of the layouts seen in the wild.
-
-    ``key`` (``model``) is used when the checkpoint has it, which covers DCM's combined file (whose first
-    wrapper key, ``model_state_dict``, is the *global* expert), ``{'model': sd, 'epoch', 'step'}`` and DDP
-    files; a raw state dict has no wrapper and is loaded as is. The file is read once.
-    """
-    from dcm.checkpoints import load_checkpoint, load_into
-
-    path = weights if isinstance(weights, (str, os.PathLike)) else None
-    ckpt = load_checkpoint(path, trusted=trusted) if path is not None else weights
-    if key is not None and not (isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping)):
-        key = None
-    try:
-        load_into(model, ckpt, strict=True, key=key)
-    except CheckpointError as e:
-        if path is None:
-            raise
-        msg = str(e)
-        msg = msg[len("<state dict>: "):] if msg.startswith("<state dict>: ") else msg
-        raise CheckpointError(f"{path}: {msg}") from e
-
-
 def _as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
     if isinstance(value, (int, np.integer)):
         value = (int(value),) * 3
@@ -219,59 +199,75 @@ def _as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
 
 
 class LocalRoIExpert(Expert):
-    """DCM's local-RoI expert around MONAI VISTA3D (point head only).
+    """DCM's local-RoI expert: the local window strategy over a backbone (VISTA3D's point head by default).
 
     Args:
-        model: a MONAI ``VISTA3D`` (``dcm.models.vista3d.build_vista3d``), with weights loaded.
-        cfg: settings, keys of :data:`LOCAL_ROI_DEFAULTS` (missing keys take the defaults).
+        model: the network with weights loaded (a MONAI ``VISTA3D``, :func:`dcm.models.vista3d.build_vista3d`,
+            or a :class:`dcm.models.SamMed3D`), or a :class:`~dcm.experts.backbones.Backbone`; it must be of
+            the kind ``cfg['backbone']`` names.
+        cfg: settings, keys of :data:`LOCAL_ROI_DEFAULTS` (missing keys take the defaults, except that
+            ``backbone`` defaults to the model's kind).
 
     Attributes:
+        backbone: the :class:`~dcm.experts.backbones.Backbone` around ``model``.
         window_size: (z, y, x) network input size.
         encoder_runs: number of times the image encoder ran (the cache saves the others).
     """
 
     name = "local"
 
-    def __init__(self, model: torch.nn.Module, cfg: Optional[Mapping[str, Any]] = None):
+    def __init__(self, model: Union[torch.nn.Module, Backbone], cfg: Optional[Mapping[str, Any]] = None):
         cfg = dict(cfg or {})
         unknown = sorted(set(cfg) - set(LOCAL_ROI_DEFAULTS))
         if unknown:
             raise ConfigError(f"local expert: unknown keys {unknown} (known: {sorted(LOCAL_ROI_DEFAULTS)})")
         self.cfg: Dict[str, Any] = {**LOCAL_ROI_DEFAULTS, **cfg}
-        self.window_size: ZYX = _as_zyx(self.cfg["window_size"], "window_size")
-        factor = self._size_factor(model)
-        bad = [w for w, f in zip(self.window_size, factor) if w % f]
-        if bad:
-            raise ConfigError(
-                f"local expert: window_size {self.window_size} must be divisible by {factor} for this model"
-            )
+        options = backbone_options(self.cfg, _WHO, cache_size=1)
+        self.backbone: Backbone = make_backbone(model, cfg.get("backbone"), _WHO, **options)
+        self.cfg["backbone"] = self.backbone.kind
+        size = self.cfg["window_size"]
+        self.window_size: ZYX = _as_zyx(self.backbone.default_frame_size() if size is None else size, "window_size")
+        self.backbone.check_frame(self.window_size, "local expert: window_size")
         if self.cfg["clicks"] not in ("inside_window", "last"):
             raise ConfigError(f"local expert: clicks must be 'inside_window' or 'last', got {self.cfg['clicks']!r}")
-        lower, upper = (float(p) for p in self.cfg["percentiles"])
-        if not 0.0 <= lower < upper <= 100.0:
+        if self.cfg["mask_prompt"] not in ("previous", "none", None):
             raise ConfigError(
-                f"local expert: percentiles must satisfy 0 <= lower < upper <= 100, got {self.cfg['percentiles']}"
+                f"local expert: mask_prompt must be 'previous' or 'none', got {self.cfg['mask_prompt']!r}"
             )
-        self.percentiles = (lower, upper)
+        self.percentiles = tuple(options["percentiles"])
         margin = self.cfg["reuse_window_margin"]
         if margin is not None and (not isinstance(margin, (int, np.integer)) or margin < 0):
             raise ConfigError(f"local expert: reuse_window_margin must be None or an int >= 0, got {margin!r}")
-        self.device = torch.device(self.cfg["device"])
-        self.amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(self.cfg["amp_dtype"]))
-        if self.amp_dtype is None:
-            raise ConfigError(f"local expert: amp_dtype must be 'float16' or 'bfloat16', got {self.cfg['amp_dtype']!r}")
-        self.model = model.to(self.device).eval()
-        self.encoder_runs = 0
         self.reset()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The backbone's network."""
+        return self.backbone.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return self.backbone.amp_dtype
+
+    @property
+    def encoder_runs(self) -> int:
+        return self.backbone.encoder_runs
+
+    @property
+    def intensity_range(self) -> Optional[Tuple[float, float]]:
+        """VISTA3D: the image's (lower, upper) percentiles set by :meth:`set_image`; None otherwise."""
+        return getattr(self.backbone, "intensity_range", None)
 
     # ------------------------------------------------------------------ construction
 
     @staticmethod
     def _size_factor(model: torch.nn.Module) -> ZYX:
-        # The encoder needs sizes divisible by 2 ** (levels - 1); the point head halves and doubles once more.
-        encoder = getattr(model, "image_encoder", None)
-        factor = tuple(int(f) for f in encoder.shape_factor()) if hasattr(encoder, "shape_factor") else (1, 1, 1)
-        return tuple(f * 2 // math.gcd(f, 2) for f in factor)  # type: ignore[return-value]
+        """What each window side must be divisible by for a VISTA3D ``model``."""
+        return vista3d_frame_factor(model)
 
     @classmethod
     def from_config(
@@ -281,12 +277,15 @@ class LocalRoIExpert(Expert):
         device: Optional[Union[str, torch.device]] = None,
         trusted: bool = False,
     ) -> "LocalRoIExpert":
-        """Build VISTA3D from ``cfg['model']`` and load ``weights`` strictly.
+        """Build the backbone's network from ``cfg['model']`` and load ``weights`` (strictly by default).
 
         Args:
-            cfg: expert settings; ``model`` is a model config dict, a preset name in ``configs/models`` or a
-                YAML path; ``checkpoint_key`` picks VISTA3D inside a checkpoint (``model``, as in DCM's combined
-                file and MONAI/NVIDIA training checkpoints; ``None`` lets the loader pick).
+            cfg: expert settings; ``backbone`` picks the network (``vista3d`` by default, or ``sam_med3d``);
+                ``model`` is a model config dict, a preset name in ``configs/models`` or a YAML path, of that
+                backbone (absent: ``vista3d132`` / ``sam_med3d_64``); ``checkpoint_key`` picks the local expert
+                inside a checkpoint (``model``, as in DCM's combined file and MONAI/NVIDIA training checkpoints,
+                whatever the backbone; ``None`` lets the loader pick); ``init_partial`` (SAM-Med3D only) loads
+                by name + shape and prints what was skipped.
             weights: a checkpoint path or an already loaded checkpoint / state dict; None keeps random weights.
             device: overrides ``cfg['device']``.
             trusted: allow full unpickling of the checkpoint (only for files you trust).
@@ -294,39 +293,35 @@ class LocalRoIExpert(Expert):
         Raises:
             dcm.errors.CheckpointError: the checkpoint misses a tensor, has unexpected ones or other shapes.
         """
-        from dcm.models.vista3d import build_vista3d, load_vista3d_config
-
         cfg = dict(cfg or {})
-        model_cfg = cfg.get("model", LOCAL_ROI_DEFAULTS["model"])
-        if not isinstance(model_cfg, Mapping):
-            model_cfg = load_vista3d_config(model_cfg)
+        kind = cfg.get("backbone", LOCAL_ROI_DEFAULTS["backbone"])
+        model = build_backbone_model(kind, cfg.get("model"), "local_expert")
         if device is not None:
             cfg["device"] = str(device)
-        model = build_vista3d(model_cfg)
         if weights is not None:
             key = cfg.get("checkpoint_key", LOCAL_ROI_DEFAULTS["checkpoint_key"])
-            _load_vista3d_weights(model, weights, key, trusted)
-        return cls(model, cfg)
+            partial = bool(cfg.get("init_partial", LOCAL_ROI_DEFAULTS["init_partial"]))
+            load_backbone_weights(model, weights, key, trusted, partial)
+        return cls(model, {**cfg, "backbone": kind})
 
     # ------------------------------------------------------------------ Expert API
 
     def set_image(self, image: np.ndarray, spacing_zyx: Optional[Tuple[float, float, float]] = None) -> None:
-        """Set the (z, y, x) image; computes its percentiles once and drops the cached encoder output."""
+        """Set the (z, y, x) image; computes its per-image statistics once and drops the cached encoder output."""
         image = np.asarray(image)
         if image.ndim != 3 or min(image.shape) < 1:
             raise ValueError(f"local expert: image must be a non-empty (z, y, x) array, got shape {image.shape}")
         self.reset()
         self.image = image
         self.spacing_zyx = spacing_zyx
-        self.intensity_range = intensity_percentiles(image, *self.percentiles)
+        self.backbone.set_image(image)
 
     def reset(self) -> None:
         """Forget the image and every cache."""
         self.image: Optional[np.ndarray] = None
         self.spacing_zyx: Optional[Tuple[float, float, float]] = None
-        self.intensity_range: Optional[Tuple[float, float]] = None
         self._cached_window: Optional[LocalWindow] = None
-        self._cached_embedding: Optional[torch.Tensor] = None
+        self.backbone.reset()
 
     def window_center(self, obj: ObjectPrompts) -> Optional[ZYX]:
         """The (z, y, x) voxel the object's window is centred at: its last click, else (per config) its box centre."""
@@ -370,10 +365,33 @@ class LocalRoIExpert(Expert):
             clicks = [Click(window.center, True)]
         return window_clicks(clicks, window, self.cfg["clicks"])
 
+    def mask_prompt(
+        self, obj: ObjectPrompts, window: LocalWindow, prev_pred: Optional[np.ndarray]
+    ) -> Optional[np.ndarray]:
+        """(m, m, m) float32 binary mask prompt for a backbone that takes one (SAM-Med3D, m = 32), else None.
+
+        ``prev_pred == obj.label`` on the window (native resolution, padding 0), then every ``window / m``-th
+        voxel; zeros without ``prev_pred``; None with ``mask_prompt: none``.
+        """
+        m = self.backbone.mask_size
+        if m is None or self.cfg["mask_prompt"] in ("none", None):
+            return None
+        if prev_pred is None:
+            return np.zeros((m, m, m), np.float32)
+        if tuple(prev_pred.shape) != tuple(self.image.shape):  # type: ignore[union-attr]
+            raise ValueError(
+                f"local expert: prev_pred shape {prev_pred.shape} differs from the image {self.image.shape}"
+            )
+        selected = np.asarray(prev_pred[window.roi]) == obj.label
+        if any(b or a for b, a in window.pad):
+            selected = np.pad(selected, window.pad, mode="constant", constant_values=False)
+        steps = tuple(w // m for w in window.size)
+        return selected[::steps[0], ::steps[1], ::steps[2]].astype(np.float32)
+
     def predict(self, obj: ObjectPrompts, prev_pred: Optional[np.ndarray] = None) -> Optional[RoIPrediction]:
         """Segment ``obj`` in the window at its last click.
 
-        ``prev_pred`` is not used: VISTA3D's point head takes no mask prompt.
+        ``prev_pred`` is read only by a backbone with a mask prompt (SAM-Med3D); VISTA3D's point head takes none.
 
         Returns:
             ``RoIPrediction(roi, prob, 'local')`` with ``prob`` float32 in [0, 1] of shape ``image[roi].shape``,
@@ -383,7 +401,8 @@ class LocalRoIExpert(Expert):
         if window is None:
             return None
         coords, labels = self.prompts_of(obj, window)
-        logits = self.window_logits(window, coords, labels)
+        mask = self.mask_prompt(obj, window, prev_pred)
+        logits = self.window_logits(window, coords, labels, mask)
         inner = tuple(slice(b, w - a) for (b, a), w in zip(window.pad, window.size))
         prob = torch.sigmoid(logits[inner].float()).cpu().numpy().astype(np.float32, copy=False)
         return RoIPrediction(roi=window.roi, prob=prob, expert=self.name)
@@ -393,44 +412,35 @@ class LocalRoIExpert(Expert):
     def window_input(self, window: LocalWindow) -> torch.Tensor:
         """The normalised, padded network input of ``window``: (1, 1, *window.size) float32 on the device."""
         self._require_image()
-        lo, hi = self.intensity_range  # type: ignore[misc]
-        crop = scale_intensity(self.image[window.roi], lo, hi)  # type: ignore[index]
-        if any(b or a for b, a in window.pad):
-            crop = np.pad(crop, window.pad, mode="constant", constant_values=0.0)
+        crop = self.image[window.roi]  # type: ignore[index]
+        padded = any(b or a for b, a in window.pad)
+        if self.backbone.normalise_scope == "image":  # pointwise: padding stays 0 after normalisation
+            crop = self.backbone.normalise(crop)
+            if padded:
+                crop = np.pad(crop, window.pad, mode="constant", constant_values=0.0)
+        else:  # statistics of the whole network input, padding included
+            crop = np.asarray(crop, dtype=np.float32)
+            if padded:
+                crop = np.pad(crop, window.pad, mode="constant", constant_values=0.0)
+            crop = self.backbone.normalise(crop)
         return torch.from_numpy(np.ascontiguousarray(crop))[None, None].to(self.device)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg["amp"] and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-        return contextlib.nullcontext()
-
     def image_embedding(self, window: LocalWindow) -> torch.Tensor:
-        """Encoder output (1, C, *window.size) of ``window``: reused when the last call had the same crop."""
-        cached = self._cached_window
-        if cached is None or cached.key != window.key or self._cached_embedding is None:
-            self._cached_embedding, self._cached_window = None, None  # free it before the next pass
-            x = self.window_input(window)
-            with torch.inference_mode(), self._autocast():
-                # VISTA3D.forward's point-only path: the encoder's point branch, no class branch.
-                embedding, _ = self.model.image_encoder(x, with_point=True, with_label=False)
-            self.encoder_runs += 1
-            self._cached_embedding, self._cached_window = embedding, window
-        return self._cached_embedding
+        """Encoder output of ``window``: reused when the last call had the same crop."""
+        embedding = self.backbone.embedding(window.key, lambda: self.window_input(window))
+        self._cached_window = window
+        return embedding
 
-    def window_logits(self, window: LocalWindow, coords: np.ndarray, labels: np.ndarray) -> torch.Tensor:
-        """Point-head logits (*window.size) for clicks ``coords`` (N, 3) (z, y, x) window voxels, ``labels`` (N,).
+    def window_logits(
+        self, window: LocalWindow, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray] = None
+    ) -> torch.Tensor:
+        """Logits (*window.size) for clicks ``coords`` (N, 3) (z, y, x) window voxels, ``labels`` (N,) and the
+        mask prompt ``mask`` (m, m, m) or None (SAM-Med3D's 32^3 logits upsampled trilinearly to the window).
 
-        With no click inside the window the logits are VISTA3D's "no prompt" value (-9999) everywhere.
+        VISTA3D: with no click inside the window the logits are its "no prompt" value (-9999) everywhere.
         """
-        if len(coords) == 0:
-            return torch.full(window.size, float(getattr(self.model, "NINF_VALUE", -9999)))
-        embedding = self.image_embedding(window)
-        point_coords = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
-        point_labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)[None]
-        with torch.inference_mode(), self._autocast():
-            # class_vector=None: supported-class token, as VISTA3D.forward with no class / prompt_class.
-            logits = self.model.point_head(embedding, point_coords, point_labels, class_vector=None)
-        return logits[0, 0]
+        logits = self.backbone.forward(lambda: self.image_embedding(window), window.size, coords, labels, mask)
+        return self.backbone.upsample(logits, window.size)
 
     def _require_image(self) -> None:
         if self.image is None:
