@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 
 from dcm.errors import CheckpointError, ConfigError
+from dcm.experts.base import Expert
 from dcm.experts.roi import ZNORM_MODES, znorm_positive
 
 __all__ = [
     "BACKBONES",
     "DEFAULT_MODELS",
     "Backbone",
+    "BackboneExpert",
     "SamMed3DBackbone",
     "Vista3DBackbone",
     "backbone_kind_of",
@@ -555,3 +557,90 @@ def load_backbone_weights(
         if path is not None:
             report.source = str(path)
         print(report.format(), flush=True)
+
+
+class BackboneExpert(Expert):
+    """What the global-RoI and local-RoI experts share: a :class:`Backbone`, construction from config,
+    and the image they answer for. Subclasses set ``defaults`` (their settings), ``role`` (the config
+    section name) and ``who`` (for messages), and implement the RoI strategy.
+    """
+
+    defaults: Dict[str, Any] = {}
+    role: str = "expert"
+    who: str = "expert"
+    backbone: Backbone
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        """Reject bad settings before any network is built (default: nothing to check)."""
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Optional[Mapping[str, Any]] = None,
+        weights: Optional[Union[str, Path, Mapping[str, Any]]] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        trusted: bool = False,
+    ):
+        """Build the backbone's network from ``cfg['model']`` and load ``weights`` (strictly by default).
+
+        Args:
+            cfg: expert settings; ``backbone`` picks the network (``sam_med3d`` or ``vista3d``); ``model`` is a
+                model config dict, a preset name in ``configs/models`` or a YAML path, of that backbone
+                (absent: the backbone's full-size preset); ``checkpoint_key`` picks this expert inside a
+                checkpoint (by role, whatever the backbone: ``model_state_dict`` for the global expert and
+                ``model`` for the local one in DCM's combined file; ``None`` lets the loader pick);
+                ``init_partial`` (SAM-Med3D only) loads by name + shape and prints what was skipped.
+            weights: a checkpoint path or an already loaded checkpoint / state dict; None keeps random weights.
+            device: overrides ``cfg['device']``.
+            trusted: allow full unpickling of the checkpoint (only for files you trust).
+
+        Raises:
+            dcm.errors.CheckpointError: (strict) the checkpoint misses a tensor, has unexpected ones or other
+                shapes.
+        """
+        cfg = dict(cfg or {})
+        cls.check_config(cfg)
+        if device is not None:
+            cfg["device"] = str(device)
+        kind = cfg.get("backbone", cls.defaults["backbone"])
+        model = build_backbone_model(kind, cfg.get("model"), cls.role)
+        if weights is not None:
+            key = cfg.get("checkpoint_key", cls.defaults["checkpoint_key"])
+            partial = bool(cfg.get("init_partial", cls.defaults["init_partial"]))
+            load_backbone_weights(model, weights, key, trusted, partial)
+        return cls(model, {**cfg, "backbone": kind})
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The backbone's network."""
+        return self.backbone.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return self.backbone.amp_dtype
+
+    @property
+    def encoder_runs(self) -> int:
+        """How many times the backbone's image encoder ran (its cache saved the other calls)."""
+        return self.backbone.encoder_runs
+
+    def set_image(self, image: np.ndarray, spacing_zyx: Optional[Tuple[float, float, float]] = None) -> None:
+        """Set the (z, y, x) image and its (z, y, x) spacing in mm (None: unknown); drops every cache."""
+        image = np.asarray(image)
+        if image.ndim != 3 or min(image.shape) < 1:
+            raise ValueError(f"{self.who}: image must be a non-empty (z, y, x) array, got shape {image.shape}")
+        self.reset()
+        self.image = image
+        self.spacing_zyx = None if spacing_zyx is None else tuple(float(v) for v in spacing_zyx)
+        self.backbone.set_image(image)
+
+    def reset(self) -> None:
+        """Forget the image and every cache."""
+        self.image: Optional[np.ndarray] = None
+        self.spacing_zyx: Optional[Tuple[float, float, float]] = None
+        self.backbone.reset()

@@ -29,7 +29,6 @@ pairing, the default) or VISTA3D at ``frame_size`` (the design card's pairing). 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -37,14 +36,8 @@ import torch
 
 from dcm.data.cases import ObjectPrompts
 from dcm.errors import ConfigError
-from dcm.experts.backbones import (
-    Backbone,
-    backbone_options,
-    build_backbone_model,
-    load_backbone_weights,
-    make_backbone,
-)
-from dcm.experts.base import Expert, RoIPrediction, RoISlices
+from dcm.experts.backbones import Backbone, BackboneExpert, backbone_options, make_backbone
+from dcm.experts.base import RoIPrediction, RoISlices
 from dcm.experts.roi import (
     ZNORM_MODES,
     GlobalRoI,
@@ -146,7 +139,7 @@ def _validate(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return c
 
 
-class GlobalRoIExpert(Expert):
+class GlobalRoIExpert(BackboneExpert):
     """DCM's global-RoI expert: the global RoI strategy over a backbone.
 
     SAM-Med3D by default (any frame size: 64/8 by default, 128/16 for turbo), or VISTA3D at ``frame_size``.
@@ -165,6 +158,13 @@ class GlobalRoIExpert(Expert):
     """
 
     name = "global"
+    role = "global_expert"
+    who = _WHO
+    defaults = GLOBAL_ROI_DEFAULTS
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        _validate(cfg)
 
     def __init__(self, model: Union[torch.nn.Module, Backbone], cfg: Optional[Mapping[str, Any]] = None):
         cfg = dict(cfg or {})
@@ -180,79 +180,7 @@ class GlobalRoIExpert(Expert):
             raise ConfigError(f"global expert: frame {self.frame_size} is not a multiple of the mask size {self.mask_size}")
         self.reset()
 
-    @property
-    def model(self) -> torch.nn.Module:
-        """The backbone's network."""
-        return self.backbone.model
-
-    @property
-    def device(self) -> torch.device:
-        return self.backbone.device
-
-    @property
-    def amp_dtype(self) -> torch.dtype:
-        return self.backbone.amp_dtype
-
-    @property
-    def encoder_runs(self) -> int:
-        return self.backbone.encoder_runs
-
-    # ------------------------------------------------------------------ construction
-
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Optional[Mapping[str, Any]] = None,
-        weights: Optional[Union[str, Path, Mapping[str, Any]]] = None,
-        device: Optional[Union[str, torch.device]] = None,
-        trusted: bool = False,
-    ) -> "GlobalRoIExpert":
-        """Build the backbone's network from ``cfg['model']`` and load ``weights``.
-
-        Args:
-            cfg: expert settings; ``backbone`` picks the network (``sam_med3d`` by default, or ``vista3d``);
-                ``model`` is a model config dict, a preset name in ``configs/models`` or a YAML path, of that
-                backbone (absent: ``sam_med3d_64`` / ``vista3d132``); ``checkpoint_key`` picks the global expert
-                inside a checkpoint (``model_state_dict``, as in DCM's combined file and SAM-Med3D checkpoints,
-                whatever the backbone; ``None`` lets the loader pick); ``init_partial`` loads by name + shape
-                and prints what was skipped (SAM-Med3D only: turbo -> 64/8).
-            weights: a checkpoint path or an already loaded checkpoint / state dict; None keeps random weights.
-            device: overrides ``cfg['device']``.
-            trusted: allow full unpickling of the checkpoint (only for files you trust).
-
-        Raises:
-            dcm.errors.CheckpointError: (strict) the checkpoint misses a tensor, has unexpected ones or other
-                shapes.
-        """
-        cfg = dict(cfg or {})
-        _validate(cfg)
-        if device is not None:
-            cfg["device"] = str(device)
-        kind = cfg.get("backbone", GLOBAL_ROI_DEFAULTS["backbone"])
-        model = build_backbone_model(kind, cfg.get("model"), "global_expert")
-        if weights is not None:
-            key = cfg.get("checkpoint_key", GLOBAL_ROI_DEFAULTS["checkpoint_key"])
-            partial = bool(cfg.get("init_partial", GLOBAL_ROI_DEFAULTS["init_partial"]))
-            load_backbone_weights(model, weights, key, trusted, partial)
-        return cls(model, {**cfg, "backbone": kind})
-
     # ------------------------------------------------------------------ Expert API
-
-    def set_image(self, image: np.ndarray, spacing_zyx: Optional[Tuple[float, float, float]] = None) -> None:
-        """Set the (z, y, x) image and its (z, y, x) spacing in mm (None: 1 mm); drops cached embeddings."""
-        image = np.asarray(image)
-        if image.ndim != 3 or min(image.shape) < 1:
-            raise ValueError(f"global expert: image must be a non-empty (z, y, x) array, got shape {image.shape}")
-        self.reset()
-        self.image = image
-        self.spacing_zyx = None if spacing_zyx is None else tuple(float(s) for s in spacing_zyx)
-        self.backbone.set_image(image)
-
-    def reset(self) -> None:
-        """Forget the image and every cached embedding."""
-        self.image: Optional[np.ndarray] = None
-        self.spacing_zyx: Optional[Tuple[float, float, float]] = None
-        self.backbone.reset()
 
     def global_roi(self, obj: ObjectPrompts) -> Optional[GlobalRoI]:
         """The object's RoI from its prompts alone (see the module docstring), or None without box and positive click."""

@@ -27,7 +27,6 @@ crop of the same image only reruns the (cheap) prompt head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -37,15 +36,14 @@ from dcm.data.cases import Click, ObjectPrompts
 from dcm.errors import ConfigError
 from dcm.experts.backbones import (
     Backbone,
+    BackboneExpert,
     backbone_options,
-    build_backbone_model,
     intensity_percentiles,
-    load_backbone_weights,
     make_backbone,
     scale_intensity,
     vista3d_frame_factor,
 )
-from dcm.experts.base import Expert, RoIPrediction, RoISlices
+from dcm.experts.base import RoIPrediction, RoISlices
 
 __all__ = [
     "LOCAL_ROI_DEFAULTS",
@@ -198,7 +196,7 @@ def _as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
     return out  # type: ignore[return-value]
 
 
-class LocalRoIExpert(Expert):
+class LocalRoIExpert(BackboneExpert):
     """DCM's local-RoI expert: the local window strategy over a backbone (VISTA3D's point head by default).
 
     Args:
@@ -215,6 +213,9 @@ class LocalRoIExpert(Expert):
     """
 
     name = "local"
+    role = "local_expert"
+    who = _WHO
+    defaults = LOCAL_ROI_DEFAULTS
 
     def __init__(self, model: Union[torch.nn.Module, Backbone], cfg: Optional[Mapping[str, Any]] = None):
         cfg = dict(cfg or {})
@@ -241,23 +242,6 @@ class LocalRoIExpert(Expert):
         self.reset()
 
     @property
-    def model(self) -> torch.nn.Module:
-        """The backbone's network."""
-        return self.backbone.model
-
-    @property
-    def device(self) -> torch.device:
-        return self.backbone.device
-
-    @property
-    def amp_dtype(self) -> torch.dtype:
-        return self.backbone.amp_dtype
-
-    @property
-    def encoder_runs(self) -> int:
-        return self.backbone.encoder_runs
-
-    @property
     def intensity_range(self) -> Optional[Tuple[float, float]]:
         """VISTA3D: the image's (lower, upper) percentiles set by :meth:`set_image`; None otherwise."""
         return getattr(self.backbone, "intensity_range", None)
@@ -269,59 +253,12 @@ class LocalRoIExpert(Expert):
         """What each window side must be divisible by for a VISTA3D ``model``."""
         return vista3d_frame_factor(model)
 
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Optional[Mapping[str, Any]] = None,
-        weights: Optional[Union[str, Path, Mapping[str, Any]]] = None,
-        device: Optional[Union[str, torch.device]] = None,
-        trusted: bool = False,
-    ) -> "LocalRoIExpert":
-        """Build the backbone's network from ``cfg['model']`` and load ``weights`` (strictly by default).
-
-        Args:
-            cfg: expert settings; ``backbone`` picks the network (``vista3d`` by default, or ``sam_med3d``);
-                ``model`` is a model config dict, a preset name in ``configs/models`` or a YAML path, of that
-                backbone (absent: ``vista3d132`` / ``sam_med3d_64``); ``checkpoint_key`` picks the local expert
-                inside a checkpoint (``model``, as in DCM's combined file and MONAI/NVIDIA training checkpoints,
-                whatever the backbone; ``None`` lets the loader pick); ``init_partial`` (SAM-Med3D only) loads
-                by name + shape and prints what was skipped.
-            weights: a checkpoint path or an already loaded checkpoint / state dict; None keeps random weights.
-            device: overrides ``cfg['device']``.
-            trusted: allow full unpickling of the checkpoint (only for files you trust).
-
-        Raises:
-            dcm.errors.CheckpointError: the checkpoint misses a tensor, has unexpected ones or other shapes.
-        """
-        cfg = dict(cfg or {})
-        kind = cfg.get("backbone", LOCAL_ROI_DEFAULTS["backbone"])
-        model = build_backbone_model(kind, cfg.get("model"), "local_expert")
-        if device is not None:
-            cfg["device"] = str(device)
-        if weights is not None:
-            key = cfg.get("checkpoint_key", LOCAL_ROI_DEFAULTS["checkpoint_key"])
-            partial = bool(cfg.get("init_partial", LOCAL_ROI_DEFAULTS["init_partial"]))
-            load_backbone_weights(model, weights, key, trusted, partial)
-        return cls(model, {**cfg, "backbone": kind})
-
     # ------------------------------------------------------------------ Expert API
-
-    def set_image(self, image: np.ndarray, spacing_zyx: Optional[Tuple[float, float, float]] = None) -> None:
-        """Set the (z, y, x) image; computes its per-image statistics once and drops the cached encoder output."""
-        image = np.asarray(image)
-        if image.ndim != 3 or min(image.shape) < 1:
-            raise ValueError(f"local expert: image must be a non-empty (z, y, x) array, got shape {image.shape}")
-        self.reset()
-        self.image = image
-        self.spacing_zyx = spacing_zyx
-        self.backbone.set_image(image)
 
     def reset(self) -> None:
         """Forget the image and every cache."""
-        self.image: Optional[np.ndarray] = None
-        self.spacing_zyx: Optional[Tuple[float, float, float]] = None
+        super().reset()
         self._cached_window: Optional[LocalWindow] = None
-        self.backbone.reset()
 
     def window_center(self, obj: ObjectPrompts) -> Optional[ZYX]:
         """The (z, y, x) voxel the object's window is centred at: its last click, else (per config) its box centre."""

@@ -31,7 +31,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from dcm.config import get
 from dcm.training.checkpointing import atomic_torch_save, capture_rng_state, restore_rng_state
 from dcm.training.distributed import (
     DistInfo,
