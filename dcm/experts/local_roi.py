@@ -184,15 +184,16 @@ def window_clicks(
 # ------------------------------------------------------------------------------------------------- expert
 
 
-def _as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
+def as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
+    """A (z, y, x) size from one int (a cube) or 3 ints; ``ConfigError`` naming ``what`` otherwise."""
     if isinstance(value, (int, np.integer)):
         value = (int(value),) * 3
     try:
         out = tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise ConfigError(f"local expert: {what} must be an int or 3 ints, got {value!r}") from None
-    if len(out) != 3 or any(v <= 0 for v in out):
-        raise ConfigError(f"local expert: {what} must be positive, one int or 3 ints (z, y, x), got {value!r}")
+        raise ConfigError(f"{what} must be an int or 3 ints (z, y, x), got {value!r}") from None
+    if len(out) != 3 or min(out) <= 0:
+        raise ConfigError(f"{what} must be positive, one int or 3 ints (z, y, x), got {value!r}")
     return out  # type: ignore[return-value]
 
 
@@ -227,7 +228,7 @@ class LocalRoIExpert(BackboneExpert):
         self.backbone: Backbone = make_backbone(model, cfg.get("backbone"), _WHO, **options)
         self.cfg["backbone"] = self.backbone.kind
         size = self.cfg["window_size"]
-        self.window_size: ZYX = _as_zyx(self.backbone.default_frame_size() if size is None else size, "window_size")
+        self.window_size: ZYX = as_zyx(self.backbone.default_frame_size() if size is None else size, "local expert: window_size")
         self.backbone.check_frame(self.window_size, "local expert: window_size")
         if self.cfg["clicks"] not in ("inside_window", "last"):
             raise ConfigError(f"local expert: clicks must be 'inside_window' or 'last', got {self.cfg['clicks']!r}")

@@ -38,7 +38,7 @@ from torch import nn
 
 from dcm.config import get
 from dcm.errors import CaseError, CheckpointError, ConfigError
-from dcm.experts.local_roi import LocalRoIExpert, intensity_percentiles, scale_intensity
+from dcm.experts.local_roi import LocalRoIExpert, as_zyx, intensity_percentiles, scale_intensity
 from dcm.protocol import next_click
 from dcm.training.trainer import EpochAwareDataset, Trainer, sample_seed, warmup_cosine
 
@@ -103,18 +103,6 @@ INTERACTION_DEFAULTS: Dict[str, Any] = {
 
 class SkippedCaseWarning(UserWarning):
     """A training case could not be read or is unusable; it is skipped."""
-
-
-def _as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
-    if isinstance(value, (int, np.integer)):
-        value = (int(value),) * 3
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be an int or 3 ints (z, y, x), got {value!r}") from None
-    if len(out) != 3 or min(out) <= 0:
-        raise ConfigError(f"{what} must be positive, one int or 3 ints (z, y, x), got {value!r}")
-    return out  # type: ignore[return-value]
 
 
 def _section(cfg: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> Dict[str, Any]:
@@ -281,7 +269,7 @@ class LocalRoIDataset(EpochAwareDataset):
             raise ConfigError(f"config section 'data': unknown keys {unknown} (known: {sorted(DATA_DEFAULTS)})")
         self.cfg = cfg
         self.seed = int(seed)
-        self.patch_size = _as_zyx(cfg["patch_size"], "data.patch_size")
+        self.patch_size = as_zyx(cfg["patch_size"], "data.patch_size")
         self.repeats = int(cfg["repeats"])
         if self.repeats < 1:
             raise ConfigError(f"data.repeats must be >= 1, got {self.repeats}")
@@ -468,7 +456,7 @@ class LocalRoITrainer(Trainer):
             raise ConfigError(f"interaction.first_click must be protocol or random, got {self.icfg['first_click']!r}")
         if int(self.icfg["max_prompt"]) < 1:
             raise ConfigError(f"interaction.max_prompt must be >= 1, got {self.icfg['max_prompt']}")
-        self.patch_size = _as_zyx(get(cfg, "data.patch_size", DATA_DEFAULTS["patch_size"]), "data.patch_size")
+        self.patch_size = as_zyx(get(cfg, "data.patch_size", DATA_DEFAULTS["patch_size"]), "data.patch_size")
         self.freeze = bool(self.tcfg.get("freeze_class_head", True))
         if not self.freeze:
             self.tcfg["find_unused_parameters"] = True
