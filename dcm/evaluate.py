@@ -350,8 +350,8 @@ def evaluate_folder(
                 result = evaluate_case(case, run_step, Path(tmp), nsd_spacing, steps)
             except (DCMError, ValueError) as e:
                 # ShapeError: the organisers would abort the whole run here; we record it and go on.
-                failures.append((path.stem, str(e)))
-                tqdm.write(f"FAILED {path.name}: {e}")
+                failures.append((path.stem, " ".join(str(e).split())))
+                tqdm.write(f"FAILED {path.name}: {failures[-1][1]}", file=sys.stderr)
                 continue
         rows.append(result.row())
         notes += [f"{result.name}: {n}" for n in result.notes]

@@ -53,11 +53,16 @@ def default_io_dirs(inputs: Optional[str] = None, outputs: Optional[str] = None)
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """One stderr line, whatever newlines the message carries."""
+    print(" ".join(line.split()), file=sys.stderr, flush=True)
 
 
 def predict_folder(inputs: Path, outputs: Path, predict_fn: PredictFn, strict_objects: bool = False) -> FolderResult:
     """Predict every ``*.npz`` of ``inputs`` into ``outputs/<same name>.npz`` (key ``segs``).
+
+    Every problem is one stderr line naming the file (and the field). An output is written atomically or not
+    at all: a failed case has no output file (one left by an earlier call is removed), and temporaries that a
+    killed earlier call left in ``outputs`` are deleted first. No ``.npz`` file at all is a failure too.
 
     Args:
         inputs: folder of challenge case files; other files are reported and skipped.
@@ -73,6 +78,7 @@ def predict_folder(inputs: Path, outputs: Path, predict_fn: PredictFn, strict_ob
         _say(f"{inputs}: input folder does not exist")
         return result
     outputs.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(outputs)
     for path in sorted(inputs.iterdir()):
         if path.name.startswith("."):
             continue
@@ -91,14 +97,34 @@ def predict_folder(inputs: Path, outputs: Path, predict_fn: PredictFn, strict_ob
             save_segmentation(outputs / path.name, segs, shape=case.shape)
             result.written.append(outputs / path.name)
         except DCMError as e:
-            result.failed.append((str(path), str(e)))
-            _say(str(e))
+            _fail(result, outputs / path.name, str(path), str(e), str(e))
         except MemoryError:
-            result.failed.append((str(path), "out of memory"))
-            _say(f"{path}: out of memory")
+            _fail(result, outputs / path.name, str(path), "out of memory", f"{path}: out of memory")
         except Exception as e:  # a predictor bug must not stop the other files
             logger.debug("prediction failed", exc_info=True)
             reason = f"prediction failed ({type(e).__name__}: {e})"
-            result.failed.append((str(path), reason))
-            _say(f"{path}: {reason}")
+            _fail(result, outputs / path.name, str(path), reason, f"{path}: {reason}")
+    if not result.written and not result.failed:
+        result.failed.append((str(inputs), "no .npz case file"))
+        _say(f"{inputs}: no .npz case file to predict")
     return result
+
+
+def _fail(result: FolderResult, output: Path, path: str, reason: str, line: str) -> None:
+    """Record a failed file; an output left by an earlier call must not pass for this call's answer."""
+    if output.resolve() != Path(path).resolve():  # inputs and outputs may be one folder
+        output.unlink(missing_ok=True)
+    result.failed.append((path, reason))
+    _say(line)
+
+
+def _remove_stale_temporaries(outputs: Path) -> None:
+    """Delete the temporary files of output writes that a killed earlier call left behind.
+
+    :func:`dcm.atomic.atomic_path` names them ``.<name>.<random>.tmp``; a SIGKILL gives no chance to clean up.
+    """
+    for tmp in outputs.glob(".*.npz.*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass

@@ -1,11 +1,15 @@
 """DCM inference over a folder of challenge cases: what ``predict.sh`` runs at every protocol step.
 
     python inference/predict.py [--inputs DIR] [--outputs DIR] [--config FILE] [--weights FILE]
-                                [--device auto|cpu|cuda] [key=value ...]
+                                [--device auto|cpu|cuda] [--seed N] [key=value ...]
 
 Each ``inputs/*.npz`` becomes ``outputs/<same name>.npz`` (``segs``). Nothing is kept between calls: every
 input carries its whole state (boxes, clicks, previous prediction). Environment variables ``DCM_INPUT_DIR``,
-``DCM_OUTPUT_DIR``, ``DCM_CONFIG``, ``DCM_WEIGHTS``, ``DCM_DEVICE`` supply defaults for the flags.
+``DCM_OUTPUT_DIR``, ``DCM_CONFIG``, ``DCM_WEIGHTS``, ``DCM_DEVICE``, ``DCM_SEED`` supply defaults for the flags.
+
+Exit status: 0 when every case was written; 1 when a case failed (one line on stderr names the file and the
+field; the other cases are still written, and a failed case has no output file); 2 when nothing could run
+(bad config or weights); 143 on SIGTERM (outputs already written stay complete, no temporary file is left).
 """
 
 import time
@@ -14,6 +18,7 @@ PROCESS_START = time.perf_counter()  # the challenge budget counts start-up and 
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -31,23 +36,35 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=os.environ.get("DCM_DEVICE"), help="auto (default), cpu or cuda")
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in --weights")
     parser.add_argument("--random-init", action="store_true", help="no weights: random models (tests, benchmarks)")
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("DCM_SEED", "0")),
+                        help="torch seed (random-init weights; any sampling): same inputs + seed = same outputs")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
+
+    # SIGTERM (docker stop, a runner's timeout) unwinds like Ctrl-C, so the output being written is
+    # removed instead of left as a temporary file.
+    signal.signal(signal.SIGTERM, _terminate)
+    import torch
 
     from dcm.engine.predictor import DCMPredictor
     from dcm.experts import build_experts_from_config
     from dcm.runner import default_io_dirs, predict_folder
 
     inputs, outputs = default_io_dirs(args.inputs, args.outputs)
+    torch.manual_seed(args.seed)
     try:
         cfg, experts = build_experts_from_config(args.config, args.weights, args.device, tuple(args.overrides),
                                                  trusted=args.trust_checkpoint, random_init=args.random_init)
     except DCMError as e:
-        print(f"predict: {e}", file=sys.stderr)
+        print(" ".join(f"predict: {e}".split()), file=sys.stderr)
         return 2
     predictor = DCMPredictor(experts, cfg.get("engine"), process_start=PROCESS_START)
     result = predict_folder(inputs, outputs, predictor)
     return 0 if result.ok else 1
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ per step) and ``prev_pred`` (D, H, W) uint8.
 
 from __future__ import annotations
 
+import ast
+import io
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,9 @@ __all__ = [
     "Case",
     "case_from_arrays",
     "load_case",
+    "validate_image",
+    "validate_spacing",
+    "parse_voxel",
     "load_npz",
     "atomic_savez",
     "save_segmentation",
@@ -217,24 +223,89 @@ def modality_of(case_name: str) -> str:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def load_npz(path: PathLike) -> Dict[str, Any]:
-    """Read every array of an ``.npz`` into a dict, turning any read failure into one :class:`CaseError`."""
+#: What an object array of a case file (``boxes``, ``clicks``, ``clicks_order``) may unpickle besides the
+#: plain containers pickle builds without globals (dict, list, tuple, str, numbers, None).
+_SAFE_GLOBALS = frozenset(
+    [(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")]
+    + [("numpy", "ndarray"), ("numpy", "dtype")]
+)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles numpy object arrays of plain data only: any other global (a callable) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to unpickle {module}.{name} (case files hold plain data only)")
+
+
+def _read_object_member(data: bytes) -> np.ndarray:
+    """An ``.npy`` member holding an object array, unpickled with :class:`_SafeUnpickler`."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy member")
+    major = data[6]
+    if major == 1:
+        start, size = 10, int.from_bytes(data[8:10], "little")
+    elif major in (2, 3):
+        start, size = 12, int.from_bytes(data[8:12], "little")
+    else:
+        raise ValueError(f"unknown .npy format version {major}")
+    header = ast.literal_eval(data[start:start + size].decode("utf8" if major == 3 else "latin1"))
+    array = _SafeUnpickler(io.BytesIO(data[start + size:])).load()
+    if not isinstance(array, np.ndarray) or array.shape != tuple(header.get("shape", ())):
+        raise ValueError("the pickled array does not match its header")
+    return array
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with zf.open(info) as f:
+        try:
+            return np.lib.format.read_array(f, allow_pickle=False)
+        except ValueError as e:
+            if "allow_pickle" not in str(e):
+                raise
+    with zf.open(info) as f:
+        return _read_object_member(f.read())
+
+
+def load_npz(path: PathLike, skip: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read every array of an ``.npz`` into a dict, turning any read failure into one :class:`CaseError`.
+
+    Object arrays (the challenge's ``boxes``, ``clicks``, ``clicks_order``) are unpickled with an allow-list
+    (numpy arrays and plain containers), so a crafted case file cannot run code.
+
+    Args:
+        path: the file.
+        skip: keys not to read (e.g. ``gts`` at inference: a large array nobody needs).
+
+    Raises:
+        CaseError: the file is absent or not a zip archive (no field), or one member cannot be read (its
+            key as the field).
+    """
     path = Path(path)
     if not path.is_file():
         raise CaseError(path, None, "no such file")
     try:
-        with np.load(path, allow_pickle=True) as z:
-            return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib_error()) as e:
-        raise CaseError(path, None, f"not a readable .npz file ({type(e).__name__}: {e})") from None
-    except Exception as e:  # unpickling errors of arbitrary kinds in corrupt object arrays
-        raise CaseError(path, None, f"not a readable .npz file ({type(e).__name__}: {e})") from None
+        zf = zipfile.ZipFile(path)
+    except Exception as e:  # BadZipFile, OSError, ...
+        raise CaseError(path, None, f"not a readable .npz file ({_one_line(e)})") from None
+    arrays: Dict[str, Any] = {}
+    with zf:
+        for info in zf.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if key in skip:
+                continue
+            try:
+                arrays[key] = _read_member(zf, info)
+            except Exception as e:  # a corrupt member: CRC / zlib / header / refused or broken pickle
+                raise CaseError(path, key, f"not a readable .npz member ({_one_line(e)})") from None
+    return arrays
 
 
-def zlib_error():
-    import zlib
-
-    return zlib.error
+def _one_line(e: BaseException) -> str:
+    """``Type: message`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def load_case(path: PathLike, strict: bool = True, with_gts: bool = True) -> Case:
@@ -247,9 +318,7 @@ def load_case(path: PathLike, strict: bool = True, with_gts: bool = True) -> Cas
         with_gts: keep ``gts`` if present (the evaluator's source cases); inference ignores it.
     """
     path = Path(path)
-    arrays = load_npz(path)
-    if not with_gts:
-        arrays.pop("gts", None)
+    arrays = load_npz(path, skip=() if with_gts else ("gts",))
     return case_from_arrays(arrays, name=path.stem, path=path, strict=strict)
 
 
@@ -259,44 +328,70 @@ def _as_scalar_obj(a: Any) -> Any:
     return a
 
 
-def _check_image(path, image: Any) -> np.ndarray:
+def validate_image(image: Any, where: Optional[PathLike] = None, field_name: str = "imgs") -> np.ndarray:
+    """The image as a 3D, non-empty, real, finite numeric array.
+
+    Raises:
+        CaseError: naming ``where`` (a file, or None) and ``field_name``.
+    """
     image = np.asarray(image)
     if image.ndim != 3:
-        raise CaseError(path, "imgs", f"must be a 3D (z, y, x) array, got shape {image.shape}")
+        raise CaseError(where, field_name, f"must be a 3D (z, y, x) array, got shape {image.shape}")
     if min(image.shape) < 1:
-        raise CaseError(path, "imgs", f"empty array of shape {image.shape}")
+        raise CaseError(where, field_name, f"empty array of shape {image.shape}")
     if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-        raise CaseError(path, "imgs", f"must be numeric, got dtype {image.dtype}")
+        raise CaseError(where, field_name, f"must be numeric, got dtype {image.dtype}")
     if np.iscomplexobj(image):
-        raise CaseError(path, "imgs", "complex values are not supported")
+        raise CaseError(where, field_name, "complex values are not supported")
     if np.issubdtype(image.dtype, np.floating):
-        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        bad = _count_slabs(image, lambda a: a.size - np.count_nonzero(np.isfinite(a)))
         if bad:
-            raise CaseError(path, "imgs", f"{bad} non-finite (NaN/inf) values")
+            raise CaseError(where, field_name, f"{bad} non-finite (NaN/inf) values")
     return image
 
 
-def _check_spacing(path, spacing: Any) -> Tuple[float, float, float]:
+def _count_slabs(array: np.ndarray, count: Any, voxels: int = 1 << 22) -> int:
+    """``sum(count(slab))`` over z-slabs of about ``voxels`` voxels: a full-volume check with slab-sized
+    temporaries (a 1500 x 600 x 600 float image must not get a same-sized boolean copy)."""
+    step = max(1, voxels // max(1, int(np.prod(array.shape[1:]))))
+    return int(sum(int(count(array[z:z + step])) for z in range(0, array.shape[0], step)))
+
+
+def validate_spacing(spacing: Any, where: Optional[PathLike] = None, field_name: str = "spacing",
+                     order: str = "x, y, z") -> Tuple[float, float, float]:
+    """Three finite voxel sizes > 0, as floats in the order given.
+
+    Raises:
+        CaseError: naming ``where`` (a file, or None) and ``field_name``.
+    """
     try:
         sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise CaseError(path, "spacing", f"must be 3 numbers, got {spacing!r}") from None
+        raise CaseError(where, field_name, f"must be 3 numbers, got {spacing!r}") from None
     if sp.size != 3:
-        raise CaseError(path, "spacing", f"must have 3 values (x, y, z), got {sp.size}")
+        raise CaseError(where, field_name, f"must have 3 values ({order}), got {sp.size}")
     if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise CaseError(path, "spacing", f"values must be finite and > 0, got {sp.tolist()}")
+        raise CaseError(where, field_name, f"values must be finite and > 0, got {sp.tolist()}")
     return tuple(float(s) for s in sp)  # type: ignore[return-value]
 
 
-def _parse_point(p: Any, shape: Sequence[int]) -> ZYX:
-    arr = np.asarray(p, dtype=np.float64).reshape(-1)
+def parse_voxel(p: Any, shape: Sequence[int], what: str = "click") -> ZYX:
+    """An integer (z, y, x) voxel index inside ``shape``.
+
+    Raises:
+        ValueError: not 3 coordinates, not integers, or outside the image (one line).
+    """
+    try:
+        arr = np.asarray(p, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {p!r} is not 3 numbers (z, y, x)") from None
     if arr.size != 3:
-        raise ValueError(f"click {p!r} must have 3 coordinates (z, y, x)")
+        raise ValueError(f"{what} {p!r} must have 3 coordinates (z, y, x)")
     if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-        raise ValueError(f"click {arr.tolist()} is not an integer voxel index")
+        raise ValueError(f"{what} {arr.tolist()} is not an integer voxel index")
     zyx = tuple(int(v) for v in arr)
     if any(c < 0 or c >= n for c, n in zip(zyx, shape)):
-        raise ValueError(f"click {list(zyx)} outside the image of shape {tuple(shape)}")
+        raise ValueError(f"{what} {list(zyx)} outside the image of shape {tuple(shape)}")
     return zyx  # type: ignore[return-value]
 
 
@@ -330,11 +425,11 @@ def case_from_arrays(
     where = path if path is not None else name
     if "imgs" not in arrays:
         raise CaseError(where, "imgs", "missing (the case has no image)")
-    image = _check_image(where, arrays["imgs"])
+    image = validate_image(arrays["imgs"], where)
     shape = image.shape
     if "spacing" not in arrays:
         raise CaseError(where, "spacing", "missing")
-    spacing_xyz = _check_spacing(where, arrays["spacing"])
+    spacing_xyz = validate_spacing(arrays["spacing"], where)
     warnings: List[str] = []
 
     boxes_raw = _as_scalar_obj(arrays.get("boxes"))
@@ -356,10 +451,12 @@ def case_from_arrays(
         raise CaseError(where, "boxes" if boxes is not None else "clicks",
                         f"{n_objects} objects, but uint8 output holds at most {MAX_OBJECTS}")
     if n_objects == 0:
-        warnings.append(f"{where}: no objects (no boxes and no clicks); the output will be empty")
+        given = [k for k, v in (("boxes", boxes), ("clicks", clicks_list)) if v is not None]
+        what = f"{' and '.join(given)}: empty" if given else "no boxes and no clicks"
+        warnings.append(f"{where}: {what}: no objects; the output will be empty")
 
     order_rows: Optional[List[List[Optional[str]]]] = None
-    if "clicks_order" in arrays and clicks_list is not None:
+    if _as_scalar_obj(arrays.get("clicks_order")) is not None and clicks_list is not None:
         try:
             order_rows = _order_rows(arrays["clicks_order"], n_objects)
         except TypeError:
@@ -391,12 +488,16 @@ def case_from_arrays(
                     entry = {"fg": [], "bg": []}
                 if not isinstance(entry, Mapping):
                     raise ValueError(f"must be a dict with 'fg' and 'bg' lists, got {type(entry).__name__}")
-                fg = [_parse_point(p, shape) for p in _point_list(entry.get("fg"))]
-                bg = [_parse_point(p, shape) for p in _point_list(entry.get("bg"))]
-                obj.clicks = _ordered_clicks(fg, bg, None if order_rows is None else order_rows[i], warnings,
-                                             f"{where}: clicks_order[{i}]")
-            except ValueError as e:
+                fg = [parse_voxel(p, shape) for p in _point_list(entry.get("fg"))]
+                bg = [parse_voxel(p, shape) for p in _point_list(entry.get("bg"))]
+            except (TypeError, ValueError) as e:
                 problems.append(f"{field_name}: {e}")
+            else:
+                try:
+                    obj.clicks = _ordered_clicks(fg, bg, None if order_rows is None else order_rows[i], warnings,
+                                                 f"{where}: clicks_order[{i}]")
+                except ValueError as e:
+                    problems.append(f"clicks_order[{i}]: {e}")
         if problems:
             obj.problem = "; ".join(problems)
             if strict:
@@ -427,6 +528,8 @@ def case_from_arrays(
 def _point_list(v: Any) -> List[Any]:
     if v is None:
         return []
+    if isinstance(v, (str, bytes, Mapping)) or np.ndim(v) == 0:
+        raise ValueError(f"'fg' / 'bg' must be lists of [z, y, x] points, got {type(v).__name__}")
     arr = np.asarray(v, dtype=object) if not isinstance(v, np.ndarray) else v
     if arr.size == 0:
         return []
@@ -453,27 +556,33 @@ def _ordered_clicks(fg: List[ZYX], bg: List[ZYX], order: Optional[List[Optional[
 
 def _check_label_map(where, field_name: str, arr: Any, shape, n_objects: Optional[int], strict: bool,
                      warnings: List[str]) -> np.ndarray:
+    """Validate a (z, y, x) label map (``prev_pred``, ``gts``): shape, integer labels >= 0, at most
+    ``n_objects`` (labels above are an error when ``strict``, else set to 0 with a warning)."""
     arr = np.asarray(arr)
     if arr.shape != tuple(shape):
         raise CaseError(where, field_name, f"shape {arr.shape} differs from imgs {tuple(shape)}")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     if not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
+        if not np.issubdtype(arr.dtype, np.floating):
             raise CaseError(where, field_name, f"must hold integer labels, got dtype {arr.dtype}")
+        bad = _count_slabs(arr, lambda a: a.size - np.count_nonzero(np.isfinite(a) & (a == np.round(a))))
+        if bad:
+            raise CaseError(where, field_name, f"must hold integer labels, got dtype {arr.dtype} with {bad} "
+                                               f"non-integer values")
     lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
     if lo < 0:
         raise CaseError(where, field_name, f"negative label {lo}")
     if n_objects is not None and hi > n_objects:
         if strict:
             raise CaseError(where, field_name, f"label {hi} but the case has {n_objects} objects")
-        warnings.append(f"{where}: {field_name}: labels above {n_objects} set to 0")
-        arr = np.where(arr > n_objects, 0, arr)
+        warnings.append(f"{where}: {field_name}: labels above {n_objects} (up to {hi}) set to 0")
+        arr = arr.copy()
+        arr[arr > n_objects] = 0
+        hi = n_objects
     if field_name == "prev_pred" or hi <= 255:
         return arr.astype(np.uint8, copy=False)
-    return arr
+    return arr if np.issubdtype(arr.dtype, np.integer) else arr.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -14,8 +14,9 @@ objects' masks act as constraints: an object only takes free voxels).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -88,6 +89,51 @@ def fuse_predictions(predictions: Sequence[RoIPrediction], rule: str = "local_ov
     return FusedPrediction(region, prob)
 
 
+class _BlockMap:
+    """A float16 (z, y, x) map kept in cubic blocks that are allocated on the first non-zero write.
+
+    Unallocated blocks read as 0, so memory follows the voxels objects actually won, never more than the
+    dense map.
+    """
+
+    def __init__(self, shape: Sequence[int], block: int = 32):
+        self.shape = tuple(int(n) for n in shape)
+        self.block = int(block)
+        self.blocks: Dict[Tuple[int, int, int], np.ndarray] = {}
+
+    def _pieces(self, region: RoISlices) -> Iterator[Tuple[Tuple[int, int, int], RoISlices, RoISlices]]:
+        """(block key, slices inside the block, slices inside ``region``) for every block ``region`` touches."""
+        b = self.block
+        ranges = [range(s.start // b, (s.stop - 1) // b + 1) for s in region]
+        for key in itertools.product(*ranges):
+            inner, local = [], []
+            for k, s in zip(key, region):
+                lo, hi = max(s.start, k * b), min(s.stop, (k + 1) * b)
+                inner.append(slice(lo - k * b, hi - k * b))
+                local.append(slice(lo - s.start, hi - s.start))
+            yield key, tuple(inner), tuple(local)  # type: ignore[misc]
+
+    def read(self, region: RoISlices) -> np.ndarray:
+        out = np.zeros(tuple(s.stop - s.start for s in region), dtype=np.float16)
+        for key, inner, local in self._pieces(region):
+            block = self.blocks.get(key)
+            if block is not None:
+                out[local] = block[inner]
+        return out
+
+    def write(self, region: RoISlices, values: np.ndarray, where: np.ndarray) -> None:
+        """``map[region][where] = values[where]``; a block is allocated only to hold a non-zero value."""
+        for key, inner, local in self._pieces(region):
+            sel = where[local]
+            block = self.blocks.get(key)
+            if block is None:
+                if not np.any(values[local], where=sel):
+                    continue
+                shape = tuple(min(self.block, n - k * self.block) for k, n in zip(key, self.shape))
+                block = self.blocks[key] = np.zeros(shape, dtype=np.float16)
+            np.copyto(block[inner], values[local], where=sel)
+
+
 class LabelWriter:
     """Writes objects' fused predictions into a (z, y, x) uint8 label map, RoI by RoI.
 
@@ -95,6 +141,9 @@ class LabelWriter:
         segs: the label map to update in place (start from the previous output so that objects that are not
             re-predicted keep their masks).
         overlap: one of :data:`OVERLAP_RULES`.
+
+    ``highest_prob`` keeps the probability with which each voxel was won (float16) in 32^3 blocks allocated
+    where objects win voxels, not as a map of the whole volume.
     """
 
     def __init__(self, segs: np.ndarray, overlap: str = "later_wins"):
@@ -102,8 +151,7 @@ class LabelWriter:
             raise ValueError(f"unknown overlap rule {overlap!r}; choose from {OVERLAP_RULES}")
         self.segs = segs
         self.overlap = overlap
-        # Only the highest_prob rule needs the winning probability; kept in float16 to bound memory.
-        self._owner_prob = np.zeros(segs.shape, dtype=np.float16) if overlap == "highest_prob" else None
+        self._owner_prob = _BlockMap(segs.shape) if overlap == "highest_prob" else None
 
     def write(self, label: int, fused: FusedPrediction, threshold: float = 0.5) -> None:
         """RoI update of object ``label``: inside the covered voxels, its mask becomes the fused answer."""
@@ -117,9 +165,9 @@ class LabelWriter:
         if self._owner_prob is None:
             view[fg] = label
             return
-        owner = self._owner_prob[fused.region]
+        owner = self._owner_prob.read(fused.region)
         p = np.nan_to_num(fused.prob).astype(np.float16)
         win = fg & ((view == 0) | (view == label) | (p > owner))
         view[win] = label
-        owner[win] = p[win]
-        owner[covered & ~fg & (view == 0)] = 0
+        cleared = covered & ~fg & (view == 0)
+        self._owner_prob.write(fused.region, np.where(win, p, np.float16(0)), win | cleared)

@@ -22,13 +22,15 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
+from scipy import ndimage
 
 from dcm.data.cases import Case, Click, ObjectPrompts
 from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions
 from dcm.engine.policies import GLOBAL, LOCAL, route
+from dcm.errors import DCMError
 from dcm.experts.base import Expert, RoIPrediction
 
 __all__ = ["ENGINE_DEFAULTS", "CallBudget", "DCMPredictor", "predict_object"]
@@ -49,7 +51,8 @@ ENGINE_DEFAULTS: Dict[str, Any] = {
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """One stderr line, whatever newlines the message carries."""
+    print(" ".join(line.split()), file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -119,7 +122,7 @@ def predict_object(
     predictions: List[RoIPrediction] = []
     for name in names:
         if budget is not None and not budget.allows(name):
-            _say(f"{case.name}: object {obj.label}: {name} expert skipped to stay within the time budget "
+            _say(f"{case.path or case.name}: object {obj.label}: {name} expert skipped to stay within the time budget "
                  f"({budget.elapsed:.1f} s of {budget.seconds:.1f} s used, ~{budget.expected(name):.1f} s needed)")
             continue
         t0 = time.perf_counter()
@@ -137,7 +140,8 @@ class DCMPredictor:
     Args:
         experts: built experts by role (``'global'``, ``'local'``).
         engine_cfg: the ``engine`` config section (missing keys take :data:`ENGINE_DEFAULTS`).
-        process_start: ``time.perf_counter()`` at process start, so the budget counts model loading.
+        process_start: ``time.perf_counter()`` at process start, so the first case's budget counts model
+            loading; each later case of the same process (a folder of several cases) starts its own clock.
     """
 
     def __init__(self, experts: Dict[str, Expert], engine_cfg: Optional[Dict[str, Any]] = None,
@@ -147,17 +151,55 @@ class DCMPredictor:
         self.cfg = cfg
         self.experts = experts
         self.process_start = process_start
+        self._first_call = True
 
     def __call__(self, case: Case) -> np.ndarray:
+        """Predict every object of ``case``; returns the (z, y, x) uint8 label map.
+
+        An object whose prompts are unusable (``ObjectPrompts.problem``) or whose prediction raised keeps its
+        previous mask exactly: the other objects are written around it. Memory: one label map for the whole
+        case, the rest per object on its RoI only.
+
+        Raises:
+            DCMError: every object that had prompts failed (a broken model, not one bad object).
+        """
         segs = case.prev_pred.copy() if case.prev_pred is not None else np.zeros(case.shape, dtype=np.uint8)
         if not case.objects:
             return segs
-        budget = CallBudget.for_case(case.num_objects, self.cfg["budget"], self.process_start)
+        start, self._first_call = (self.process_start if self._first_call else None), False
+        budget = CallBudget.for_case(case.num_objects, self.cfg["budget"], start)
         for expert in self.experts.values():
             expert.set_image(case.image, case.spacing_zyx)
         writer = LabelWriter(segs, self.cfg["overlap"])
+        kept = [obj.label for obj in case.objects if obj.problem]
+        attempted, failures = 0, []
         for obj in case.objects:
-            fused = predict_object(case, obj, self.experts, self.cfg, budget)
+            if obj.problem or not obj.has_prompt:
+                continue
+            attempted += 1
+            try:
+                fused = predict_object(case, obj, self.experts, self.cfg, budget)
+            except Exception as e:  # one object's failure must not cost the others their masks
+                failures.append((obj.label, f"{type(e).__name__}: {e}"))
+                kept.append(obj.label)
+                continue
             if fused is not None:
                 writer.write(obj.label, fused, float(self.cfg["threshold"]))
+        where = case.path or case.name
+        if attempted and len(failures) == attempted:
+            raise DCMError(" ".join(f"{where}: prediction failed for every object ({failures[0][1]})".split()))
+        for label, reason in failures:
+            _say(f"{where}: object {label}: prediction failed ({reason}); its previous mask is kept")
+        if kept and case.prev_pred is not None:
+            _restore(segs, case.prev_pred, kept)
         return segs
+
+
+def _restore(segs: np.ndarray, prev_pred: np.ndarray, labels: List[int]) -> None:
+    """Put back the previous masks of ``labels`` exactly, each on its own bounding box of ``prev_pred``."""
+    boxes = ndimage.find_objects(prev_pred, max_label=max(labels))
+    for label in labels:
+        box = boxes[label - 1]
+        if box is None:
+            continue
+        segs[box][prev_pred[box] == label] = label

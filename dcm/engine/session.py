@@ -21,9 +21,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from dcm.data.cases import MAX_OBJECTS, Box, Case, Click, ObjectPrompts
+from dcm.data.cases import MAX_OBJECTS, Box, Case, Click, ObjectPrompts, parse_voxel, validate_image, validate_spacing
 from dcm.engine.fusion import LabelWriter
 from dcm.engine.predictor import ENGINE_DEFAULTS, predict_object
+from dcm.errors import CaseError
 from dcm.experts.base import Expert
 
 __all__ = ["InteractiveSession"]
@@ -82,18 +83,22 @@ class InteractiveSession:
         Args:
             image: array or path.
             spacing: (z, y, x) voxel size in mm for an array (default 1 mm); ignored for a path.
+
+        Raises:
+            CaseError: (a ValueError) a one-line reason naming ``image`` or ``spacing``: not 3D, empty, not
+                numeric, NaN / inf values; spacing not 3 finite values > 0. The previous image stays set.
         """
         if isinstance(image, (str, Path)):
             from dcm.data.nifti import read_nifti
 
-            array, self.geometry = read_nifti(image)
-            self.spacing_zyx = tuple(float(s) for s in self.geometry.spacing_xyz[::-1])  # type: ignore
+            array, geometry = read_nifti(image)
+            where: Optional[Union[str, Path]] = image
+            spacing_zyx = validate_spacing(geometry.spacing_xyz[::-1], image, order="z, y, x")
         else:
-            array = np.asarray(image)
-            self.geometry = None
-            self.spacing_zyx = tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0)))  # type: ignore
-        if array.ndim != 3:
-            raise ValueError(f"the image must be 3D (z, y, x), got shape {array.shape}")
+            array, geometry, where = np.asarray(image), None, None
+            spacing_zyx = validate_spacing((1.0, 1.0, 1.0) if spacing is None else spacing, None, order="z, y, x")
+        array = validate_image(array, where, "image")
+        self.geometry, self.spacing_zyx = geometry, spacing_zyx
         self.image = array
         self.segs = np.zeros(array.shape, dtype=np.uint8)
         self.objects.clear()
@@ -117,7 +122,7 @@ class InteractiveSession:
         self._need_image()
         label = next((i for i in range(1, MAX_OBJECTS + 1) if i not in self.objects), None)
         if label is None:
-            raise ValueError(f"at most {MAX_OBJECTS} objects (uint8 label map)")
+            raise CaseError(None, "objects", f"at most {MAX_OBJECTS} objects (uint8 label map)")
         self.objects[label] = ObjectPrompts(label=label)
         self._history[label] = []
         return label
@@ -133,20 +138,32 @@ class InteractiveSession:
         return self.segs.copy()
 
     def add_box(self, obj: int, box: Mapping[str, int]) -> np.ndarray:
-        """Set the object's box (challenge keys, inclusive) and segment; returns the object's mask."""
+        """Set the object's box (challenge keys, inclusive) and segment; returns the object's mask.
+
+        Raises:
+            CaseError: (a ValueError) ``box: ...`` when a key is missing, not an integer, inverted or outside.
+        """
         prompts = self._need_object(obj)
-        parsed = Box.from_dict(box)
+        try:
+            parsed = Box.from_dict(box)
+        except (TypeError, ValueError) as e:
+            raise CaseError(None, "box", str(e)) from None
         problem = parsed.problem(self.image.shape)
         if problem:
-            raise ValueError(f"box: {problem}")
+            raise CaseError(None, "box", problem)
         return self._interact(obj, replace(prompts, box=parsed))
 
     def add_point(self, obj: int, zyx: Sequence[int], positive: bool = True) -> np.ndarray:
-        """Add a click at voxel (z, y, x); returns the object's mask."""
+        """Add a click at voxel (z, y, x); returns the object's mask.
+
+        Raises:
+            CaseError: (a ValueError) ``point: ...`` when not 3 integers or outside the image.
+        """
         prompts = self._need_object(obj)
-        point = tuple(int(c) for c in zyx)
-        if len(point) != 3 or any(c < 0 or c >= n for c, n in zip(point, self.image.shape)):
-            raise ValueError(f"point {list(zyx)} outside the image of shape {self.image.shape}")
+        try:
+            point = parse_voxel(zyx, self.image.shape, "voxel")
+        except ValueError as e:
+            raise CaseError(None, "point", str(e)) from None
         return self._interact(obj, replace(prompts, clicks=prompts.clicks + [Click(point, bool(positive))]))
 
     def undo(self, obj: int) -> np.ndarray:
