@@ -40,7 +40,8 @@ def box_fill(case: Case, ball_radius: int = 3) -> np.ndarray:
     Each object's mask is the rectangle of its box (drawn on ``z_mid``) repeated from ``z_min`` to
     ``z_max``; each fg click then adds, each bg click removes, a ball of ``ball_radius`` voxels, in click
     order. Stateless: recomputed from the prompts at every step, so it needs no ``prev_pred`` except for
-    objects whose prompts are unusable (they keep their previous mask). Later objects win overlaps.
+    objects whose prompts are unusable: they keep exactly their previous mask. Otherwise later objects win
+    overlaps.
 
     Returns:
         (z, y, x) uint8 labels.
@@ -48,8 +49,6 @@ def box_fill(case: Case, ball_radius: int = 3) -> np.ndarray:
     segs = np.zeros(case.shape, dtype=np.uint8)
     for obj in case.objects:
         if obj.problem:
-            if case.prev_pred is not None:
-                segs[case.prev_pred == obj.label] = obj.label
             continue
         # The object's mask lives on the bounding region of its box and click balls only.
         extents = [] if obj.box is None else [tuple((lo, hi + 1) for lo, hi in obj.box.bounds_zyx)]
@@ -65,6 +64,11 @@ def box_fill(case: Case, ball_radius: int = 3) -> np.ndarray:
         for click in obj.clicks:
             _paint_ball(mask, tuple(int(c - o) for c, o in zip(click.zyx, lo)), ball_radius, click.positive)
         segs[region][mask] = obj.label
+    # Objects with unusable prompts keep exactly their previous mask (as DCMPredictor does).
+    problems = [obj.label for obj in case.objects if obj.problem]
+    if problems and case.prev_pred is not None:
+        kept = np.isin(case.prev_pred, problems)
+        segs[kept] = case.prev_pred[kept]
     return segs
 
 

@@ -132,7 +132,8 @@ def load_checkpoint(path: PathLike, trusted: bool = False) -> Any:
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if not trusted and ("not an allowed global" in msg or "Unsupported global" in msg):
+        lowered = msg.lower()
+        if not trusted and ("not an allowed global" in lowered or "unsupported global" in lowered):
             bad = _unsafe_globals(p)
             what = f" ({', '.join(bad[:5])})" if bad else ""
             raise CheckpointError(

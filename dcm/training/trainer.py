@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from dcm.atomic import atomic_path
 from dcm.training.checkpointing import atomic_torch_save, capture_rng_state, restore_rng_state
 from dcm.training.distributed import (
     DistInfo,
@@ -308,6 +309,9 @@ class Trainer:
             self.load_resume(resume_path, model, optimizer, scheduler, scaler)
         if self.dist.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
+            # Temporary files of saves interrupted by a kill (each as big as a checkpoint) are garbage.
+            for stale in self.work_dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
             (self.work_dir / "config.json").write_text(json.dumps(self.cfg, indent=2, default=str))
             from torch.utils.tensorboard import SummaryWriter
 
@@ -408,8 +412,8 @@ class Trainer:
             if improved and self.dist.is_main:
                 import shutil
 
-                shutil.copyfile(self.work_dir / self.checkpoint_name, self.work_dir / f".{self.best_name}.tmp")
-                (self.work_dir / f".{self.best_name}.tmp").replace(self.work_dir / self.best_name)
+                with atomic_path(self.work_dir / self.best_name) as tmp:
+                    shutil.copyfile(self.work_dir / self.checkpoint_name, tmp)
             if stop:
                 break
         seconds = time.time() - start
