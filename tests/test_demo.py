@@ -1,0 +1,41 @@
+"""The one-command demo (``python -m dcm.demo``) on a tiny setting with the bundled weights."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = REPO_ROOT / "weights" / "dcm_small.pt"
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="weights/dcm_small.pt (bundled demo weights) is absent")
+def test_demo_tiny_run_writes_tables_and_figure(tmp_path, capsys):
+    from dcm.demo import main
+
+    figure = tmp_path / "demo.png"
+    start = time.perf_counter()
+    rc = main(["--out", str(tmp_path / "demo"), "--cases", "1", "--flavours", "PET", "--no-mri",
+               "--shape", "32", "48", "48", "--figure", str(figure), "--no-progress"])
+    seconds = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert rc == 0
+    for policy in ("dual", "global_only", "local_only"):
+        assert f"### {policy}" in out
+        assert (tmp_path / "demo" / policy / "metrics.csv").is_file()
+    assert "| Modality | Cases | DSC_AUC | NSD_AUC | DSC_Final | NSD_Final |" in out
+    assert "| PET | 1 |" in out
+    assert "### comparison" in out and "| dual | 1 |" in out
+    assert (tmp_path / "demo" / "comparison.md").is_file()
+    assert figure.is_file() and figure.stat().st_size > 10_000
+    assert seconds < 120  # ~15 s on an idle 2-core CPU; generous for shared CI machines
+
+
+def test_demo_mri_case_is_skipped_with_one_line_without_nilearn(tmp_path, capsys, monkeypatch):
+    import dcm.demo as demo
+
+    monkeypatch.setattr(demo, "find_mni_files", lambda: None)
+    paths = demo.make_cases(tmp_path, 1, 1, (16, 32, 32), ["CT"], mri=True)
+    out = capsys.readouterr().out
+    assert len(paths) == 1 and paths[0].name.startswith("CT_")
+    assert out.count("\n") == 1 and "MRI case skipped: nilearn is not installed" in out
