@@ -242,7 +242,7 @@ def _pick_objects(cases_dir: Path, max_objects: int) -> List[Tuple[Path, int]]:
         kind = "MR (MNI152)" if "_mni" in path.stem else modality_of(path.stem)
         if kind in picked:
             continue
-        with np.load(path, allow_pickle=True) as f:
+        with np.load(path) as f:  # gts is a plain array: no unpickling needed
             gts = f["gts"]
         counts = np.bincount(gts.ravel())
         counts[0] = 0
