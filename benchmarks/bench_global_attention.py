@@ -20,7 +20,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Callable, List
 
 import torch
+
+from machine import cpu_name, machine_description  # benchmarks/machine.py (scripts run from their folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,16 +47,6 @@ def _time(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> List[flo
         fn()
         times.append(time.perf_counter() - t0)
     return times
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: List[str] = None) -> int:
@@ -88,7 +79,7 @@ def main(argv: List[str] = None) -> int:
             return enc(image)
 
     print(f"SAM-Med3D-64 encoder (ViT-B 768/12/12, 64^3, patch 8, window 14), float32, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs: {_cpu_name()}", flush=True)
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs: {cpu_name()}", flush=True)
     fast_times = _time(lambda: run("fast"), args.repeats, warmup=1)
     fast_out = run("fast")
     print(f"  fast:   {statistics.median(fast_times):.3f} s/pass ({len(fast_times)} runs)", flush=True)
@@ -128,7 +119,7 @@ def main(argv: List[str] = None) -> int:
 
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    machine = f"{_cpu_name()}; {os.cpu_count()} CPUs; {torch.get_num_threads()} threads; torch {torch.__version__}"
+    machine = machine_description()
     with open(args.csv, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["date", "machine", "what", "dtype", "padded_s", "fast_s", "speedup", "max_abs_diff", "max_abs_output"])

@@ -30,7 +30,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import time
 import tracemalloc
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from machine import cpu_name, machine_description  # benchmarks/machine.py (scripts run from their folder)
 
 import numpy as np
 
@@ -48,16 +49,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "bench_large_case.csv"
 COLUMNS = ["date", "machine", "shape", "objects", "settings", "phase", "seconds", "numpy_extra_mb", "extra_x_volume",
            "rss_peak_mb"]
 MB = 1024.0 * 1024.0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _rss_peak_mb() -> float:
@@ -163,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"case {shape[0]} x {shape[1]} x {shape[2]} ({volume / 1e6:.0f} M voxels, {volume / MB:.0f} MB as uint8), "
           f"{args.objects} objects; {args.config} experts, random weights {' '.join(args.overrides)}; "
           f"{torch.get_num_threads()} torch threads, "
-          f"{os.cpu_count()} CPUs: {_cpu_name()}", flush=True)
+          f"{os.cpu_count()} CPUs: {cpu_name()}", flush=True)
     cfg = load_config(args.config, args.overrides)
     experts = build_experts(cfg, random_init=True)
     predictor = DCMPredictor(experts, cfg.get("engine"))
@@ -197,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    machine = f"{_cpu_name()}; {os.cpu_count()} CPUs; {torch.get_num_threads()} threads; torch {torch.__version__}"
+    machine = machine_description()
     append = args.append and args.csv.is_file()
     with open(args.csv, "a" if append else "w", newline="") as f:
         w = csv.writer(f)
