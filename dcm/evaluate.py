@@ -31,10 +31,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.atomic import atomic_path
-from dcm.data.cases import Case, atomic_savez, case_from_arrays, case_to_arrays, load_case, load_npz
+from dcm.data.cases import Case, atomic_savez, case_to_arrays, load_case, load_npz
 from dcm.errors import CaseError, DCMError
 from dcm.metrics import case_scores, click_auc
-from dcm.protocol import next_click
+from dcm.protocol import record_next_clicks
 
 __all__ = [
     "NUM_STEPS",
@@ -253,14 +253,7 @@ def evaluate_case(
         if step == 1:
             arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes)
         else:
-            for i, label in enumerate(labels):
-                click = next_click(gts == label, segs == label)
-                if click is None:
-                    clicks_order[i].append(None)
-                else:
-                    zyx, kind = click
-                    clicks[i][kind].append(list(zyx))
-                    clicks_order[i].append(kind)
+            record_next_clicks(gts, segs, labels, clicks, clicks_order)
             arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes, clicks=clicks,
                                     clicks_order=clicks_order, prev_pred=segs)
         atomic_savez(in_file, compress=False, **arrays)

@@ -17,6 +17,7 @@ __all__ = [
     "box_from_mask",
     "next_click",
     "next_clicks",
+    "record_next_clicks",
     "largest_error_component",
 ]
 
@@ -168,3 +169,24 @@ def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray) -> Optional[Tuple[ZYX
 def next_clicks(gts: np.ndarray, segs: np.ndarray, labels: Sequence[int]) -> List[Optional[Tuple[ZYX, str]]]:
     """:func:`next_click` for each label of a multi-object case (None where the object is perfect)."""
     return [next_click(gts == label, segs == label) for label in labels]
+
+
+def record_next_clicks(
+    gts: np.ndarray,
+    segs: np.ndarray,
+    labels: Sequence[int],
+    clicks: List[Dict[str, List[List[int]]]],
+    clicks_order: List[List[Optional[str]]],
+) -> None:
+    """One click step of the protocol: append each object's next click to the case's click lists.
+
+    ``clicks[i]`` (``{'fg': [...], 'bg': [...]}``) and ``clicks_order[i]`` belong to ``labels[i]``; an object
+    that is already perfect gets no click and ``None`` in its order, as the organisers write it.
+    """
+    for i, click in enumerate(next_clicks(gts, segs, labels)):
+        if click is None:
+            clicks_order[i].append(None)
+        else:
+            zyx, kind = click
+            clicks[i][kind].append(list(zyx))
+            clicks_order[i].append(kind)

@@ -21,3 +21,14 @@ def protocol_golden():
     with np.load(FIXTURES / "protocol_golden.npz") as z:
         arrays = {k: z[k] for k in z.files}
     return meta, arrays
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """Run a module's model tests with 2 torch threads (the CI machine's cores), then restore the setting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

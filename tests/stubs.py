@@ -1,4 +1,4 @@
-"""Stand-in experts for engine and session tests: cheap, deterministic, with call logs."""
+"""Shared test helpers: stand-in experts (cheap, deterministic, with call logs) and a protocol step runner."""
 
 import time
 
@@ -38,3 +38,38 @@ class StubExpert(Expert):
             return None
         shape = tuple(s.stop - s.start for s in roi)
         return RoIPrediction(roi, np.full(shape, self.value, np.float32), self.name)
+
+
+
+def box_step_then_click_step(predictor, experts, arrays, name):
+    """Run ``predictor`` on a case's box step, then on the click step the protocol derives from it.
+
+    Returns ``(segs_step1, segs_step2, calls)`` with ``calls[role]`` = number of ``predict`` calls per expert.
+    """
+    from dcm.data.cases import case_from_arrays, case_to_arrays
+    from dcm.protocol import record_next_clicks
+
+    gts = arrays["gts"]
+    calls = {role: 0 for role in experts}
+    originals = {role: e.predict for role, e in experts.items()}
+
+    def spy(role):
+        def wrapped(*args, **kwargs):
+            calls[role] += 1
+            return originals[role](*args, **kwargs)
+        return wrapped
+
+    for role, e in experts.items():
+        e.predict = spy(role)
+    try:
+        segs = predictor(case_from_arrays(arrays, name=name))
+        labels = list(range(1, int(gts.max()) + 1))
+        clicks, order = [{"fg": [], "bg": []} for _ in labels], [[] for _ in labels]
+        record_next_clicks(gts, segs, labels, clicks, order)
+        step2 = case_to_arrays(arrays["imgs"], arrays["spacing"], boxes=arrays.get("boxes"), clicks=clicks,
+                               clicks_order=order, prev_pred=segs)
+        segs2 = predictor(case_from_arrays(step2, name=name))
+    finally:
+        for role, e in experts.items():
+            e.predict = originals[role]
+    return segs, segs2, calls

@@ -33,12 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (24, 48, 48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @pytest.fixture(scope="module")

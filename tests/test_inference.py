@@ -18,6 +18,8 @@ from dcm.evaluate import main as evaluate_main
 from dcm.experts import build_experts
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from stubs import box_step_then_click_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,32 +43,7 @@ def test_every_policy_box_step_and_click_step(reduced, policy):
     arrays = generate_case("CT", seed=7, shape=(16, 32, 32), max_objects=2, with_tube=False)
     gts = arrays["gts"]
     predictor = DCMPredictor(experts, dict(cfg["engine"], policy=policy))
-    calls = {name: 0 for name in experts}
-    originals = {name: e.predict for name, e in experts.items()}
-
-    def spy(name):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return originals[name](*args, **kwargs)
-        return wrapped
-
-    for name, e in experts.items():
-        e.predict = spy(name)
-    try:
-        segs = predictor(case_from_arrays(arrays, name="CT_policy"))
-        from dcm.protocol import next_clicks
-
-        clicks, order = [], []
-        for click in next_clicks(gts, segs, range(1, int(gts.max()) + 1)):
-            kind = None if click is None else click[1]
-            clicks.append({"fg": [list(click[0])] if kind == "fg" else [], "bg": [list(click[0])] if kind == "bg" else []})
-            order.append([kind])
-        step2 = dict(arrays, clicks=np.array(clicks, dtype=object), clicks_order=np.array(order, dtype=object),
-                     prev_pred=segs)
-        segs2 = predictor(case_from_arrays(step2, name="CT_policy"))
-    finally:
-        for name, e in experts.items():
-            e.predict = originals[name]
+    segs, segs2, calls = box_step_then_click_step(predictor, experts, arrays, "CT_policy")
     assert segs.shape == segs2.shape == gts.shape and segs2.dtype == np.uint8
     n = int(gts.max())
     expected = {"dual": (2 * n, 2 * n), "released": (2 * n, 0), "global_only": (2 * n, 0), "local_only": (0, 2 * n),

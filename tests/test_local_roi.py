@@ -31,12 +31,7 @@ PE_BUFFER = "point_head.pe_layer.positional_encoding_gaussian_matrix"
 W = 32  # test window size (the reduced encoder needs multiples of 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @pytest.fixture(scope="module")

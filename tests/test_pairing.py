@@ -6,6 +6,7 @@ RoIs and network paths against direct model calls, checkpoints by role, config p
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 
 from dcm.config import load_config
-from dcm.data.cases import Box, Click, ObjectPrompts, case_from_arrays
+from dcm.data.cases import Box, Click, ObjectPrompts
 from dcm.data.synthetic import generate_case
 from dcm.engine.policies import POLICIES
 from dcm.engine.predictor import DCMPredictor
@@ -30,15 +31,12 @@ from dcm.models import build_sam_med3d, load_model_config
 from dcm.models.vista3d import build_vista3d, load_vista3d_config
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from stubs import box_step_then_click_step  # noqa: E402
 PAIRINGS = {"released": "dcm_reduced", "card": "dcm_reduced_card_pairing"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @pytest.fixture(scope="module")
@@ -93,39 +91,13 @@ def test_pairings_build_the_configured_backbones(pairings):
 @pytest.mark.parametrize("pairing", sorted(PAIRINGS))
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_box_step_and_click_step(pairings, pairing, policy):
-    from dcm.protocol import next_clicks
-
     cfg, experts = pairings[pairing]
     # tests/test_inference.py runs the released pairing on several objects already: one is enough here
     n_objects = 2 if pairing == "card" else 1
     arrays = generate_case("CT", seed=7, shape=(16, 32, 32), n_objects=n_objects, with_tube=False)
     gts = arrays["gts"]
     predictor = DCMPredictor(experts, dict(cfg["engine"], policy=policy))
-    calls = {name: 0 for name in experts}
-    originals = {name: e.predict for name, e in experts.items()}
-
-    def spy(name):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return originals[name](*args, **kwargs)
-        return wrapped
-
-    for name, e in experts.items():
-        e.predict = spy(name)
-    try:
-        segs = predictor(case_from_arrays(arrays, name="CT_pairing"))
-        clicks, order = [], []
-        for click in next_clicks(gts, segs, range(1, int(gts.max()) + 1)):
-            kind = None if click is None else click[1]
-            zyx = [list(click[0])] if click is not None else []
-            clicks.append({"fg": zyx if kind == "fg" else [], "bg": zyx if kind == "bg" else []})
-            order.append([kind])
-        step2 = dict(arrays, clicks=np.array(clicks, dtype=object), clicks_order=np.array(order, dtype=object),
-                     prev_pred=segs)
-        segs2 = predictor(case_from_arrays(step2, name="CT_pairing"))
-    finally:
-        for name, e in experts.items():
-            e.predict = originals[name]
+    segs, segs2, calls = box_step_then_click_step(predictor, experts, arrays, "CT_pairing")
     assert segs.shape == segs2.shape == gts.shape and segs2.dtype == np.uint8
     n = int(gts.max())
     expected = {"dual": (2 * n, 2 * n), "released": (2 * n, 0), "global_only": (2 * n, 0), "local_only": (0, 2 * n),
