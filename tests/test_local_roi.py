@@ -419,6 +419,21 @@ def test_percentile_normalisation_matches_monai():
     np.testing.assert_allclose(ours, np.asarray(ref), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.float32])
+def test_percentiles_equal_numpy_bitwise(dtype):
+    """8/16-bit images take the histogram path; its values are np.percentile's, bit for bit."""
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    for n in (1, 2, 7, 100, 999, 5000):
+        lo_v, hi_v = (max(info.min, -1500), min(info.max, 3000)) if info else (-1500, 3000)
+        values = rng.integers(lo_v, hi_v, n).astype(dtype)
+        if n % 2:
+            values = (values // 37).astype(dtype)  # many ties
+        for pair in ((1.0, 99.0), (0.5, 99.5), (0.0, 100.0), (12.345, 67.89)):
+            expected = tuple(float(v) for v in np.percentile(values, list(pair)))
+            assert intensity_percentiles(values.reshape(1, 1, -1), *pair) == expected, (n, pair)
+
 def test_constant_image_normalises_to_zeros():
     image = np.full((8, 8, 8), 77, dtype=np.uint8)
     with np.errstate(all="raise"):
