@@ -16,10 +16,11 @@ import yaml
 
 from dcm.errors import ConfigError
 
-__all__ = ["CONFIG_DIR", "load_config", "apply_overrides", "merge", "resolve_config_path", "get"]
+__all__ = ["CONFIG_DIR", "REPO_ROOT", "load_config", "apply_overrides", "merge", "resolve_config_path", "resolve_repo_path", "get"]
 
 #: the repository's ``configs/`` folder (next to the package).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
 
 
 def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -44,6 +45,17 @@ def resolve_config_path(name: Union[str, Path], relative_to: Optional[Path] = No
         if candidate.is_file():
             return candidate
     raise ConfigError(f"{name}: config file not found (looked in {', '.join(str(c) for c in candidates)})")
+
+
+def resolve_repo_path(path: Union[None, str, Path]) -> Optional[Path]:
+    """A file path as given when it exists (or is absolute), else relative to the repository root when it
+    exists there (``weights: weights/dcm_small.pt`` in a config works from any working folder)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
 def _load_file(path: Path, seen: tuple = ()) -> Dict[str, Any]:

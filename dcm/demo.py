@@ -35,7 +35,6 @@ import numpy as np
 __all__ = ["find_mni_files", "mni_volume", "write_mni_cases", "MNI_TRAIN_CROPS", "MNI_DEMO_CROPS",
            "run_demo", "main"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("dual", "global_only", "local_only")
 #: the training cases used seed 100 (weights/README.md); the demo draws from another stream.
 DEFAULT_SEED = 2026
@@ -127,16 +126,6 @@ def write_mni_cases(out_dir, crops=None, files: Optional[Dict[str, Path]] = None
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _resolve(path: Optional[str]) -> Optional[Path]:
-    """A path as given when it exists, else relative to the repository root (so the demo runs from anywhere)."""
-    if path is None:
-        return None
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
-
-
 def make_cases(out_dir: Path, cases_per_flavour: int, seed: int, shape: Sequence[int], flavours: Sequence[str],
                mri: bool, progress: bool = False) -> List[Path]:
     """Fresh synthetic cases (``cases_per_flavour`` of each flavour) plus, when ``mri``, the MNI152 demo case."""
@@ -169,13 +158,13 @@ def run_demo(cases_dir: Path, out_dir: Path, config: str, weights: Optional[str]
     Returns:
         ``{policy: {"rows": metric rows, "summary": per-modality summary, "failures": [...], "seconds": s}}``.
     """
-    from dcm.config import apply_overrides, load_config
+    from dcm.config import apply_overrides, load_config, resolve_repo_path
     from dcm.engine.predictor import DCMPredictor
     from dcm.evaluate import InProcessPredictor, evaluate_folder, summarise
     from dcm.experts import build_experts
 
-    cfg = load_config(str(_resolve(config)), overrides)
-    weights_path = None if random_init else _resolve(weights or cfg.get("weights"))
+    cfg = load_config(str(resolve_repo_path(config)), overrides)
+    weights_path = None if random_init else resolve_repo_path(weights or cfg.get("weights"))
     if random_init:
         cfg = apply_overrides(cfg, ["weights=null"])
     # Build both experts once (the dual policy needs both) and hand each policy the ones it uses.

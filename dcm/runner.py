@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -57,7 +58,9 @@ def _say(line: str) -> None:
     print(" ".join(line.split()), file=sys.stderr, flush=True)
 
 
-def predict_folder(inputs: Path, outputs: Path, predict_fn: PredictFn, strict_objects: bool = False) -> FolderResult:
+def predict_folder(
+    inputs: Path, outputs: Path, predict_fn: PredictFn, strict_objects: bool = False, timings: bool = False
+) -> FolderResult:
     """Predict every ``*.npz`` of ``inputs`` into ``outputs/<same name>.npz`` (key ``segs``).
 
     Every problem is one stderr line naming the file (and the field). An output is written atomically or not
@@ -70,6 +73,7 @@ def predict_folder(inputs: Path, outputs: Path, predict_fn: PredictFn, strict_ob
         predict_fn: the predictor.
         strict_objects: fail the whole file on a per-object problem instead of leaving that object's
             previous mask (the default, handled by ``predict_fn`` through ``ObjectPrompts.problem``).
+        timings: one stderr line per case, ``timing <file>: read R s, predict P s, write W s``.
     """
     inputs, outputs = Path(inputs), Path(outputs)
     result = FolderResult()
@@ -87,15 +91,21 @@ def predict_folder(inputs: Path, outputs: Path, predict_fn: PredictFn, strict_ob
             _say(f"{path}: skipped (not a .npz case file)")
             continue
         try:
+            t0 = time.perf_counter()
             case = load_case(path, strict=strict_objects, with_gts=False)
             for w in case.warnings:
                 _say(w)
             for obj in case.objects:
                 if obj.problem:
                     _say(f"{path}: object {obj.label}: {obj.problem}; its previous mask is kept")
+            t1 = time.perf_counter()
             segs = predict_fn(case)
+            t2 = time.perf_counter()
             save_segmentation(outputs / path.name, segs, shape=case.shape)
             result.written.append(outputs / path.name)
+            if timings:
+                _say(f"timing {path.name}: read {t1 - t0:.2f} s, predict {t2 - t1:.2f} s, "
+                     f"write {time.perf_counter() - t2:.2f} s ({len(case.objects)} objects)")
         except DCMError as e:
             _fail(result, outputs / path.name, str(path), str(e), str(e))
         except MemoryError:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-from scipy import ndimage
 
 from dcm.data.cases import Case, Click, ObjectPrompts
 from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions
@@ -197,6 +196,8 @@ class DCMPredictor:
 
 def _restore(segs: np.ndarray, prev_pred: np.ndarray, labels: List[int]) -> None:
     """Put back the previous masks of ``labels`` exactly, each on its own bounding box of ``prev_pred``."""
+    from scipy import ndimage  # only on this rare path: SciPy's import costs predict.sh ~0.4 s per call
+
     boxes = ndimage.find_objects(prev_pred, max_label=max(labels))
     for label in labels:
         box = boxes[label - 1]

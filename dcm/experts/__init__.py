@@ -50,7 +50,9 @@ def build_experts(
     """
     from dcm.errors import CheckpointError
 
-    weights = None if random_init else (weights or cfg.get("weights"))
+    from dcm.config import resolve_repo_path
+
+    weights = None if random_init else resolve_repo_path(weights or cfg.get("weights"))
     if weights is None and not random_init:
         raise CheckpointError("no weights given: pass --weights FILE (or DCM_WEIGHTS=FILE), or --random-init for a test run")
     checkpoint = None

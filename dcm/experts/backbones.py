@@ -154,6 +154,8 @@ class Backbone:
         amp: autocast on CUDA (a no-op elsewhere).
         amp_dtype: ``float16`` or ``bfloat16``.
         cache_size: encoder outputs kept (least recently used dropped first).
+        compile: run the image encoder through ``torch.compile`` (the first pass per input shape compiles;
+            worth it on GPUs for long sessions; the weights and state-dict keys are unchanged).
 
     Attributes:
         kind: the config name (``sam_med3d`` / ``vista3d``).
@@ -176,6 +178,7 @@ class Backbone:
         amp: bool = False,
         amp_dtype: str = "float16",
         cache_size: int = 1,
+        compile: bool = False,
     ):
         from dcm.experts import resolve_device
 
@@ -186,6 +189,9 @@ class Backbone:
             raise ConfigError(f"{self.kind} backbone: cache_size must be >= 1, got {cache_size!r}")
         self.cache_size = int(cache_size)
         self.model = model.to(self.device).eval()
+        self.compiled = bool(compile)
+        # What encode() calls: the model's image encoder, or a compiled wrapper sharing its parameters.
+        self.image_encoder = torch.compile(model.image_encoder) if self.compiled else model.image_encoder
         self.encoder_runs = 0
         self._cache: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
 
@@ -328,7 +334,7 @@ class SamMed3DBackbone(Backbone):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.autocast():
-            return self.model.image_encoder(x)
+            return self.image_encoder(x)
 
     def decode(
         self, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray]
@@ -415,7 +421,7 @@ class Vista3DBackbone(Backbone):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.autocast():
             # VISTA3D.forward's point-only path: the encoder's point branch, no class branch.
-            embedding, _ = self.model.image_encoder(x, with_point=True, with_label=False)
+            embedding, _ = self.image_encoder(x, with_point=True, with_label=False)
         return embedding
 
     def decode(
@@ -470,7 +476,7 @@ def _percentiles(value: Any, who: str) -> Tuple[float, float]:
 def backbone_options(cfg: Mapping[str, Any], who: str, cache_size: int = 1) -> Dict[str, Any]:
     """Validate an expert section's backbone settings; returns them as :func:`make_backbone` options.
 
-    Reads ``backbone``, ``device``, ``amp``, ``amp_dtype``, ``znorm`` (used by ``sam_med3d``) and
+    Reads ``backbone``, ``device``, ``amp``, ``amp_dtype``, ``compile``, ``znorm`` (used by ``sam_med3d``) and
     ``percentiles`` (used by ``vista3d``); raises ConfigError naming ``who`` for a bad value.
     """
     kind = cfg.get("backbone")
@@ -484,6 +490,7 @@ def backbone_options(cfg: Mapping[str, Any], who: str, cache_size: int = 1) -> D
         "amp": bool(cfg.get("amp", False)),
         "amp_dtype": str(cfg.get("amp_dtype", "float16")),
         "cache_size": int(cache_size),
+        "compile": bool(cfg.get("compile", False)),
         "znorm": cfg.get("znorm", "torchio"),
         "percentiles": _percentiles(cfg.get("percentiles", (1.0, 99.0)), who),
     }

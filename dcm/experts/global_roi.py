@@ -86,6 +86,8 @@ GLOBAL_ROI_DEFAULTS: Dict[str, Any] = {
     # Autocast (CUDA only) and its dtype.
     "amp": False,
     "amp_dtype": "float16",
+    # torch.compile the image encoder (the first pass per input shape compiles; for long GPU sessions).
+    "compile": False,
     # Model config (dict, preset name or YAML path; None: sam_med3d_64 / vista3d132 by backbone), checkpoint
     # key (by role, whatever the backbone) and name+shape partial loading (SAM-Med3D only, e.g. turbo -> 64/8,
     # with a printed report), used by ``from_config``.

@@ -80,6 +80,8 @@ LOCAL_ROI_DEFAULTS: Dict[str, Any] = {
     # Autocast (CUDA only) and its dtype.
     "amp": False,
     "amp_dtype": "float16",
+    # torch.compile the image encoder (the first pass per input shape compiles; for long GPU sessions).
+    "compile": False,
     # Model config (dict, preset name or YAML path; None: vista3d132 / sam_med3d_64 by backbone), checkpoint
     # key (by role, whatever the backbone) and name+shape partial loading (SAM-Med3D only), used by
     # ``from_config``.

@@ -23,6 +23,7 @@ from monai.networks.nets import SegResNetDS2
 from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMappingSAM, vista3d132
 
 from dcm.errors import ConfigError
+from dcm.models.onednn import use_onednn_conv3d
 
 __all__ = ["VISTA3D_DEFAULTS", "build_vista3d", "load_vista3d_config", "vista3d_shape_factor", "count_parameters"]
 
@@ -78,7 +79,8 @@ def build_vista3d(cfg: Optional[Mapping[str, Any]] = None) -> VISTA3D:
             "full" config always loads the released weights).
 
     Returns:
-        A :class:`monai.networks.nets.vista3d.VISTA3D` on the current default device, in training mode.
+        A :class:`monai.networks.nets.vista3d.VISTA3D` on the current default device, in training mode, its
+        3D convolutions on oneDNN for CPU float32 (:func:`dcm.models.onednn.use_onednn_conv3d`).
 
     Raises:
         ConfigError: unknown keys, an invalid value, or a ``full`` config that changes the architecture.
@@ -88,7 +90,9 @@ def build_vista3d(cfg: Optional[Mapping[str, Any]] = None) -> VISTA3D:
         changed = [k for k in _FULL_ONLY if cfg[k] != VISTA3D_DEFAULTS[k]]
         if changed:
             raise ConfigError(f"vista3d config: variant 'full' is vista3d132; it cannot change {changed}")
-        return vista3d132(encoder_embed_dim=VISTA3D_DEFAULTS["encoder_embed_dim"], in_channels=cfg["in_channels"])
+        return use_onednn_conv3d(
+            vista3d132(encoder_embed_dim=VISTA3D_DEFAULTS["encoder_embed_dim"], in_channels=cfg["in_channels"])
+        )
 
     dim = cfg["encoder_embed_dim"]
     encoder = SegResNetDS2(
@@ -101,7 +105,7 @@ def build_vista3d(cfg: Optional[Mapping[str, Any]] = None) -> VISTA3D:
     )
     point_head = PointMappingSAM(feature_size=dim, n_classes=cfg["n_classes"], last_supported=cfg["last_supported"])
     class_head = ClassMappingClassify(n_classes=cfg["n_classes"], feature_size=dim, use_mlp=cfg["class_head_mlp"])
-    return VISTA3D(image_encoder=encoder, class_head=class_head, point_head=point_head)
+    return use_onednn_conv3d(VISTA3D(image_encoder=encoder, class_head=class_head, point_head=point_head))
 
 
 def load_vista3d_config(name_or_path: Union[str, Path]) -> Dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping
 
 from dcm.errors import ConfigError
+from dcm.models.onednn import use_onednn_conv3d
 from dcm.models.sam_med3d.image_encoder import ATTENTION_MODES, ImageEncoderViT3D
 from dcm.models.sam_med3d.mask_decoder import MaskDecoder3D
 from dcm.models.sam_med3d.prompt_encoder import PromptEncoder3D
@@ -117,4 +118,5 @@ def build_sam_med3d(cfg: Mapping[str, Any]) -> SamMed3D:
         iou_head_depth=c["iou_head_depth"],
         iou_head_hidden_dim=c["iou_head_hidden_dim"],
     )
-    return SamMed3D(image_encoder, prompt_encoder, mask_decoder, config=c)
+    # 3D convolutions on oneDNN for CPU float32 (PyTorch's heuristic skips it for narrow ones).
+    return use_onednn_conv3d(SamMed3D(image_encoder, prompt_encoder, mask_decoder, config=c))
