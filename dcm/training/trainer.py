@@ -325,6 +325,9 @@ class Trainer:
         start = time.time()
         step_losses: List[float] = []
         samples = 0
+        # After the first optimizer step (one-off costs: allocator warm-up, DDP's first bucket rebuild).
+        steady_start: Optional[float] = None
+        steady_samples = 0
         stop = False
         for epoch in range(self.start_epoch, epochs):
             skip = self.batches_done if epoch == self.start_epoch else 0
@@ -366,6 +369,8 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 self.global_step += 1
+                if steady_start is None:
+                    steady_start, steady_samples = time.time(), samples
                 step_loss = all_reduce_mean(torch.stack(micro_losses).mean()).item()
                 micro_losses = []
                 step_losses.append(step_loss)
@@ -416,9 +421,14 @@ class Trainer:
                     shutil.copyfile(self.work_dir / self.checkpoint_name, tmp)
             if stop:
                 break
-        seconds = time.time() - start
+        end = time.time()
+        seconds = end - start
+        world = self.dist.world_size
+        steady = (samples - steady_samples) * world / (end - steady_start) if steady_start and end > steady_start else None
+        # samples_per_second: everything (checkpoints, first step); steady_samples_per_second: after step 1.
         summary = {"steps": self.global_step, "step_losses": step_losses, "seconds": seconds,
-                   "samples_per_second": samples * self.dist.world_size / max(seconds, 1e-9)}
+                   "samples_per_second": samples * world / max(seconds, 1e-9),
+                   "steady_samples_per_second": steady}
         if self.dist.is_main:
             (self.work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

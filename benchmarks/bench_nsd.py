@@ -1,0 +1,137 @@
+"""Benchmark the evaluator's NSD against the plain whole-volume computation.
+
+``dcm.metrics.nsd`` computes the normalised surface Dice (DeepMind ``surface-distance`` method: sub-voxel
+surfels, distance transforms, 2 mm tolerance) with MONAI's ``compute_surface_dice(use_subvoxels=True)`` on
+the bounding box of both masks plus 2 voxels; the distances between surface points do not depend on
+anything outside that box. The plain implementation runs the same computation on the whole volume, as the
+organisers' script does. Per object size this prints both times, their ratio and both values (which must be
+equal).
+
+Masks: (z, y, x) = 300 x 512 x 512 by default, a ground-truth ellipsoid of the given radius (voxels) at the
+centre and a prediction shifted by 2 voxels with a bump, at the challenge's anisotropic spacing
+(x, y, z) = (0.8, 0.8, 2.5) mm passed in the stored order, as the organisers do.
+
+Usage::
+
+    python benchmarks/bench_nsd.py [--shape 300 512 512] [--radii 8 32 96] [--repeats 3] [--append]
+
+Target: the evaluator's NSD at least 5x faster than the plain one, same values (to 1e-9).
+Results: a table on stdout and ``benchmarks/results/bench_nsd.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+
+from machine import machine_description  # benchmarks/machine.py (scripts run from their folder)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dcm.metrics import NSD_TOLERANCE_MM, nsd  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "bench_nsd.csv"
+COLUMNS = ["date", "machine", "shape", "radius_vox", "object_voxels", "crop_s", "whole_s", "speedup", "nsd_crop",
+           "nsd_whole", "abs_diff"]
+TARGET_SPEEDUP = 5.0
+
+
+def plain_nsd(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    """The same surface Dice on the whole volume (no crop): the plain implementation."""
+    import torch
+    from monai.metrics import compute_surface_dice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = compute_surface_dice(torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None],
+                                     class_thresholds=[float(tolerance_mm)], include_background=True,
+                                     spacing=[float(s) for s in spacing], use_subvoxels=True)
+    return float(value.reshape(-1)[0])
+
+
+def make_masks(shape: Sequence[int], radius: int):
+    """A ground-truth ellipsoid (radius voxels in-plane, a third of it along z) and a shifted, bumped prediction."""
+    z, y, x = shape
+    c = np.array([z // 2, y // 2, x // 2])
+    r = np.array([max(radius // 3, 2), radius, radius])
+    lo = np.maximum(c - r - 8, 0)
+    hi = np.minimum(c + r + 8, shape)
+    zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+
+    def ellipsoid(centre, radii):
+        return ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + ((xx - centre[2]) / radii[2]) ** 2 <= 1
+
+    gt = np.zeros(shape, dtype=bool)
+    pred = np.zeros(shape, dtype=bool)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    gt[box] = ellipsoid(c, r)
+    bump = ellipsoid(c + np.array([0, r[1] // 2 + 2, 0]), np.maximum(r // 3, 1))
+    pred[box] = ellipsoid(c + np.array([0, 2, 2]), r) | bump
+    return gt, pred
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], metavar=("Z", "Y", "X"))
+    ap.add_argument("--radii", type=int, nargs="+", default=[8, 32, 96], help="in-plane object radii (voxels)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of the evaluator's NSD (median)")
+    ap.add_argument("--csv", type=Path, default=RESULTS)
+    ap.add_argument("--append", action="store_true", help="append to the CSV instead of replacing it")
+    args = ap.parse_args(argv)
+
+    spacing_stored = (0.8, 0.8, 2.5)  # (x, y, z) as stored, applied to (z, y, x) axes: the official call
+    machine = machine_description()
+    print(f"machine: {machine}\nmasks: {tuple(args.shape)} bool, spacing {spacing_stored} (stored order), "
+          f"tolerance {NSD_TOLERANCE_MM} mm\n")
+    print(f"{'radius':>7}{'voxels':>11}{'crop s':>9}{'whole s':>9}{'speedup':>9}{'NSD crop':>12}{'NSD whole':>12}")
+    warm = np.zeros((8, 8, 8), dtype=bool)
+    warm[2:5, 2:5, 2:5] = True
+    nsd(warm, warm, spacing_stored)  # imports MONAI outside the timings
+    rows = []
+    for radius in args.radii:
+        gt, pred = make_masks(args.shape, radius)
+        times = []
+        for _ in range(max(args.repeats, 1)):
+            t0 = time.perf_counter()
+            value = nsd(gt, pred, spacing_stored)
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        value_whole = plain_nsd(gt, pred, spacing_stored)
+        whole = time.perf_counter() - t0
+        crop = statistics.median(times)
+        row = {"radius_vox": radius, "object_voxels": int(gt.sum()), "crop_s": crop, "whole_s": whole,
+               "speedup": whole / crop, "nsd_crop": value, "nsd_whole": value_whole,
+               "abs_diff": abs(value - value_whole)}
+        rows.append(row)
+        print(f"{radius:>7}{row['object_voxels']:>11}{crop:>9.3f}{whole:>9.2f}{row['speedup']:>8.1f}x"
+              f"{value:>12.6f}{value_whole:>12.6f}", flush=True)
+
+    ok = all(r["speedup"] >= TARGET_SPEEDUP and r["abs_diff"] <= 1e-9 for r in rows)
+    print(f"\ntarget >= {TARGET_SPEEDUP}x faster with equal values: {'met' if ok else 'NOT met'} "
+          f"(max |diff| {max(r['abs_diff'] for r in rows):.1e})")
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    mode = "a" if args.append and args.csv.exists() else "w"
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    with open(args.csv, mode, newline="") as f:
+        w = csv.writer(f)
+        if mode == "w":
+            w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([stamp, machine, "x".join(map(str, args.shape))]
+                       + [r[k] if isinstance(r[k], int) else f"{r[k]:.6g}" for k in COLUMNS[3:]])
+    print(f"wrote {args.csv}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
