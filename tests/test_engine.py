@@ -63,6 +63,40 @@ def test_local_overrides_inside_its_window_only():
     assert conf.prob[5, 5, 5] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_click_region_takes_the_local_answer_only_where_the_click_is():
+    # global: a 10^3 object minus a hole at (2..3)^3 and a false blob missing; local window (0..8)^3 says:
+    # the hole is object (the click's error), and also wrongly that (6..7)^3 is background.
+    gp = np.full((10,) * 3, 0.9, np.float32)
+    gp[2:4, 2:4, 2:4] = 0.2
+    g = RoIPrediction((slice(0, 10),) * 3, gp)
+    lp = np.full((8,) * 3, 0.8, np.float32)
+    lp[6:8, 6:8, 6:8] = 0.1
+    l = RoIPrediction((slice(0, 8),) * 3, lp)
+    fused = fuse_predictions([g, l], "click_region", click_zyx=(2, 3, 2))
+    m = fused.mask()
+    assert m[2:4, 2:4, 2:4].all()        # the clicked error is fixed by the local expert
+    assert m[6:8, 6:8, 6:8].all()        # the local expert's other disagreement is not taken
+    assert fused.prob[6, 6, 6] == pytest.approx(0.9) and fused.prob[2, 2, 2] == pytest.approx(0.8)
+    # both agree at the click: the global answer stands everywhere
+    same = fuse_predictions([g, l], "click_region", click_zyx=(5, 5, 5))
+    np.testing.assert_array_equal(same.prob, gp)
+    # one prediction only, or the click outside the window: that / the global answer
+    assert np.array_equal(fuse_predictions([g], "click_region", click_zyx=(2, 2, 2)).prob, gp)
+    assert np.array_equal(fuse_predictions([g, l], "click_region", click_zyx=(9, 9, 9)).prob, gp)
+    # a background click: only the region the local expert removes around it
+    removed = fuse_predictions([g, RoIPrediction((slice(5, 10),) * 3, np.full((5,) * 3, 0.1, np.float32))],
+                               "click_region", click_zyx=(7, 7, 7), click_positive=False)
+    assert not removed.mask()[5:, 5:, 5:].any() and removed.mask()[0, 0, 0]
+    # ... and a foreground click there changes nothing (the local expert adds nothing around it)
+    kept = fuse_predictions([g, RoIPrediction((slice(5, 10),) * 3, np.full((5,) * 3, 0.1, np.float32))],
+                            "click_region", click_zyx=(7, 7, 7), click_positive=True)
+    np.testing.assert_array_equal(kept.prob, gp)
+    # no click (box step): the window's centre anchors it, as a foreground click
+    hole = fuse_predictions([g, RoIPrediction((slice(1, 5),) * 3, np.full((4,) * 3, 0.7, np.float32))],
+                            "click_region")
+    assert hole.mask()[2:4, 2:4, 2:4].all()
+
+
 def test_roi_update_keeps_previous_mask_outside_rois():
     prev = np.zeros(SHAPE, np.uint8)
     prev[0:3, 0:3, 0:3] = 1  # far from every RoI

@@ -5,7 +5,13 @@ fusion rule decides between the global and the local answer where both cover a v
 
 * ``local_overrides``: the local window replaces the global answer (the paper's "RoI update");
 * ``average``: mean of the two probabilities;
-* ``confidence``: probabilities weighted by their confidence ``|p - 0.5|``.
+* ``confidence``: probabilities weighted by their confidence ``|p - 0.5|``;
+* ``click_region``: the local answer replaces the global one only on the region the last click is about:
+  for a foreground click, the 26-connected region around it that the local expert adds (local foreground,
+  global background); for a background click, the region around it that the local expert removes. At the
+  box step the box centre counts as a foreground click. Elsewhere the global answer stands. The protocol
+  puts each click in the middle of an error, so this is the correction the click asks for, and a local
+  expert that sees too little of a large object cannot spoil the rest of its window.
 
 Objects are written one after another into a uint8 label map; where two objects claim a voxel, the
 overlap rule decides: ``later_wins`` (the released behaviour), ``highest_prob``, or ``keep_others`` (other
@@ -24,7 +30,7 @@ from dcm.experts.base import RoIPrediction, RoISlices
 
 __all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "LabelWriter"]
 
-FUSION_RULES = ("local_overrides", "average", "confidence")
+FUSION_RULES = ("local_overrides", "average", "confidence", "click_region")
 OVERLAP_RULES = ("later_wins", "highest_prob", "keep_others")
 
 
@@ -57,13 +63,23 @@ def _local(roi: RoISlices, region: RoISlices) -> RoISlices:
     return tuple(slice(r.start - g.start, r.stop - g.start) for r, g in zip(roi, region))  # type: ignore
 
 
-def fuse_predictions(predictions: Sequence[RoIPrediction], rule: str = "local_overrides") -> Optional[FusedPrediction]:
+def fuse_predictions(
+    predictions: Sequence[RoIPrediction],
+    rule: str = "local_overrides",
+    click_zyx: Optional[Sequence[int]] = None,
+    click_positive: bool = True,
+    threshold: float = 0.5,
+) -> Optional[FusedPrediction]:
     """Fuse expert predictions of one object, in the order given (global first, then local).
 
     Args:
         predictions: 0, 1 or more RoI predictions (None entries are ignored by the caller).
         rule: one of :data:`FUSION_RULES`; with ``local_overrides`` a later prediction replaces an earlier
             one where they overlap.
+        click_zyx: ``click_region``: the (z, y, x) image voxel of the last click (None: the centre of the
+            last prediction's RoI).
+        click_positive: ``click_region``: whether that click is a foreground click.
+        threshold: ``click_region``: the masks compared are ``prob > threshold``.
     """
     predictions = [p for p in predictions if p is not None]
     if not predictions:
@@ -77,6 +93,18 @@ def fuse_predictions(predictions: Sequence[RoIPrediction], rule: str = "local_ov
         for p in predictions:
             prob[_local(p.roi, region)] = p.prob
         return FusedPrediction(region, prob)
+    if rule == "click_region":
+        for p in predictions[:-1] if len(predictions) > 1 else predictions:
+            prob[_local(p.roi, region)] = p.prob
+        if len(predictions) > 1:
+            last = predictions[-1]
+            sl = _local(last.roi, region)
+            anchor = click_zyx if click_zyx is not None else [(s.start + s.stop - 1) // 2 for s in last.roi]
+            take = _click_component(prob[sl], last.prob, [int(a) - s.start for a, s in zip(anchor, last.roi)],
+                                    click_positive, threshold)
+            if take is not None:
+                prob[sl][take] = last.prob[take]
+        return FusedPrediction(region, prob)
     weight_sum = np.zeros(shape, dtype=np.float32)
     acc = np.zeros(shape, dtype=np.float32)
     for p in predictions:
@@ -87,6 +115,25 @@ def fuse_predictions(predictions: Sequence[RoIPrediction], rule: str = "local_ov
     covered = weight_sum > 0
     prob[covered] = acc[covered] / weight_sum[covered]
     return FusedPrediction(region, prob)
+
+
+def _click_component(
+    current: np.ndarray, local: np.ndarray, anchor: Sequence[int], positive: bool, threshold: float
+) -> Optional[np.ndarray]:
+    """The 26-connected region around ``anchor`` (window coordinates) that ``local`` adds to (``positive``)
+    or removes from (not ``positive``) the ``current`` mask at ``threshold`` (``current`` NaN: no answer,
+    counts as background); None when there is no such change at the anchor or it lies outside the window."""
+    if any(not 0 <= a < n for a, n in zip(anchor, local.shape)):
+        return None
+    with np.errstate(invalid="ignore"):
+        local_fg, current_fg = local > threshold, current > threshold
+    disagree = (local_fg & ~current_fg) if positive else (current_fg & ~local_fg)
+    if not disagree[tuple(anchor)]:
+        return None
+    import cc3d
+
+    components = cc3d.connected_components(disagree.astype(np.uint8), connectivity=26)
+    return components == components[tuple(anchor)]
 
 
 class _BlockMap:

@@ -6,7 +6,7 @@ in-process mode call); :class:`dcm.engine.session.InteractiveSession` drives the
 Engine config (section ``engine``)::
 
     policy: dual                     # see dcm.engine.policies
-    fusion: local_overrides          # local_overrides | average | confidence
+    fusion: local_overrides          # local_overrides | average | confidence | click_region
     overlap: later_wins              # later_wins | highest_prob | keep_others
     local_at_box_step: box_center    # box_center | skip
     threshold: 0.5
@@ -130,7 +130,11 @@ def predict_object(
             budget.record(name, time.perf_counter() - t0)
         if prediction is not None:
             predictions.append(prediction)
-    return fuse_predictions(predictions, cfg.get("fusion", "local_overrides"))
+    last = _local_view(obj).last_click  # the click the local expert centred on (the box centre at the box step)
+    return fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
+                            click_zyx=last.zyx if last is not None else None,
+                            click_positive=last.positive if last is not None else True,
+                            threshold=float(cfg.get("threshold", 0.5)))
 
 
 class DCMPredictor:

@@ -1,0 +1,58 @@
+"""The benchmark scripts run (tiny sizes) and write their CSVs; timings are never asserted here."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, script, *args], cwd=BENCH, capture_output=True, text=True)
+    return proc
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_experts_small_rows(tmp_path):
+    out = tmp_path / "experts.csv"
+    proc = _run("bench_experts.py", "--rows", "small", "--shape", "32", "48", "48", "--repeats", "1",
+                "--threads", "1", "--csv", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _rows(out)
+    assert [(r["expert"], r["model"]) for r in rows] == [("global", "sam_med3d_64_small"), ("local", "vista3d_small")]
+    assert all(float(r["first_s"]) > 0 and float(r["further_s"]) > 0 and float(r["peak_mb"]) > 0 for r in rows)
+    assert rows[1]["new_window_s"] != "-"
+
+
+def test_bench_nsd_values_match(tmp_path):
+    out = tmp_path / "nsd.csv"
+    proc = _run("bench_nsd.py", "--shape", "24", "48", "48", "--radii", "6", "--repeats", "1", "--csv", str(out))
+    assert proc.returncode in (0, 1), proc.stderr  # 1: the 5x target is for full-size volumes
+    (row,) = _rows(out)
+    assert float(row["abs_diff"]) == 0.0 and 0 < float(row["nsd_crop"]) <= 1
+
+
+@pytest.mark.slow
+def test_bench_protocol_tiny(tmp_path):
+    out = tmp_path / "protocol.csv"
+    proc = _run("bench_protocol.py", "--shape", "24", "48", "48", "--objects", "2", "--csv", str(out))
+    assert proc.returncode in (0, 1), proc.stderr
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6", "total"]
+    assert all(float(r["imports_s"]) > 0 for r in rows[:6])
+
+
+@pytest.mark.slow
+def test_bench_training_tiny(tmp_path):
+    out = tmp_path / "training.csv"
+    proc = _run("bench_training.py", "--steps", "2", "--cases", "3", "--procs", "1", "2", "--csv", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows(out)
+    assert [(r["expert"], r["procs"]) for r in rows] == [("global", "1"), ("global", "2"), ("local", "1"), ("local", "2")]
