@@ -91,6 +91,11 @@ def test_click_region_takes_the_local_answer_only_where_the_click_is():
     kept = fuse_predictions([g, RoIPrediction((slice(5, 10),) * 3, np.full((5,) * 3, 0.1, np.float32))],
                             "click_region", click_zyx=(7, 7, 7), click_positive=True)
     np.testing.assert_array_equal(kept.prob, gp)
+    # margin: an unconfident local change (0.4 for a background click) is not taken
+    unsure = RoIPrediction((slice(5, 10),) * 3, np.full((5,) * 3, 0.4, np.float32))
+    assert not fuse_predictions([g, unsure], "click_region", click_zyx=(7, 7, 7), click_positive=False).mask()[7, 7, 7]
+    assert fuse_predictions([g, unsure], "click_region", click_zyx=(7, 7, 7), click_positive=False,
+                            margin=0.2).mask()[7, 7, 7]
     # no click (box step): the window's centre anchors it, as a foreground click
     hole = fuse_predictions([g, RoIPrediction((slice(1, 5),) * 3, np.full((4,) * 3, 0.7, np.float32))],
                             "click_region")

@@ -69,6 +69,7 @@ def fuse_predictions(
     click_zyx: Optional[Sequence[int]] = None,
     click_positive: bool = True,
     threshold: float = 0.5,
+    margin: float = 0.0,
 ) -> Optional[FusedPrediction]:
     """Fuse expert predictions of one object, in the order given (global first, then local).
 
@@ -79,6 +80,8 @@ def fuse_predictions(
         click_zyx: ``click_region``: the (z, y, x) image voxel of the last click (None: the centre of the
             last prediction's RoI).
         click_positive: ``click_region``: whether that click is a foreground click.
+        margin: ``click_region``: the local expert's change counts only where it is confident: foreground
+            ``prob > threshold + margin``, background ``prob < threshold - margin``.
         threshold: ``click_region``: the masks compared are ``prob > threshold``.
     """
     predictions = [p for p in predictions if p is not None]
@@ -101,7 +104,7 @@ def fuse_predictions(
             sl = _local(last.roi, region)
             anchor = click_zyx if click_zyx is not None else [(s.start + s.stop - 1) // 2 for s in last.roi]
             take = _click_component(prob[sl], last.prob, [int(a) - s.start for a, s in zip(anchor, last.roi)],
-                                    click_positive, threshold)
+                                    click_positive, threshold, margin)
             if take is not None:
                 prob[sl][take] = last.prob[take]
         return FusedPrediction(region, prob)
@@ -118,7 +121,8 @@ def fuse_predictions(
 
 
 def _click_component(
-    current: np.ndarray, local: np.ndarray, anchor: Sequence[int], positive: bool, threshold: float
+    current: np.ndarray, local: np.ndarray, anchor: Sequence[int], positive: bool, threshold: float,
+    margin: float = 0.0,
 ) -> Optional[np.ndarray]:
     """The 26-connected region around ``anchor`` (window coordinates) that ``local`` adds to (``positive``)
     or removes from (not ``positive``) the ``current`` mask at ``threshold`` (``current`` NaN: no answer,
@@ -126,8 +130,11 @@ def _click_component(
     if any(not 0 <= a < n for a, n in zip(anchor, local.shape)):
         return None
     with np.errstate(invalid="ignore"):
-        local_fg, current_fg = local > threshold, current > threshold
-    disagree = (local_fg & ~current_fg) if positive else (current_fg & ~local_fg)
+        current_fg = current > threshold
+        if positive:
+            disagree = (local > threshold + margin) & ~current_fg
+        else:
+            disagree = (local < threshold - margin) & current_fg
     if not disagree[tuple(anchor)]:
         return None
     import cc3d

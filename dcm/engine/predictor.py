@@ -7,6 +7,7 @@ Engine config (section ``engine``)::
 
     policy: dual                     # see dcm.engine.policies
     fusion: local_overrides          # local_overrides | average | confidence | click_region
+    local_margin: 0.0                # click_region: the local change counts where |prob - threshold| > margin
     overlap: later_wins              # later_wins | highest_prob | keep_others
     local_at_box_step: box_center    # box_center | skip
     threshold: 0.5
@@ -37,6 +38,7 @@ __all__ = ["ENGINE_DEFAULTS", "CallBudget", "DCMPredictor", "predict_object"]
 ENGINE_DEFAULTS: Dict[str, Any] = {
     "policy": "dual",
     "fusion": "local_overrides",
+    "local_margin": 0.0,
     "overlap": "later_wins",
     "local_at_box_step": "box_center",
     "threshold": 0.5,
@@ -134,7 +136,7 @@ def predict_object(
     return fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
                             click_zyx=last.zyx if last is not None else None,
                             click_positive=last.positive if last is not None else True,
-                            threshold=float(cfg.get("threshold", 0.5)))
+                            threshold=float(cfg.get("threshold", 0.5)), margin=float(cfg.get("local_margin", 0.0)))
 
 
 class DCMPredictor:
