@@ -41,10 +41,12 @@ class FusedPrediction:
     Attributes:
         region: (z, y, x) slices of the image.
         prob: float32 probability on ``region``; NaN where no expert covered the voxel.
+        complete: an expert covered every voxel of ``region`` (``prob`` has no NaN).
     """
 
     region: RoISlices
     prob: np.ndarray
+    complete: bool = False
 
     @property
     def covered(self) -> np.ndarray:
@@ -91,14 +93,20 @@ def fuse_predictions(
         raise ValueError(f"unknown fusion rule {rule!r}; choose from {FUSION_RULES}")
     region = _union_region([p.roi for p in predictions])
     shape = tuple(s.stop - s.start for s in region)
-    prob = np.full(shape, np.nan, dtype=np.float32)
+    # Usually the first (global) RoI holds the others: start from a copy of its answer, nothing is uncovered.
+    complete = tuple(predictions[0].roi) == tuple(region)
+    if complete:
+        prob = np.array(predictions[0].prob, dtype=np.float32)
+    else:
+        prob = np.full(shape, np.nan, dtype=np.float32)
     if rule == "local_overrides":
-        for p in predictions:
+        for p in predictions[1:] if complete else predictions:
             prob[_local(p.roi, region)] = p.prob
-        return FusedPrediction(region, prob)
+        return FusedPrediction(region, prob, complete)
     if rule == "click_region":
-        for p in predictions[:-1] if len(predictions) > 1 else predictions:
-            prob[_local(p.roi, region)] = p.prob
+        if not complete:
+            for p in predictions[:-1] if len(predictions) > 1 else predictions:
+                prob[_local(p.roi, region)] = p.prob
         if len(predictions) > 1:
             last = predictions[-1]
             sl = _local(last.roi, region)
@@ -107,7 +115,7 @@ def fuse_predictions(
                                     click_positive, threshold, margin)
             if take is not None:
                 prob[sl][take] = last.prob[take]
-        return FusedPrediction(region, prob)
+        return FusedPrediction(region, prob, complete)
     weight_sum = np.zeros(shape, dtype=np.float32)
     acc = np.zeros(shape, dtype=np.float32)
     for p in predictions:
@@ -117,7 +125,7 @@ def fuse_predictions(
         weight_sum[sl] += w
     covered = weight_sum > 0
     prob[covered] = acc[covered] / weight_sum[covered]
-    return FusedPrediction(region, prob)
+    return FusedPrediction(region, prob, complete)
 
 
 def _click_component(
@@ -210,15 +218,20 @@ class LabelWriter:
     def write(self, label: int, fused: FusedPrediction, threshold: float = 0.5) -> None:
         """RoI update of object ``label``: inside the covered voxels, its mask becomes the fused answer."""
         view = self.segs[fused.region]
-        covered = fused.covered
         fg = fused.mask(threshold)
-        view[covered & ~fg & (view == label)] = 0
+        cleared = view == label
+        cleared &= ~fg
+        if not fused.complete:
+            cleared &= fused.covered
+        np.putmask(view, cleared, 0)
         if self.overlap == "keep_others":
-            view[fg & (view == 0)] = label
+            fg &= view == 0
+            np.putmask(view, fg, label)
             return
         if self._owner_prob is None:
-            view[fg] = label
+            np.putmask(view, fg, label)
             return
+        covered = fused.covered
         owner = self._owner_prob.read(fused.region)
         p = np.nan_to_num(fused.prob).astype(np.float16)
         win = fg & ((view == 0) | (view == label) | (p > owner))

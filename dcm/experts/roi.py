@@ -346,6 +346,27 @@ def _resample_axis(x: torch.Tensor, dim: int, pos: np.ndarray, mode: str, outsid
     return x0 * t0 + x1 * t1
 
 
+def _interpolate_axis(x: torch.Tensor, dim: int, pos: np.ndarray) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``dim`` at ``pos``, positions clamped to the array (as
+    ``_resample_axis(..., "linear", "clamp")``), as one matrix product with the (len(pos), n) weight matrix.
+
+    For upsampling a small grid (an expert's logits to an RoI of the image) this is several times faster
+    than gathering both neighbours of every output voxel; the values agree to float rounding.
+    """
+    n = x.shape[dim]
+    pos = np.clip(pos, 0.0, n - 1.0)
+    i0 = np.floor(pos).astype(np.int64)
+    w1 = pos - i0
+    i1 = np.minimum(i0 + 1, n - 1)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weights = np.zeros((len(pos), n), dtype=np.float64)
+    rows = np.arange(len(pos))
+    np.add.at(weights, (rows, i0), 1.0 - w1)
+    np.add.at(weights, (rows, i1), w1)
+    w = torch.from_numpy(weights).to(device=x.device, dtype=dtype)
+    return torch.movedim(torch.movedim(x.to(dtype), dim, -1) @ w.T, -1, dim)
+
+
 def _check_mode(mode: str) -> str:
     if mode not in ("trilinear", "linear", "nearest"):
         raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
@@ -433,7 +454,9 @@ def paste_back(
         m = int(x.shape[ax])
         p = np.arange(slices[ax].start, slices[ax].stop, dtype=np.float64)
         q = (p - roi.center[ax]) * (roi.out_size / roi.size[ax]) + roi.frame_center
-        x = _resample_axis(x, ax, (q + 0.5) * (m / roi.out_size) - 0.5, kind, "clamp")
+        grid_pos = (q + 0.5) * (m / roi.out_size) - 0.5
+        x = _resample_axis(x, ax, grid_pos, kind, "clamp") if kind == "nearest" else _interpolate_axis(x, ax, grid_pos)
+    x = x.contiguous()  # the last pass runs along x (dim 2): already contiguous, no copy
     if isinstance(prob, torch.Tensor):
         return x, slices
     return x.numpy(), slices
