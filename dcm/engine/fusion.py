@@ -72,6 +72,7 @@ def fuse_predictions(
     click_positive: bool = True,
     threshold: float = 0.5,
     margin: float = 0.0,
+    copy: bool = True,
 ) -> Optional[FusedPrediction]:
     """Fuse expert predictions of one object, in the order given (global first, then local).
 
@@ -84,6 +85,8 @@ def fuse_predictions(
         click_positive: ``click_region``: whether that click is a foreground click.
         margin: ``click_region``: the local expert's change counts only where it is confident: foreground
             ``prob > threshold + margin``, background ``prob < threshold - margin``.
+        copy: False lets the result reuse (and change) the first prediction's array (the engine, which
+            discards the predictions, saves a copy of the largest array).
         threshold: ``click_region``: the masks compared are ``prob > threshold``.
     """
     predictions = [p for p in predictions if p is not None]
@@ -96,7 +99,8 @@ def fuse_predictions(
     # Usually the first (global) RoI holds the others: start from a copy of its answer, nothing is uncovered.
     complete = tuple(predictions[0].roi) == tuple(region)
     if complete:
-        prob = np.array(predictions[0].prob, dtype=np.float32)
+        first = predictions[0].prob
+        prob = np.array(first, dtype=np.float32) if copy else np.asarray(first, dtype=np.float32)
     else:
         prob = np.full(shape, np.nan, dtype=np.float32)
     if rule == "local_overrides":

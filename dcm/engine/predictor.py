@@ -136,7 +136,8 @@ def predict_object(
     return fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
                             click_zyx=last.zyx if last is not None else None,
                             click_positive=last.positive if last is not None else True,
-                            threshold=float(cfg.get("threshold", 0.5)), margin=float(cfg.get("local_margin", 0.0)))
+                            threshold=float(cfg.get("threshold", 0.5)), margin=float(cfg.get("local_margin", 0.0)),
+                            copy=False)
 
 
 class DCMPredictor:
