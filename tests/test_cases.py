@@ -142,6 +142,7 @@ def test_save_segmentation_is_atomic_and_checked(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(cases.np, "savez_compressed", boom)
+    monkeypatch.setattr(cases.np.lib.format, "write_array", boom)  # the level-1 writer
     with pytest.raises(OSError):
         save_segmentation(out, np.zeros(SHAPE, np.uint8), shape=SHAPE)
     assert sorted(os.listdir(out.parent)) == ["CT_case.npz"]
