@@ -17,8 +17,8 @@ Each row runs in its own process (so that its peak memory is its own) on a CT-li
 * ``further``: a further click whose network input is unchanged (global: a click inside the RoI; local: a
   click within ``reuse_window_margin`` of the window centre), the encoder output comes from the cache
   (median of ``--repeats``);
-* ``new window`` (local only): a further click that moves the window, as DCM does at every click by
-  default (the encoder runs again; median of ``--repeats``).
+* ``new window`` (local only): a further click elsewhere, the window centred on it, as DCM does at every
+  click by default (``reuse_window_margin: null``: the encoder runs again; median of ``--repeats``).
 
 Memory: the process's peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA), and that peak above
 what the process held once the model was built (``extra``).
@@ -185,6 +185,7 @@ def run_row(spec: Dict[str, Any]) -> Dict[str, Any]:
             further.append(timed(lambda: predict(obj))[0])
         new_window = []
         step = max(r[2] // 2, 8)
+        expert.cfg["reuse_window_margin"] = None  # DCM's default: every click centres a new window
         for k in range(spec["repeats"]):
             zyx = (centre[0], centre[1], min(centre[2] + (k + 1) * step, image.shape[2] - 1))
             obj.clicks.append(Click(zyx, bool(inside[zyx])))

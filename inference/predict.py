@@ -79,4 +79,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every output is written, closed and renamed by now: skip the interpreter's teardown (freeing torch,
+    # MONAI and the arrays takes ~0.7 s, paid at each of the 6 calls of a case).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
