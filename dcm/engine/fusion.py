@@ -85,9 +85,9 @@ def fuse_predictions(
         click_positive: ``click_region``: whether that click is a foreground click.
         margin: ``click_region``: the local expert's change counts only where it is confident: foreground
             ``prob > threshold + margin``, background ``prob < threshold - margin``.
+        threshold: ``click_region``: the masks compared are ``prob > threshold``.
         copy: False lets the result reuse (and change) the first prediction's array (the engine, which
             discards the predictions, saves a copy of the largest array).
-        threshold: ``click_region``: the masks compared are ``prob > threshold``.
     """
     predictions = [p for p in predictions if p is not None]
     if not predictions:
