@@ -10,9 +10,9 @@ Per phase it reports wall seconds, the numpy peak traced by ``tracemalloc`` abov
 phase began (``numpy_extra_mb``; torch's CPU allocator is not traced), that peak as a multiple of one uint8
 volume (``extra_x_volume``), and the process peak RSS so far (``resource.getrusage``, monotonic).
 
-The engine works on per-object crops: a phase may hold a few whole-volume maps (the uint8 output, the local
-expert's percentile pass over the image; with ``engine.overlap=highest_prob`` the float16 winning
-probabilities where objects won voxels, at most two uint8 volumes), never one per object. The script checks
+The engine works on per-object crops: a phase may hold a few whole-volume maps (the uint8 output; with
+``engine.overlap=highest_prob`` the float16 winning probabilities where objects won voxels, at most two uint8
+volumes), never one per object. The script checks
 that the predict phases stay within ``--max-extra`` uint8 volumes of extra numpy memory (default 4) and
 exits 1 otherwise (a check for volumes much larger than an RoI: on small ones the RoI crops dominate).
 
