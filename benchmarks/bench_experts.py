@@ -38,8 +38,6 @@ Results: a table on stdout and ``benchmarks/results/bench_experts.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import json
 import os
 import resource
@@ -50,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from machine import machine_description  # benchmarks/machine.py (scripts run from their folder)
+from machine import machine_description, write_csv  # benchmarks/machine.py (scripts run from their folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -274,17 +272,8 @@ def main(argv: List[str] = None) -> int:
                 print(f"target global full-size {key.replace('_s', '')} <= {limit} s: {row[key]:.3f} s "
                       f"{'met' if met else 'NOT met'}")
 
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if args.append and args.csv.exists() else "w"
-    stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    with open(args.csv, mode, newline="") as f:
-        w = csv.writer(f)
-        if mode == "w":
-            w.writerow(COLUMNS)
-        for row in results:
-            w.writerow([stamp, machine, device] + [_fmt(row[k]) if isinstance(row[k], float) else row[k]
-                                                   for k in COLUMNS[3:]])
-    print(f"wrote {args.csv}")
+    write_csv(args.csv, COLUMNS, ([device] + [_fmt(row[k]) if isinstance(row[k], float) else row[k]
+                                             for k in COLUMNS[3:]] for row in results), args.append, machine)
     return 0 if ok else 1
 
 

@@ -22,8 +22,6 @@ Results: a table on stdout and ``benchmarks/results/bench_nsd.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from machine import machine_description  # benchmarks/machine.py (scripts run from their folder)
+from machine import machine_description, write_csv  # benchmarks/machine.py (scripts run from their folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -133,17 +131,9 @@ def main(argv: List[str] = None) -> int:
     ok = all(r["speedup"] >= TARGET_SPEEDUP and r["abs_diff"] <= 1e-9 for r in rows)
     print(f"\ntarget >= {TARGET_SPEEDUP}x faster with equal values: {'met' if ok else 'NOT met'} "
           f"(max |diff| {max(r['abs_diff'] for r in rows):.1e})")
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if args.append and args.csv.exists() else "w"
-    stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    with open(args.csv, mode, newline="") as f:
-        w = csv.writer(f)
-        if mode == "w":
-            w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow([stamp, machine, "x".join(map(str, args.shape))]
-                       + [r[k] if isinstance(r[k], int) else f"{r[k]:.6g}" for k in COLUMNS[3:]])
-    print(f"wrote {args.csv}")
+    write_csv(args.csv, COLUMNS, (["x".join(map(str, args.shape))]
+                                  + [r[k] if isinstance(r[k], int) else f"{r[k]:.6g}" for k in COLUMNS[3:]]
+                                  for r in rows), args.append)
     return 0 if ok else 1
 
 

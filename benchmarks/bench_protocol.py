@@ -22,8 +22,6 @@ Results: a table on stdout and ``benchmarks/results/bench_protocol.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import os
 import re
 import sys
@@ -32,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from machine import machine_description  # benchmarks/machine.py (scripts run from their folder)
+from machine import machine_description, write_csv  # benchmarks/machine.py (scripts run from their folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -138,18 +136,11 @@ def main(argv: List[str] = None) -> int:
     ok = not failed and per_object <= TARGET_S_PER_OBJECT
     print(f"target <= {TARGET_S_PER_OBJECT} s per object (small presets): {'met' if ok else 'NOT met'}")
 
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if args.append and args.csv.exists() else "w"
-    stamp = _dt.datetime.now().isoformat(timespec="seconds")
     config = args.config + (" (random init)" if args.random_init else "")
-    with open(args.csv, mode, newline="") as f:
-        w = csv.writer(f)
-        if mode == "w":
-            w.writerow(COLUMNS)
-        for r in rows + [{"step": "total", "call_s": total, "dsc": result.dsc[-1]}]:
-            w.writerow([stamp, machine, config, "x".join(map(str, args.shape)), args.objects, r["step"]]
-                       + [f"{r.get(k, float('nan')):.3f}" for k in COLUMNS[6:]])
-    print(f"wrote {args.csv}")
+    write_csv(args.csv, COLUMNS, ([config, "x".join(map(str, args.shape)), args.objects, r["step"]]
+                                  + [f"{r.get(k, float('nan')):.3f}" for k in COLUMNS[6:]]
+                                  for r in rows + [{"step": "total", "call_s": total, "dsc": result.dsc[-1]}]),
+              args.append)
     return 0 if ok else 1
 
 

@@ -20,8 +20,6 @@ Results: a table on stdout and ``benchmarks/results/bench_training.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import json
 import os
 import subprocess
@@ -31,7 +29,7 @@ import time
 from pathlib import Path
 from typing import List
 
-from machine import machine_description  # benchmarks/machine.py (scripts run from their folder)
+from machine import machine_description, write_csv  # benchmarks/machine.py (scripts run from their folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,16 +107,8 @@ def main(argv: List[str] = None) -> int:
                 print(f"{expert:<8}{procs:>6}{threads:>8}{out['samples_per_step']:>13}{out['wall_s']:>8.1f}"
                       f"{out['samples_per_s']:>10.2f}{steady:>8.2f}{row['speedup_vs_1']:>8.2f}x", flush=True)
 
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if args.append and args.csv.exists() else "w"
-    stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    with open(args.csv, mode, newline="") as f:
-        w = csv.writer(f)
-        if mode == "w":
-            w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow([stamp, machine] + [f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in COLUMNS[2:]])
-    print(f"wrote {args.csv}")
+    write_csv(args.csv, COLUMNS, ([f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in COLUMNS[2:]]
+                                  for r in rows), args.append)
     return 0
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import datetime as _dt
 import os
 import platform
 from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
 
 
 def cpu_name() -> str:
@@ -23,3 +26,21 @@ def machine_description() -> str:
     import torch
 
     return f"{cpu_name()}; {os.cpu_count()} CPUs; {torch.get_num_threads()} threads; torch {torch.__version__}"
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]], append: bool = False,
+              machine: Optional[str] = None) -> None:
+    """Write benchmark rows to ``path`` under ``columns``; each row is prefixed with the date and the machine
+    (the first two columns; default :func:`machine_description`). ``append`` adds to an existing file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "a" if append and path.exists() else "w"
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    machine = machine or machine_description()
+    with open(path, mode, newline="") as f:
+        w = csv.writer(f)
+        if mode == "w":
+            w.writerow(columns)
+        for row in rows:
+            w.writerow([stamp, machine, *row])
+    print(f"wrote {path}")
