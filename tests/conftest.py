@@ -1,5 +1,6 @@
 """Shared test helpers. Fixtures (golden values from the original third-party code) live in tests/fixtures/."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -23,12 +24,28 @@ def protocol_golden():
     return meta, arrays
 
 
-@pytest.fixture(scope="module")
-def two_torch_threads():
-    """Run a module's model tests with 2 torch threads (the CI machine's cores), then restore the setting."""
+@contextlib.contextmanager
+def _torch_threads(n):
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """Run a module's model tests with 2 torch threads (the CI machine's cores), then restore the setting."""
+    with _torch_threads(2):
+        yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread per test: on 2 shared cores more threads per process only oversubscribe them
+    (and one thread is the condition under which outputs are bitwise stable)."""
+    with _torch_threads(1):
+        yield

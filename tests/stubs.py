@@ -73,3 +73,14 @@ def box_step_then_click_step(predictor, experts, arrays, name):
         for role, e in experts.items():
             e.predict = originals[role]
     return segs, segs2, calls
+
+
+def assert_policy_calls(policy, calls, n):
+    """Each policy's expert calls over a box step and a click step of ``n`` objects (``calls`` as returned
+    by :func:`box_step_then_click_step`)."""
+    expected = {"dual": (2 * n, 2 * n), "released": (2 * n, 0), "global_only": (2 * n, 0), "local_only": (0, 2 * n),
+                "global_then_local": (n, n)}
+    if policy in expected:
+        assert (calls["global"], calls["local"]) == expected[policy]
+    else:  # outside_global_roi: global at the box step, then one expert per object
+        assert calls["global"] >= n and calls["global"] + calls["local"] == 2 * n

@@ -19,7 +19,7 @@ from dcm.experts import build_experts
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from stubs import box_step_then_click_step  # noqa: E402
+from stubs import assert_policy_calls, box_step_then_click_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,7 @@ def test_every_policy_box_step_and_click_step(reduced, policy):
     predictor = DCMPredictor(experts, dict(cfg["engine"], policy=policy))
     segs, segs2, calls = box_step_then_click_step(predictor, experts, arrays, "CT_policy")
     assert segs.shape == segs2.shape == gts.shape and segs2.dtype == np.uint8
-    n = int(gts.max())
-    expected = {"dual": (2 * n, 2 * n), "released": (2 * n, 0), "global_only": (2 * n, 0), "local_only": (0, 2 * n),
-                "global_then_local": (n, n)}
-    if policy in expected:
-        assert (calls["global"], calls["local"]) == expected[policy]
-    else:  # outside_global_roi: global at the box step, then one expert per object
-        assert calls["global"] >= n and calls["global"] + calls["local"] == 2 * n
+    assert_policy_calls(policy, calls, int(gts.max()))
 
 
 def test_predict_sh_through_the_evaluator(cases_dir, tmp_path):

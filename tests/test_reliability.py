@@ -96,14 +96,7 @@ class _Payload:
     def __reduce__(self):
         return os.mkdir, (self.marker,)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two shared cores; also the condition under which outputs are bitwise stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 REDUCED = REPO / "configs" / "train_global_roi_reduced.yaml"
 S = 64
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, more threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def blob(rng: np.random.Generator) -> np.ndarray:

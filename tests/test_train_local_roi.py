@@ -35,14 +35,7 @@ def data_dir(tmp_path_factory):
     generate_dataset(out, 6, seed=0, shape=(16, 32, 32), max_objects=3, progress=False)
     return out
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, more threads per process only oversubscribe them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(data_dir, work_dir, *extra):
