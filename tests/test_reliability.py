@@ -96,6 +96,7 @@ class _Payload:
     def __reduce__(self):
         return os.mkdir, (self.marker,)
 
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
