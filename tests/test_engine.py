@@ -96,6 +96,13 @@ def test_click_region_takes_the_local_answer_only_where_the_click_is():
     assert not fuse_predictions([g, unsure], "click_region", click_zyx=(7, 7, 7), click_positive=False).mask()[7, 7, 7]
     assert fuse_predictions([g, unsure], "click_region", click_zyx=(7, 7, 7), click_positive=False,
                             margin=0.2).mask()[7, 7, 7]
+    # a pair of margins (add, remove): the unsure removal is taken under a small remove margin only
+    assert not fuse_predictions([g, unsure], "click_region", click_zyx=(7, 7, 7), click_positive=False,
+                                margin=(0.3, 0.05)).mask()[7, 7, 7]
+    assert fuse_predictions([g, unsure], "click_region", click_zyx=(7, 7, 7), click_positive=False,
+                            margin=(0.0, 0.2)).mask()[7, 7, 7]
+    unsure_add = fuse_predictions([g, l], "click_region", click_zyx=(2, 3, 2), margin=(0.35, 0.0))
+    assert not unsure_add.mask()[2, 2, 2]  # local 0.8 is not above 0.5 + 0.35
     # no click (box step): the window's centre anchors it, as a foreground click
     hole = fuse_predictions([g, RoIPrediction((slice(1, 5),) * 3, np.full((4,) * 3, 0.7, np.float32))],
                             "click_region")
@@ -112,6 +119,32 @@ def test_roi_update_keeps_previous_mask_outside_rois():
     assert segs[10, 10, 10] == 0  # the local window says background
     assert segs[6, 6, 6] == 1  # global RoI, outside the local window
     assert segs.dtype == np.uint8 and segs.shape == SHAPE
+
+
+def test_fusion_without_box_applies_to_click_only_objects():
+    # global says object (0.9) everywhere, local says background (0.1) in its window around the bg click
+    bg_click = [Click((10, 10, 10), False)]
+    cfg = {"policy": "dual", "fusion": "click_region", "local_margin": 0.45, "fusion_without_box": "local_overrides"}
+    with_box = DCMPredictor(_experts(g=0.9, l=0.1), cfg)(_case(bg_click))
+    assert with_box[10, 10, 10] == 1  # click_region: the local 0.1 is not below 0.5 - 0.45
+    without_box = DCMPredictor(_experts(g=0.9, l=0.1), cfg)(_case(bg_click, boxes=False))
+    assert without_box[10, 10, 10] == 0  # local_overrides in the local window
+    assert without_box[13, 13, 13] == 1  # the global answer outside it
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"fusion": "vote"}, "engine.fusion must be one of"),
+    ({"fusion_without_box": "vote"}, "engine.fusion_without_box must be one of"),
+    ({"overlap": "first"}, "engine.overlap must be one of"),
+    ({"local_margin": 0.5}, "local_margin values must lie in [0, 0.5)"),
+    ({"local_margin": [0.1, 0.2, 0.3]}, "a number or a pair [add, remove]"),
+])
+def test_bad_engine_config_is_refused_at_construction(cfg, message):
+    from dcm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        DCMPredictor(_experts(), cfg)
+    assert message in str(e.value)
 
 
 def test_local_skipped_at_box_step_when_configured():

@@ -90,3 +90,18 @@ def test_largest_component_tie_takes_lowest_id():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         next_click(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+
+
+def test_distance_to_background_equals_scipy_edt_in_float32():
+    """The click rule's EDT (the ``edt`` package) has SciPy's values to float32, so the same argmax voxels."""
+    from scipy.ndimage import distance_transform_edt
+
+    rng = np.random.default_rng(3)
+    for shape, density in [((17, 23, 29), 0.9), ((40, 40, 40), 0.97), ((1, 30, 30), 0.8)]:
+        mask = rng.random(shape) < density
+        mask[0, 0, 0] = False
+        ours = protocol.distance_to_background(mask)
+        ref = distance_transform_edt(mask)
+        assert ours.shape == mask.shape
+        np.testing.assert_array_equal(ours, ref.astype(np.float32))
+        np.testing.assert_array_equal(np.argwhere(ours == ours.max()), np.argwhere(ref == ref.max()))

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from dcm.experts.base import RoIPrediction, RoISlices
 
-__all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "LabelWriter"]
+__all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins", "LabelWriter"]
 
 FUSION_RULES = ("local_overrides", "average", "confidence", "click_region")
 OVERLAP_RULES = ("later_wins", "highest_prob", "keep_others")
@@ -71,7 +71,7 @@ def fuse_predictions(
     click_zyx: Optional[Sequence[int]] = None,
     click_positive: bool = True,
     threshold: float = 0.5,
-    margin: float = 0.0,
+    margin: Union[float, Sequence[float]] = 0.0,
     copy: bool = True,
 ) -> Optional[FusedPrediction]:
     """Fuse expert predictions of one object, in the order given (global first, then local).
@@ -84,7 +84,9 @@ def fuse_predictions(
             last prediction's RoI).
         click_positive: ``click_region``: whether that click is a foreground click.
         margin: ``click_region``: the local expert's change counts only where it is confident: foreground
-            ``prob > threshold + margin``, background ``prob < threshold - margin``.
+            ``prob > threshold + margin``, background ``prob < threshold - margin``; a pair ``(add, remove)``
+            sets the margin of foreground clicks (what the local expert adds) and of background clicks
+            (what it removes) apart.
         threshold: ``click_region``: the masks compared are ``prob > threshold``.
         copy: False lets the result reuse (and change) the first prediction's array (the engine, which
             discards the predictions, saves a copy of the largest array).
@@ -115,8 +117,9 @@ def fuse_predictions(
             last = predictions[-1]
             sl = _local(last.roi, region)
             anchor = click_zyx if click_zyx is not None else [(s.start + s.stop - 1) // 2 for s in last.roi]
+            add_margin, remove_margin = click_margins(margin)
             take = _click_component(prob[sl], last.prob, [int(a) - s.start for a, s in zip(anchor, last.roi)],
-                                    click_positive, threshold, margin)
+                                    click_positive, threshold, add_margin if click_positive else remove_margin)
             if take is not None:
                 prob[sl][take] = last.prob[take]
         return FusedPrediction(region, prob, complete)
@@ -130,6 +133,20 @@ def fuse_predictions(
     covered = weight_sum > 0
     prob[covered] = acc[covered] / weight_sum[covered]
     return FusedPrediction(region, prob, complete)
+
+
+def click_margins(margin: Union[float, Sequence[float]]) -> Tuple[float, float]:
+    """``(add, remove)`` margins of ``click_region`` from one number (both) or a pair; ValueError otherwise."""
+    if isinstance(margin, (int, float)):
+        pair = (float(margin), float(margin))
+    else:
+        values = list(margin)
+        if len(values) != 2:
+            raise ValueError(f"local_margin must be a number or a pair [add, remove], got {margin!r}")
+        pair = (float(values[0]), float(values[1]))
+    if not all(0.0 <= m < 0.5 for m in pair):
+        raise ValueError(f"local_margin values must lie in [0, 0.5), got {margin!r}")
+    return pair
 
 
 def _click_component(

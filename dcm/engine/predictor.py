@@ -7,7 +7,10 @@ Engine config (section ``engine``)::
 
     policy: dual                     # see dcm.engine.policies
     fusion: local_overrides          # local_overrides | average | confidence | click_region
-    local_margin: 0.0                # click_region: the local change counts where |prob - threshold| > margin
+    local_margin: 0.0                # click_region: the local change counts where |prob - threshold| > margin;
+                                     # or [add, remove]: margins of foreground / background clicks
+    fusion_without_box: null         # the rule for objects of no-box cases (null: fusion); the global RoI
+                                     # of a click-only object is a guess around its clicks
     overlap: later_wins              # later_wins | highest_prob | keep_others
     local_at_box_step: box_center    # box_center | skip
     threshold: 0.5
@@ -28,9 +31,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from dcm.data.cases import Case, Click, ObjectPrompts
-from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions
+from dcm.engine.fusion import FUSION_RULES, OVERLAP_RULES, FusedPrediction, LabelWriter, click_margins, fuse_predictions
 from dcm.engine.policies import GLOBAL, LOCAL, route
-from dcm.errors import DCMError
+from dcm.errors import ConfigError, DCMError
 from dcm.experts.base import Expert, RoIPrediction
 
 __all__ = ["ENGINE_DEFAULTS", "CallBudget", "DCMPredictor", "predict_object"]
@@ -39,6 +42,7 @@ ENGINE_DEFAULTS: Dict[str, Any] = {
     "policy": "dual",
     "fusion": "local_overrides",
     "local_margin": 0.0,
+    "fusion_without_box": None,
     "overlap": "later_wins",
     "local_at_box_step": "box_center",
     "threshold": 0.5,
@@ -133,10 +137,13 @@ def predict_object(
         if prediction is not None:
             predictions.append(prediction)
     last = _local_view(obj).last_click  # the click the local expert centred on (the box centre at the box step)
-    return fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
+    rule = cfg.get("fusion", "local_overrides")
+    if obj.box is None and cfg.get("fusion_without_box"):
+        rule = cfg["fusion_without_box"]
+    return fuse_predictions(predictions, rule,
                             click_zyx=last.zyx if last is not None else None,
                             click_positive=last.positive if last is not None else True,
-                            threshold=float(cfg.get("threshold", 0.5)), margin=float(cfg.get("local_margin", 0.0)),
+                            threshold=float(cfg.get("threshold", 0.5)), margin=cfg.get("local_margin", 0.0),
                             copy=False)
 
 
@@ -154,6 +161,15 @@ class DCMPredictor:
                  process_start: Optional[float] = None):
         cfg = {**ENGINE_DEFAULTS, **(engine_cfg or {})}
         cfg["budget"] = {**ENGINE_DEFAULTS["budget"], **((engine_cfg or {}).get("budget") or {})}
+        for key in ("fusion", "fusion_without_box"):
+            if cfg[key] not in FUSION_RULES and (key == "fusion" or cfg[key] is not None):
+                raise ConfigError(f"engine.{key} must be one of {FUSION_RULES}, got {cfg[key]!r}")
+        if cfg["overlap"] not in OVERLAP_RULES:
+            raise ConfigError(f"engine.overlap must be one of {OVERLAP_RULES}, got {cfg['overlap']!r}")
+        try:
+            click_margins(cfg["local_margin"])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"engine.{e}") from None
         self.cfg = cfg
         self.experts = experts
         self.process_start = process_start

@@ -364,7 +364,9 @@ def _interpolate_axis(x: torch.Tensor, dim: int, pos: np.ndarray) -> torch.Tenso
     np.add.at(weights, (rows, i0), 1.0 - w1)
     np.add.at(weights, (rows, i1), w1)
     w = torch.from_numpy(weights).to(device=x.device, dtype=dtype)
-    return torch.movedim(torch.movedim(x.to(dtype), dim, -1) @ w.T, -1, dim)
+    # contiguous(): a batched matmul whose rows are strided (the view left by the previous axis) takes
+    # PyTorch's CPU slow path, ~100x slower (2.8 s instead of 0.02 s for a 180^3 RoI).
+    return torch.movedim(torch.movedim(x.to(dtype), dim, -1).contiguous() @ w.T, -1, dim)
 
 
 def _check_mode(mode: str) -> str:
