@@ -121,20 +121,23 @@ def test_roi_update_keeps_previous_mask_outside_rois():
     assert segs.dtype == np.uint8 and segs.shape == SHAPE
 
 
-def test_fusion_without_box_applies_to_click_only_objects():
-    # global says object (0.9) everywhere, local says background (0.1) in its window around the bg click
-    bg_click = [Click((10, 10, 10), False)]
-    cfg = {"policy": "dual", "fusion": "click_region", "local_margin": 0.45, "fusion_without_box": "local_overrides"}
-    with_box = DCMPredictor(_experts(g=0.9, l=0.1), cfg)(_case(bg_click))
-    assert with_box[10, 10, 10] == 1  # click_region: the local 0.1 is not below 0.5 - 0.45
-    without_box = DCMPredictor(_experts(g=0.9, l=0.1), cfg)(_case(bg_click, boxes=False))
-    assert without_box[10, 10, 10] == 0  # local_overrides in the local window
-    assert without_box[13, 13, 13] == 1  # the global answer outside it
+def test_without_box_routes_click_only_objects_to_one_expert():
+    click = [Click((10, 10, 10), True)]
+    for without_box, calls in [("policy", ([1], [1])), ("local", ([], [1])), ("global", ([1], []))]:
+        ex = _experts()
+        DCMPredictor(ex, {"policy": "dual", "without_box": without_box})(_case(click, boxes=False))
+        assert (ex["global"].calls, ex["local"].calls) == calls, without_box
+    ex = _experts()  # objects with a box keep the policy's experts
+    DCMPredictor(ex, {"policy": "dual", "without_box": "local"})(_case(click))
+    assert (ex["global"].calls, ex["local"].calls) == ([1], [1])
+    ex = _experts()  # a single-expert policy is left alone
+    DCMPredictor(ex, {"policy": "global_only", "without_box": "local"})(_case(click, boxes=False))
+    assert (ex["global"].calls, ex["local"].calls) == ([1], [])
 
 
 @pytest.mark.parametrize("cfg, message", [
     ({"fusion": "vote"}, "engine.fusion must be one of"),
-    ({"fusion_without_box": "vote"}, "engine.fusion_without_box must be one of"),
+    ({"without_box": "both"}, "engine.without_box must be policy, global or local"),
     ({"overlap": "first"}, "engine.overlap must be one of"),
     ({"local_margin": 0.5}, "local_margin values must lie in [0, 0.5)"),
     ({"local_margin": [0.1, 0.2, 0.3]}, "a number or a pair [add, remove]"),

@@ -9,8 +9,7 @@ Engine config (section ``engine``)::
     fusion: local_overrides          # local_overrides | average | confidence | click_region
     local_margin: 0.0                # click_region: the local change counts where |prob - threshold| > margin;
                                      # or [add, remove]: margins of foreground / background clicks
-    fusion_without_box: null         # the rule for objects of no-box cases (null: fusion); the global RoI
-                                     # of a click-only object is a guess around its clicks
+    without_box: policy              # objects without a box (no-box cases): policy (its experts) | local | global
     overlap: later_wins              # later_wins | highest_prob | keep_others
     local_at_box_step: box_center    # box_center | skip
     threshold: 0.5
@@ -42,7 +41,7 @@ ENGINE_DEFAULTS: Dict[str, Any] = {
     "policy": "dual",
     "fusion": "local_overrides",
     "local_margin": 0.0,
-    "fusion_without_box": None,
+    "without_box": "policy",
     "overlap": "later_wins",
     "local_at_box_step": "box_center",
     "threshold": 0.5,
@@ -122,6 +121,8 @@ def predict_object(
     if obj.problem or not obj.has_prompt:
         return None
     names = route(cfg["policy"], case, obj, experts)
+    if obj.box is None and cfg.get("without_box", "policy") != "policy" and len(names) > 1:
+        names = [n for n in names if n == cfg["without_box"]]
     if not obj.clicks and cfg.get("local_at_box_step", "box_center") == "skip" and len(names) > 1:
         names = [n for n in names if n != LOCAL]
     predictions: List[RoIPrediction] = []
@@ -137,10 +138,7 @@ def predict_object(
         if prediction is not None:
             predictions.append(prediction)
     last = _local_view(obj).last_click  # the click the local expert centred on (the box centre at the box step)
-    rule = cfg.get("fusion", "local_overrides")
-    if obj.box is None and cfg.get("fusion_without_box"):
-        rule = cfg["fusion_without_box"]
-    return fuse_predictions(predictions, rule,
+    return fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
                             click_zyx=last.zyx if last is not None else None,
                             click_positive=last.positive if last is not None else True,
                             threshold=float(cfg.get("threshold", 0.5)), margin=cfg.get("local_margin", 0.0),
@@ -161,9 +159,10 @@ class DCMPredictor:
                  process_start: Optional[float] = None):
         cfg = {**ENGINE_DEFAULTS, **(engine_cfg or {})}
         cfg["budget"] = {**ENGINE_DEFAULTS["budget"], **((engine_cfg or {}).get("budget") or {})}
-        for key in ("fusion", "fusion_without_box"):
-            if cfg[key] not in FUSION_RULES and (key == "fusion" or cfg[key] is not None):
-                raise ConfigError(f"engine.{key} must be one of {FUSION_RULES}, got {cfg[key]!r}")
+        if cfg["fusion"] not in FUSION_RULES:
+            raise ConfigError(f"engine.fusion must be one of {FUSION_RULES}, got {cfg['fusion']!r}")
+        if cfg["without_box"] not in ("policy", GLOBAL, LOCAL):
+            raise ConfigError(f"engine.without_box must be policy, {GLOBAL} or {LOCAL}, got {cfg['without_box']!r}")
         if cfg["overlap"] not in OVERLAP_RULES:
             raise ConfigError(f"engine.overlap must be one of {OVERLAP_RULES}, got {cfg['overlap']!r}")
         try:
