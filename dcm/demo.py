@@ -364,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m dcm.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
-    p.add_argument("--cases", type=int, default=1, help="synthetic cases per flavour (default %(default)s)")
+    p.add_argument("--cases", type=int, default=3, help="synthetic cases per flavour (default %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="synthetic case seed (default %(default)s; "
                    "training used 100)")
     p.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("D", "H", "W"),
