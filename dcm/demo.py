@@ -1,6 +1,6 @@
 """The main job out of the box: the bundled small experts on fresh cases, in one command.
 
-    python -m dcm.demo                 # ~5-10 min on a 2-core CPU; writes runs/demo/ and figs/demo.png
+    python -m dcm.demo                 # ~3 min on a 2-core CPU; writes runs/demo/ and figs/demo.png
     python -m dcm.demo --cases 1 --no-mri --out runs/demo_quick
 
 What it does:

@@ -114,7 +114,7 @@ def distance_to_background(mask: np.ndarray) -> np.ndarray:
 
     The values are those of ``scipy.ndimage.distance_transform_edt`` rounded to float32 (both are exact: the
     square root of an integer squared distance), so the farthest voxels, which the click rule picks, are
-    the same ones; computed with the ``edt`` package, 20-25x faster on the large error components of a
+    the same ones; computed with the ``edt`` package, ~18x faster on the large error components of a
     512x512x300 CT. The array must contain a 0 voxel (the padded components here always do).
     """
     import edt
