@@ -251,10 +251,11 @@ class LabelWriter:
         if self._owner_prob is None:
             np.copyto(view, np.uint8(label), where=fg)
             return
-        covered = fused.covered
         owner = self._owner_prob.read(fused.region)
         p = np.nan_to_num(fused.prob).astype(np.float16)
         win = fg & ((view == 0) | (view == label) | (p > owner))
         view[win] = label
-        cleared = covered & ~fg & (view == 0)
+        cleared = np.greater(view == 0, fg)  # free and not fg
+        if not fused.complete:
+            cleared &= fused.covered
         self._owner_prob.write(fused.region, np.where(win, p, np.float16(0)), win | cleared)
