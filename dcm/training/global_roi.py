@@ -18,8 +18,8 @@ backward (gradient synchronisation and ``no_sync`` rely on that).
 
 Config sections read here: ``model`` (``preset``, ``overrides``), ``data`` (``data_dir``, ``pattern``,
 ``min_foreground``, ``max_retries``, ``augment``), ``interaction`` and the extra ``train`` keys
-``lr_encoder``, ``lr_decoder``, ``warmup_steps``, ``milestones``, ``gamma`` (see
-``configs/train_global_roi.yaml``).
+``lr_encoder``, ``lr_decoder``, ``warmup_steps``, ``milestones``, ``gamma``, ``click_loss_weight``,
+``click_loss_radius`` (see ``configs/train_global_roi.yaml``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import nn
 from dcm.config import get
 from dcm.errors import ConfigError
 from dcm.models import SamMed3D, build_sam_med3d, load_model_config
+from dcm.training.clicks import ClickLoss
 from dcm.training.trainer import EpochAwareDataset, Trainer, sample_seed, warmup_multistep
 
 __all__ = [
@@ -94,18 +95,13 @@ def build_augmentation(acfg: Mapping[str, Any], size: int):
     The released pipeline used torchio; the MONAI counterparts and their differences:
 
     * ``flip``: torchio ``RandomFlip(axes=(0, 1, 2))`` -> one ``RandFlipd`` per axis, each with ``prob``.
-    * ``elastic``: torchio ``RandomElasticDeformation(num_control_points=7, max_displacement=7.5)`` (a cubic
-      B-spline through a 7^3 grid of control displacements ~ U(-7.5, 7.5) voxels, border control points
-      fixed at 0) -> ``RandSmoothDeformd``, the MONAI transform closest to it: a random displacement field
-      on a coarse grid of ``control_points - 2 * locked_borders`` points per axis, zero-padded by
-      ``locked_borders`` (the fixed border), each value ~ U(-max, max) voxels, interpolated to S^3 with
-      ``field_mode`` (trilinear; MONAI has no 3D B-spline mode). ``Rand3DElasticd`` (Gaussian-smoothed
-      per-voxel noise, no control grid) and ``RandGridDistortiond`` (piecewise-linear per-axis cell
-      distortion) are further from it. The grid uses ``align_corners=True`` so that a zero field is the
-      identity; ``max_displacement`` is converted to MONAI's normalised units as ``2 * max / (S - 1)``.
+    * ``elastic``: torchio ``RandomElasticDeformation(num_control_points=7, max_displacement=7.5)`` ->
+      :class:`dcm.training.spatial.RandBSplineElasticd`: the same draw (a cubic B-spline through a grid of
+      ``control_points`` control displacements ~ U(-max, max) voxels, ``locked_borders`` outer control
+      points per side at zero on ``locked_axes``), with a fold guard (``min_jacobian``, ``shrink``).
     * ``affine``: torchio ``RandomAffine(scales=(0.2, 0.5, 0.5), translation=4, degrees=0)`` ->
-      ``RandAffined(scale_range=scales, translate_range=translation)``, zero padding. MONAI scales the
-      sampling grid (factor 1 + U(-s, s)), torchio the image: the same range, reciprocal zoom.
+      :class:`dcm.training.spatial.RandZoomTranslated`: image zoom per axis ~ U(1 - s, 1 + s)
+      (``zoom_draw: scale``; ``inverse``: its reciprocal, as MONAI's ``RandAffine`` draws), shift ~ U(-t, t).
     * ``intensity``: torchio ``OneOf([RandomGamma(log_gamma=0.3), RandomBlur(std=(0, 1)),
       RandomNoise(std=(0, 0.25))])`` -> ``OneOf([RandAdjustContrastd(gamma=(e^-0.3, e^0.3)),
       RandGaussianSmoothd(sigma=(0, 1) per axis), RandGaussianNoised(std=0.25, sample_std=True)])``; MONAI's
@@ -125,12 +121,12 @@ def build_augmentation(acfg: Mapping[str, Any], size: int):
         Identityd,
         OneOf,
         RandAdjustContrastd,
-        RandAffined,
         RandFlipd,
         RandGaussianNoised,
         RandGaussianSmoothd,
-        RandSmoothDeformd,
     )
+
+    from dcm.training.spatial import RandBSplineElasticd, RandZoomTranslated
 
     keys = ["image", "label"]
     transforms: List[Any] = []
@@ -140,20 +136,16 @@ def build_augmentation(acfg: Mapping[str, Any], size: int):
             transforms.append(RandFlipd(keys=keys, spatial_axis=axis, prob=float(flip["prob"])))
     elastic = acfg.get("elastic") or {}
     if elastic.get("enabled", True):
-        locked = int(elastic["locked_borders"])
-        free = int(elastic["control_points"]) - 2 * locked
-        if free < 1:
-            raise ConfigError("data.augment.elastic: control_points must exceed 2 * locked_borders")
-        transforms.append(RandSmoothDeformd(
-            keys=keys, spatial_size=(size,) * 3, rand_size=(free,) * 3, pad=locked,
-            field_mode=str(elastic["field_mode"]), prob=float(elastic["prob"]),
-            def_range=2.0 * float(elastic["max_displacement"]) / (size - 1), grid_mode=("bilinear", "nearest"),
-            grid_padding_mode=str(elastic["padding_mode"]), grid_align_corners=True))
+        transforms.append(RandBSplineElasticd(
+            keys, size, prob=float(elastic["prob"]), control_points=int(elastic["control_points"]),
+            locked_borders=int(elastic["locked_borders"]), locked_axes=[int(a) for a in elastic["locked_axes"]],
+            max_displacement=float(elastic["max_displacement"]), padding_mode=str(elastic["padding_mode"]),
+            min_jacobian=float(elastic["min_jacobian"]), shrink=float(elastic["shrink"])))
     affine = acfg.get("affine") or {}
     if affine.get("enabled", True):
-        transforms.append(RandAffined(
-            keys=keys, prob=float(affine["prob"]), scale_range=[float(s) for s in affine["scales"]],
-            translate_range=[float(t) for t in affine["translation"]], mode=("bilinear", "nearest"),
+        transforms.append(RandZoomTranslated(
+            keys, prob=float(affine["prob"]), scales=[float(v) for v in affine["scales"]],
+            translation=[float(t) for t in affine["translation"]], zoom_draw=str(affine["zoom_draw"]),
             padding_mode=str(affine["padding_mode"])))
     intensity = acfg.get("intensity") or {}
     if intensity.get("enabled", True):
@@ -382,7 +374,8 @@ def _decode(sam: SamMed3D, embedding: torch.Tensor, coords: torch.Tensor, labels
 
 
 def run_interaction(sam: SamMed3D, image: torch.Tensor, gt: torch.Tensor, generator: torch.Generator,
-                    config: InteractionConfig, loss_fn: nn.Module) -> Dict[str, Any]:
+                    config: InteractionConfig, loss_fn: nn.Module,
+                    click_loss: Optional[ClickLoss] = None) -> Dict[str, Any]:
     """The released training interaction on one batch.
 
     Args:
@@ -390,6 +383,8 @@ def run_interaction(sam: SamMed3D, image: torch.Tensor, gt: torch.Tensor, genera
         image: (B, 1, S, S, S) z-normalised crops; gt: (B, 1, S, S, S) binary; axes (z, y, x).
         generator: CPU generator for the click sampling.
         config: loop settings; loss_fn: ``DiceCELoss(sigmoid=True, squared_pred=True)``.
+        click_loss: optional :class:`dcm.training.clicks.ClickLoss`, added to each correction step's loss on
+            its candidates' correction clicks (not the centre click, which the ground truth may contradict).
 
     Returns:
         ``loss`` (scalar, with graph), ``dice`` and ``dice_step0`` (detached means over the batch: the final
@@ -422,7 +417,12 @@ def run_interaction(sam: SamMed3D, image: torch.Tensor, gt: torch.Tensor, genera
         cand_labels = torch.cat([labels.repeat_interleave(k, 0), new_labels.reshape(b * k, 1)], 1)
         cand_masks = pred[:, :, ::stride, ::stride, ::stride].float().repeat_interleave(k, 0)
         cand_logits = _decode(sam, embedding.repeat_interleave(k, 0), cand_coords, cand_labels, cand_masks, size)
-        loss = loss + config.step_weight * loss_fn(cand_logits, target.repeat_interleave(k, 0))
+        step_loss = loss_fn(cand_logits, target.repeat_interleave(k, 0))
+        if click_loss is not None and click_loss.weight > 0:
+            enforced = cand_labels.clone()
+            enforced[:, 0] = -1  # the centre click is a convention, not the ground truth's answer
+            step_loss = step_loss + click_loss(cand_logits, cand_coords, enforced)
+        loss = loss + config.step_weight * step_loss
         cand_pred = cand_logits.detach() > 0
         step: Dict[str, torch.Tensor] = {"candidates": new_points, "candidate_labels": new_labels,
                                          "fallback": fallback}
@@ -440,7 +440,7 @@ class SamMed3DTrainable(SamMed3D):
     """:class:`SamMed3D` whose ``forward`` can also run the training interaction (same state-dict keys).
 
     ``model(image, interaction={...})`` calls :func:`run_interaction` (keyword arguments ``gt``,
-    ``generator``, ``config``, ``loss_fn``); without ``interaction`` it is :meth:`SamMed3D.forward`.
+    ``generator``, ``config``, ``loss_fn``, ``click_loss``); without ``interaction`` it is :meth:`SamMed3D.forward`.
     """
 
     @classmethod
@@ -516,6 +516,7 @@ class GlobalRoITrainer(Trainer):
 
         self.loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean",
                                   lambda_dice=self.interaction.lambda_dice, lambda_ce=self.interaction.lambda_ce)
+        self.click_loss = ClickLoss.from_cfg(self.tcfg)
         #: the last training step's click chain and per-step candidates (see :func:`run_interaction`).
         self.last_clicks: Optional[Dict[str, Any]] = None
         self._last_image: Optional[torch.Tensor] = None
@@ -570,7 +571,7 @@ class GlobalRoITrainer(Trainer):
         image = batch["image"].to(device, non_blocking=True)
         gt = batch["label"].to(device, non_blocking=True)
         out = model(image, interaction={"gt": gt, "generator": generator, "config": self.interaction,
-                                        "loss_fn": self.loss_fn})
+                                        "loss_fn": self.loss_fn, "click_loss": self.click_loss})
         self.last_clicks = out["record"]
         self._last_image = batch["image"]
         return {"loss": out["loss"], "dice": out["dice"].detach(), "dice_step0": out["dice_step0"].detach()}

@@ -5,15 +5,18 @@ The released recipe (see the spec, "Local-RoI expert"), with its click simulatio
 * data: every ``.npz`` training case (``imgs``, ``gts``, ``spacing``) of a folder; the whole volume is
   normalised with its 1st..99th percentiles to [0, 1] (clipped; the same helpers as the expert at
   inference), zero-padded to the patch size, and a patch is cropped around a voxel of a randomly drawn
-  object class (``RandCropByLabelClassesd``), then intensity scale / shift, Gaussian noise, flips and rot90;
+  class, background included (``RandCropByLabelClassesd``), then intensity scale / shift, Gaussian noise,
+  flips and rot90 (released: each with probability 0.2, scale / shift 0.2, noise std 0.2, rot90 in (z, y));
 * per patch, up to ``max_prompt`` objects present in it are prompted. The first click is the protocol's
   (``next_click(gt, zeros)``: the object's innermost voxel) or a random object voxel; then ``num_clicks``
   corrective clicks, each computed with :func:`dcm.protocol.next_click` from the *current* prediction
   (sigmoid > 0.5, detached). Every step gives the point head all clicks so far (1 fg / 0 bg) and adds a
   DiceCE loss (sigmoid, squared_pred). The released loop never updated its prediction, so its 5 clicks
   were one point;
-* the encoder runs once per patch; only the point head reruns per click (the gradient of every step
-  still flows into the encoder, which is trained).
+* the encoder runs once per optimizer step; only the point head reruns per click (the gradient of every
+  step still flows into the encoder, which is trained). ``train.steps_per_patch`` cuts a patch's click
+  steps into that many optimizer steps (released: one per click, 5);
+* optionally a loss on each click's neighbourhood (``train.click_loss_weight``, :mod:`dcm.training.clicks`).
 
 Everything the interaction does happens inside :class:`InteractiveVISTA3D.forward`, so that DDP sees one
 forward per step. Its state dict has exactly VISTA3D's keys: checkpoints load into
@@ -29,7 +32,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,6 +43,7 @@ from dcm.config import get
 from dcm.errors import CaseError, CheckpointError, ConfigError
 from dcm.experts.local_roi import LocalRoIExpert, as_zyx, intensity_percentiles, scale_intensity
 from dcm.protocol import next_click
+from dcm.training.clicks import ClickLoss
 from dcm.training.trainer import EpochAwareDataset, Trainer, sample_seed, warmup_cosine
 
 __all__ = [
@@ -49,6 +53,7 @@ __all__ = [
     "build_transforms",
     "npz_header_problem",
     "LocalRoIDataset",
+    "split_steps",
     "InteractiveVISTA3D",
     "LocalRoITrainer",
 ]
@@ -76,17 +81,17 @@ DATA_DEFAULTS: Dict[str, Any] = {
     "validate": "header",
     "patch_size": 128,
     "percentiles": [1.0, 99.0],
-    "crop_background_ratio": 0.0,
+    "crop_background_ratio": 1.0,
     "augment": {},
 }
 
 #: Defaults of ``data.augment`` (probabilities per sample; flips per axis).
 AUGMENT_DEFAULTS: Dict[str, Any] = {
-    "scale_intensity": {"factors": 0.1, "prob": 0.5},
-    "shift_intensity": {"offsets": 0.1, "prob": 0.5},
-    "gaussian_noise": {"mean": 0.0, "std": 0.01, "prob": 0.2},
-    "flip_prob": 0.5,
-    "rot90": {"prob": 0.5, "max_k": 3, "planes": [[1, 2]]},
+    "scale_intensity": {"factors": 0.2, "prob": 0.2},
+    "shift_intensity": {"offsets": 0.2, "prob": 0.2},
+    "gaussian_noise": {"mean": 0.0, "std": 0.2, "prob": 0.2},
+    "flip_prob": 0.2,
+    "rot90": {"prob": 0.2, "max_k": 3, "planes": [[0, 1]]},
 }
 
 #: Defaults of the ``interaction`` section.
@@ -349,24 +354,41 @@ def _click_tensors(clicks: Sequence[Sequence[ClickT]], device: torch.device) -> 
     return coords, labels
 
 
+def split_steps(num_steps: int, parts: int) -> List[Tuple[int, int]]:
+    """``num_steps`` click steps cut into ``parts`` consecutive ``(start, stop)`` ranges, the longer first.
+
+    E.g. 6 steps in 5 parts: (0, 2), (2, 3), (3, 4), (4, 5), (5, 6).
+    """
+    if not 1 <= parts <= num_steps:
+        raise ConfigError(f"train.steps_per_patch must be in [1, 1 + interaction.num_clicks = {num_steps}], "
+                          f"got {parts}")
+    size, extra = divmod(num_steps, parts)
+    bounds = [0]
+    for p in range(parts):
+        bounds.append(bounds[-1] + size + (p < extra))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class InteractiveVISTA3D(nn.Module):
     """VISTA3D's modules (same state-dict keys as ``VISTA3D``) with a forward that runs a click simulation.
 
     Args:
         vista: a MONAI ``VISTA3D`` (``dcm.models.vista3d.build_vista3d``); its modules are shared, not copied.
-        num_clicks: corrective clicks after the first (forward passes per patch: ``1 + num_clicks``).
+        num_clicks: corrective clicks after the first (click steps per patch: ``1 + num_clicks``).
         step_loss: ``mean`` or ``sum`` of the per-step losses.
         lambda_dice, lambda_ce: weights of MONAI ``DiceCELoss(sigmoid=True, squared_pred=True)``.
+        click_loss: optional :class:`dcm.training.clicks.ClickLoss` added to every step's loss, on all the
+            clicks that step was given (padding clicks excluded).
 
     Attributes:
         record: when True, :attr:`last_interaction` also keeps each step's binary prediction.
         last_interaction: per patch of the last forward, ``{"clicks": per object [((z, y, x), label), ...],
-            "dice": per object final Dice}``, and when ``record``: ``"preds"`` per step (K, z, y, x) bool and
-            ``"gts"`` (K, z, y, x) bool.
+            "dice": per object Dice of the latest step}``, and when ``record``: ``"preds"`` per step (K, z, y, x)
+            bool and ``"gts"`` (K, z, y, x) bool.
     """
 
     def __init__(self, vista: nn.Module, num_clicks: int = 5, step_loss: str = "mean", lambda_dice: float = 1.0,
-                 lambda_ce: float = 1.0):
+                 lambda_ce: float = 1.0, click_loss: Optional[ClickLoss] = None):
         super().__init__()
         from monai.losses import DiceCELoss
 
@@ -381,42 +403,62 @@ class InteractiveVISTA3D(nn.Module):
         self.step_loss = step_loss
         self.loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, lambda_dice=float(lambda_dice),
                                   lambda_ce=float(lambda_ce))
+        self.click_loss = click_loss or ClickLoss()
         self.record = False
         self.last_interaction: List[Dict[str, Any]] = []
+        self._first_dice = 0.0
 
     def forward(self, images: torch.Tensor, targets: Sequence[torch.Tensor],
-                first_clicks: Sequence[Sequence[ClickT]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Simulate the interaction on a batch of patches.
+                first_clicks: Optional[Sequence[Sequence[ClickT]]] = None,
+                steps: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Simulate the interaction on a batch of patches, or the click steps ``steps = (start, stop)`` of it.
+
+        Step 0 starts a new interaction from ``first_clicks``; a later ``start`` continues the one of the
+        previous call (its clicks, the next click computed from that call's last prediction), so that an
+        interaction can be trained in parts with an optimizer step between them (``train.steps_per_patch``).
+        The encoder runs once per call.
 
         Args:
             images: (B, 1, Z, Y, X) normalised patches.
             targets: per patch, (K_b, 1, Z, Y, X) float {0, 1} masks of its K_b >= 1 prompted objects.
-            first_clicks: per patch, K_b first clicks ``((z, y, x), label)``.
+            first_clicks: per patch, K_b first clicks ``((z, y, x), label)`` (needed when ``start`` is 0).
+            steps: the click steps to run, default all ``(0, 1 + num_clicks)``.
 
         Returns:
-            ``(loss, dice, dice_first)``: the loss (mean over patches of the step-reduced mean DiceCE over
-            objects), and the mean Dice over all objects of the last and of the first step's prediction
+            ``(loss, dice, dice_first)``: the loss (mean over patches of the step-reduced loss over these
+            steps), and the mean Dice over all objects of the last step run and of step 0's prediction
             (both detached).
         """
+        start, stop = steps if steps is not None else (0, self.num_clicks + 1)
+        if not 0 <= start < stop <= self.num_clicks + 1:
+            raise ValueError(f"steps {steps} outside [0, {self.num_clicks + 1}]")
+        if start == 0:
+            if first_clicks is None:
+                raise ValueError("first_clicks are needed to start an interaction")
+            self.last_interaction = [{"clicks": [[c] for c in first_clicks[b]], "dice": [],
+                                      "gts": target[:, 0].detach().cpu().numpy() > 0.5, "preds": []}
+                                     for b, target in enumerate(targets)]
+        elif len(self.last_interaction) != len(targets):
+            raise ValueError("steps continue an interaction that was not started (call with start 0 first)")
         embeddings, _ = self.image_encoder(images, with_point=True, with_label=False)  # (B, C, Z, Y, X)
         patch_losses: List[torch.Tensor] = []
         dices: List[float] = []
         first_dices: List[float] = []
-        self.last_interaction = []
         for b, target in enumerate(targets):
-            gt = target[:, 0].detach().cpu().numpy() > 0.5  # (K, Z, Y, X)
-            clicks: List[List[ClickT]] = [[c] for c in first_clicks[b]]
+            record = self.last_interaction[b]
+            gt, clicks = record["gts"], record["clicks"]
             step_losses: List[torch.Tensor] = []
-            preds: List[np.ndarray] = []
-            for step in range(self.num_clicks + 1):
+            for step in range(start, stop):
                 coords, labels = _click_tensors(clicks, images.device)
                 logits = self.point_head(embeddings[b:b + 1], coords, labels, class_vector=None)  # (K, 1, Z, Y, X)
-                step_losses.append(self.loss_fn(logits.float(), target.float()))
+                term = self.loss_fn(logits.float(), target.float())
+                extra = self.click_loss(logits, coords, labels)
+                step_losses.append(term if extra is None else term + extra)
                 pred = (torch.sigmoid(logits.detach().float()) > 0.5)[:, 0].cpu().numpy()
                 if step == 0:
-                    first_dices += [_dice(p, g) for p, g in zip(pred, gt)]
+                    record["dice_first"] = [_dice(p, g) for p, g in zip(pred, gt)]
                 if self.record:
-                    preds.append(pred)
+                    record["preds"].append(pred)
                 if step == self.num_clicks:
                     break
                 for k in range(len(clicks)):
@@ -425,12 +467,9 @@ class InteractiveVISTA3D(nn.Module):
                     clicks[k].append(((0, 0, 0), -1) if click is None else (click[0], 1 if click[1] == "fg" else 0))
             stacked = torch.stack(step_losses)
             patch_losses.append(stacked.mean() if self.step_loss == "mean" else stacked.sum())
-            object_dices = [_dice(p, g) for p, g in zip(pred, gt)]
-            dices += object_dices
-            record: Dict[str, Any] = {"clicks": clicks, "dice": object_dices}
-            if self.record:
-                record.update(preds=preds, gts=gt)
-            self.last_interaction.append(record)
+            record["dice"] = [_dice(p, g) for p, g in zip(pred, gt)]
+            dices += record["dice"]
+            first_dices += record["dice_first"]
         loss = torch.stack(patch_losses).mean()
         device = loss.device
         return (loss, torch.tensor(float(np.mean(dices)), device=device),
@@ -446,7 +485,8 @@ class LocalRoITrainer(Trainer):
     Extra ``train`` keys: ``lr``, ``warmup_steps``, ``min_lr_factor`` (cosine floor, fraction of lr),
     ``freeze_class_head`` (freeze :data:`LABEL_BRANCH_PREFIXES`; when false, DDP runs with
     ``find_unused_parameters``), ``init_key`` (checkpoint entry holding VISTA3D, used when present),
-    ``init_strict``, ``init_trusted``.
+    ``init_strict``, ``init_trusted``, ``steps_per_patch`` (optimizer steps per patch, see
+    :meth:`training_steps`), ``click_loss_weight``, ``click_loss_radius`` (:mod:`dcm.training.clicks`).
     """
 
     def __init__(self, cfg: Dict[str, Any]):
@@ -457,6 +497,7 @@ class LocalRoITrainer(Trainer):
         if int(self.icfg["max_prompt"]) < 1:
             raise ConfigError(f"interaction.max_prompt must be >= 1, got {self.icfg['max_prompt']}")
         self.patch_size = as_zyx(get(cfg, "data.patch_size", DATA_DEFAULTS["patch_size"]), "data.patch_size")
+        split_steps(int(self.icfg["num_clicks"]) + 1, int(self.tcfg.get("steps_per_patch", 1)))  # checked here
         self.freeze = bool(self.tcfg.get("freeze_class_head", True))
         if not self.freeze:
             self.tcfg["find_unused_parameters"] = True
@@ -478,7 +519,8 @@ class LocalRoITrainer(Trainer):
             raise ConfigError(f"data.patch_size {self.patch_size} must be divisible by {factor} for this model")
         icfg = self.icfg
         model = InteractiveVISTA3D(vista, num_clicks=int(icfg["num_clicks"]), step_loss=str(icfg["step_loss"]),
-                                   lambda_dice=float(icfg["lambda_dice"]), lambda_ce=float(icfg["lambda_ce"]))
+                                   lambda_dice=float(icfg["lambda_dice"]), lambda_ce=float(icfg["lambda_ce"]),
+                                   click_loss=ClickLoss.from_cfg(self.tcfg))
         if self.freeze:
             for name, p in model.named_parameters():
                 if name.startswith(LABEL_BRANCH_PREFIXES):
@@ -539,12 +581,23 @@ class LocalRoITrainer(Trainer):
 
     def training_step(self, model: nn.Module, batch: List[Dict[str, Any]],
                       generator: torch.Generator) -> Dict[str, Any]:
-        """One micro-batch of patches through the click simulation.
+        """One micro-batch of patches through the whole click simulation (one optimizer step).
 
         Returns:
             ``{"loss", "dice", "dice_first"}`` (scalar tensors; the Dice values are detached) and ``"clicks"``:
             per patch, per prompted object, its clicks ``((z, y, x), label)`` in order (label -1: padding after
             the object was perfect), each corrective one computed from the prediction of the step before.
+        """
+        return next(iter(self.training_steps(model, batch, generator, 1)))
+
+    def training_steps(self, model: nn.Module, batch: List[Dict[str, Any]], generator: torch.Generator,
+                       parts: int) -> Iterator[Dict[str, Any]]:
+        """The click simulation of a micro-batch in ``parts`` optimizer steps (``train.steps_per_patch``).
+
+        The ``1 + num_clicks`` click steps are cut into ``parts`` consecutive ranges (:func:`split_steps`);
+        each range re-runs the encoder with the current weights, and its loss is one optimizer step; the
+        clicks continue across ranges. The released loop took one optimizer step per click (``parts`` 5).
+        Outputs as :meth:`training_step`, the Dice of each range's last step.
         """
         device = self.dist.device
         images = torch.stack([s["image"] for s in batch]).to(device)  # (B, 1, Z, Y, X)
@@ -558,10 +611,11 @@ class LocalRoITrainer(Trainer):
             masks = np.stack([label == i for i in ids]) if ids else np.zeros((1,) + label.shape, dtype=bool)
             firsts.append([self.first_click(m, generator) for m in masks])
             targets.append(torch.from_numpy(masks[:, None].astype(np.float32)).to(device))
-        loss, dice, dice_first = model(images, targets, firsts)
         module = model.module if hasattr(model, "module") else model
-        return {"loss": loss, "dice": dice, "dice_first": dice_first,
-                "clicks": [r["clicks"] for r in module.last_interaction]}
+        for steps in split_steps(int(self.icfg["num_clicks"]) + 1, parts):
+            loss, dice, dice_first = model(images, targets, firsts, steps=steps)
+            yield {"loss": loss, "dice": dice, "dice_first": dice_first,
+                   "clicks": [r["clicks"] for r in module.last_interaction]}
 
     def log_figure(self, model: InteractiveVISTA3D, batch: List[Dict[str, Any]], epoch: int) -> None:
         """Slice of the first patch of ``batch`` through its first object's first click: image, ground truth,

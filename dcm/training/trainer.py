@@ -13,7 +13,12 @@ Config keys read here (section ``train``)::
     work_dir, seed, epochs, batch_size, num_workers, accumulation_steps, amp (CUDA only), grad_clip,
     weight_decay, checkpoint_every_steps (0 = end of epoch only), log_every_steps, figure_every_epochs,
     resume (path | 'auto' | null), init_from (path, loaded by name + shape), max_steps (stop early; tests),
-    device (auto | cpu | cuda), find_unused_parameters
+    device (auto | cpu | cuda), find_unused_parameters, steps_per_patch
+
+``steps_per_patch`` (default 1): optimizer steps per micro-batch (:meth:`Trainer.training_steps` yields one
+output per step; the default repeats ``training_step`` on the same batch, an expert may instead cut its
+interaction into parts). It needs ``accumulation_steps: 1``. Checkpoints and ``max_steps`` take effect at
+the end of a micro-batch (the first end at or after the step), so a resume never starts inside one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from dcm.atomic import atomic_path
+from dcm.errors import ConfigError
 from dcm.training.checkpointing import atomic_torch_save, capture_rng_state, restore_rng_state
 from dcm.training.distributed import (
     DistInfo,
@@ -172,6 +178,17 @@ class Trainer:
         """One micro-batch forward pass; returns ``{'loss': tensor, ...}`` (other entries are logged)."""
         raise NotImplementedError
 
+    def training_steps(self, model: nn.Module, batch: Any, generator: torch.Generator,
+                       parts: int) -> Iterable[Dict[str, torch.Tensor]]:
+        """The forward passes of one micro-batch, one per optimizer step (``train.steps_per_patch`` = ``parts``).
+
+        The trainer back-propagates each yielded ``loss`` and steps the optimizer before asking for the next,
+        so a later part sees the updated weights. Default: :meth:`training_step` ``parts`` times on the same
+        batch, the generator continuing.
+        """
+        for _ in range(parts):
+            yield self.training_step(model, batch, generator)
+
     def init_weights(self, model: nn.Module, path: str) -> None:
         """Initialise from a pretrained checkpoint by name + shape (reports what was skipped)."""
         from dcm.checkpoints import load_into
@@ -282,6 +299,26 @@ class Trainer:
                 self.writer.close()
             cleanup_distributed()
 
+    def _optimizer_step(self, model: nn.Module, optimizer, scheduler, scaler, grad_clip: Optional[float]) -> None:
+        """Clip (optional), step, zero the gradients, step the schedule, count the step."""
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self.global_step += 1
+
+    def _log_step(self, step_loss: float, out: Dict[str, Any], optimizer) -> None:
+        """TensorBoard scalars of one optimizer step: the loss, the step's other scalar outputs, each group's lr."""
+        self.writer.add_scalar("train/loss", step_loss, self.global_step)
+        for k, v in out.items():
+            if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
+                self.writer.add_scalar(f"train/{k}", float(v), self.global_step)
+        for gi, group in enumerate(optimizer.param_groups):
+            self.writer.add_scalar(f"lr/group{gi}", group["lr"], self.global_step)
+
     def _fit(self, tqdm) -> Dict[str, Any]:
         device = self.dist.device
         model = self.build_model().to(device)
@@ -301,7 +338,11 @@ class Trainer:
             raise ValueError(f"dataset of {len(dataset)} samples is too small for batch size "
                              f"{self.tcfg.get('batch_size', 1)} x {self.dist.world_size} processes")
         accumulation = max(1, int(self.tcfg.get("accumulation_steps", 1)))
-        steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+        parts = int(self.tcfg.get("steps_per_patch", 1))
+        if parts < 1 or (parts > 1 and accumulation > 1):
+            raise ConfigError(f"train.steps_per_patch must be >= 1, and 1 with train.accumulation_steps > 1; got "
+                              f"{parts} with accumulation {accumulation}")
+        steps_per_epoch = math.ceil(batches_per_epoch / accumulation) * parts
         scheduler = self.build_scheduler(optimizer, steps_per_epoch)
         use_amp = bool(self.tcfg.get("amp", True)) and device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -344,47 +385,41 @@ class Trainer:
             micro_losses: List[torch.Tensor] = []
             for i, batch in enumerate(loader, start=skip):
                 sync = (i + 1) % accumulation == 0 or i + 1 == batches_per_epoch
-                no_sync = model.no_sync() if self.dist.distributed and not sync else contextlib.nullcontext()
                 generator = torch.Generator(device="cpu").manual_seed(
                     sample_seed(self.seed, self.global_step, i % accumulation, self.dist.rank))
-                with no_sync:
-                    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                        out = self.training_step(model, batch, generator)
-                    loss = out["loss"]
-                    # the last group of an epoch may hold fewer micro-batches than `accumulation`
-                    group = min(accumulation, batches_per_epoch - (i // accumulation) * accumulation)
-                    scaler.scale(loss / group).backward()
-                micro_losses.append(loss.detach())
+                # the last group of an epoch may hold fewer micro-batches than `accumulation`
+                group = min(accumulation, batches_per_epoch - (i // accumulation) * accumulation)
+                steps_before = self.global_step
+                outputs = iter(self.training_steps(model, batch, generator, parts))
+                for part in range(parts):
+                    with model.no_sync() if self.dist.distributed and not sync else contextlib.nullcontext():
+                        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                            out = next(outputs, None)
+                        if out is None:
+                            raise RuntimeError(f"training_steps gave {part} outputs, train.steps_per_patch is {parts}")
+                        loss = out["loss"]
+                        scaler.scale(loss / group).backward()
+                    micro_losses.append(loss.detach())
+                    if sync:
+                        self._optimizer_step(model, optimizer, scheduler, scaler, grad_clip)
+                        if steady_start is None:
+                            steady_start, steady_samples = time.time(), samples
+                        step_loss = all_reduce_mean(torch.stack(micro_losses).mean()).item()
+                        micro_losses = []
+                        step_losses.append(step_loss)
+                        epoch_loss += step_loss
+                        epoch_count += 1
+                        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                        if self.writer is not None and (self.global_step % log_every == 0 or self.global_step == 1):
+                            self._log_step(step_loss, out, optimizer)
                 if "dice" in out:
                     dice_values.append(float(out["dice"]))
                 samples += int(self.tcfg.get("batch_size", 1))
                 bar.update(1)
-                if not sync:
+                if self.global_step == steps_before:
                     continue
-                if grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                self.global_step += 1
-                if steady_start is None:
-                    steady_start, steady_samples = time.time(), samples
-                step_loss = all_reduce_mean(torch.stack(micro_losses).mean()).item()
-                micro_losses = []
-                step_losses.append(step_loss)
-                epoch_loss += step_loss
-                epoch_count += 1
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                if self.writer is not None and (self.global_step % log_every == 0 or self.global_step == 1):
-                    self.writer.add_scalar("train/loss", step_loss, self.global_step)
-                    for k, v in out.items():
-                        if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
-                            self.writer.add_scalar(f"train/{k}", float(v), self.global_step)
-                    for gi, group in enumerate(optimizer.param_groups):
-                        self.writer.add_scalar(f"lr/group{gi}", group["lr"], self.global_step)
-                if ckpt_every and self.global_step % ckpt_every == 0 and i + 1 < batches_per_epoch:
+                if ckpt_every and self.global_step // ckpt_every > steps_before // ckpt_every \
+                        and i + 1 < batches_per_epoch:
                     self.save_checkpoint(self.work_dir / self.checkpoint_name, model, optimizer, scheduler, scaler,
                                          epoch, i + 1, {"loss_sum": epoch_loss, "count": epoch_count,
                                                         "dice_values": dice_values})

@@ -1,0 +1,94 @@
+"""Training that makes clicks matter: a loss on each click's neighbourhood, and whether a mask honours a click.
+
+A positive click must pull its region into the mask and a negative one push it out. The DiceCE loss of
+the interaction loops only sees the whole mask, where a click's few voxels weigh nothing; the click loss
+(``train.click_loss_weight``, ``train.click_loss_radius``) adds a binary cross-entropy on the voxels within
+``radius`` of every click: target 1 around positive clicks, 0 around negative ones.
+
+A click is *honoured* by a mask (the engine's promise, :mod:`dcm.engine.clicks`) when its voxel and the 6
+face neighbours of it inside the volume are in the mask (positive click) or all outside it (negative).
+Coordinates are (z, y, x) voxel indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcm.errors import ConfigError
+
+__all__ = ["ClickLoss", "ball_offsets", "click_loss", "clicks_honoured"]
+
+
+def ball_offsets(radius: float, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """(m, 3) long (z, y, x) offsets of the voxels within Euclidean ``radius`` of a voxel (radius 1: it and
+    its 6 face neighbours; 0: the voxel alone)."""
+    r = int(np.floor(radius))
+    grid = torch.stack(torch.meshgrid(*[torch.arange(-r, r + 1, device=device)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return grid[(grid.float() ** 2).sum(1) <= float(radius) ** 2 + 1e-9]
+
+
+def click_loss(logits: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, radius: float) -> torch.Tensor:
+    """Mean binary cross-entropy of ``logits`` on the clicks' neighbourhoods, against each click's sign.
+
+    Args:
+        logits: (N, 1, Z, Y, X) mask logits.
+        points: (N, n, 3) voxel (z, y, x) clicks of each of the N masks (float or integer values).
+        labels: (N, n) 1 positive, 0 negative, anything < 0 ignored (padding, or a click not to enforce).
+        radius: the neighbourhood, voxels within this Euclidean distance of the click (see :func:`ball_offsets`).
+
+    Returns:
+        Scalar: the mean over every (click, neighbourhood voxel inside the volume) pair; a voxel in two
+        neighbourhoods counts once for each. 0 (still attached to ``logits``) when there is none.
+    """
+    shape = torch.tensor(logits.shape[2:], device=logits.device)
+    offsets = ball_offsets(radius, logits.device)
+    voxels = points.round().long()[:, :, None, :] + offsets[None, None]  # (N, n, m, 3)
+    valid = (labels[:, :, None] >= 0) & ((voxels >= 0) & (voxels < shape)).all(-1)
+    voxels = torch.minimum(voxels.clamp(min=0), shape - 1)
+    flat = (voxels[..., 0] * shape[1] + voxels[..., 1]) * shape[2] + voxels[..., 2]
+    values = logits.flatten(1).gather(1, flat.flatten(1)).view(flat.shape).float()
+    target = (labels[:, :, None] > 0).to(values.dtype).expand_as(values)
+    bce = F.binary_cross_entropy_with_logits(values, target, reduction="none")
+    return (bce * valid).sum() / valid.sum().clamp(min=1)
+
+
+class ClickLoss:
+    """``train.click_loss_weight`` × :func:`click_loss` with ``train.click_loss_radius``; weight 0: off.
+
+    Calling it returns the weighted term, or None when off (so that a run without it computes nothing more).
+    """
+
+    def __init__(self, weight: float = 0.0, radius: float = 1.0) -> None:
+        self.weight, self.radius = float(weight), float(radius)
+        if self.weight < 0 or self.radius < 0:
+            raise ConfigError(f"train.click_loss_weight and train.click_loss_radius must be >= 0, got "
+                              f"{self.weight} and {self.radius}")
+
+    @classmethod
+    def from_cfg(cls, train: Mapping[str, Any]) -> "ClickLoss":
+        return cls(float(train.get("click_loss_weight", 0.0) or 0.0), float(train.get("click_loss_radius", 1.0)))
+
+    def __call__(self, logits: torch.Tensor, points: torch.Tensor, labels: torch.Tensor):
+        if self.weight == 0:
+            return None
+        return self.weight * click_loss(logits, points, labels, self.radius)
+
+
+def clicks_honoured(mask: np.ndarray, points: Sequence[Sequence[int]], labels: Sequence[int]) -> np.ndarray:
+    """(n,) bool: does the (Z, Y, X) bool ``mask`` honour each click (label 1 positive, 0 negative)?
+
+    The engine's own neighbourhood (:func:`dcm.engine.clicks.click_neighbourhood`): the click voxel and its
+    face neighbours inside the volume, all in the mask for a positive click, all outside for a negative one.
+    """
+    from dcm.engine.clicks import click_neighbourhood
+
+    out = np.zeros(len(points), dtype=bool)
+    for i, (zyx, label) in enumerate(zip(points, labels)):
+        v = click_neighbourhood([int(c) for c in zyx], mask.shape)
+        inside = mask[v[:, 0], v[:, 1], v[:, 2]]
+        out[i] = bool(inside.all()) if int(label) == 1 else bool(not inside.any())
+    return out
