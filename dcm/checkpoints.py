@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcm.errors import CheckpointError
+from dcm.atomic import check_writable
+from dcm.errors import CheckpointError, DCMError
+from dcm.safe_pickle import PickleRefused, resolve_numpy, stand_in_globals
 
 __all__ = [
     "STATE_DICT_KEYS",
@@ -64,23 +66,11 @@ def safe_globals() -> List[Any]:
     """What ``weights_only`` loading allows beyond torch's defaults.
 
     ``argparse.Namespace`` (training args saved in checkpoints), ``torch.device``, and numpy scalars /
-    arrays / dtypes (old checkpoints store metrics as numpy values), under their numpy 1 and 2 names.
+    arrays / dtypes (old checkpoints store metrics as numpy values), under their numpy 1 and 2 names. The
+    numpy names resolve to :mod:`dcm.safe_pickle`'s stand-ins, never to numpy's own unpickling (which would
+    let a file set the raw bytes of an object dtype); :func:`load_checkpoint` builds the real values.
     """
-    allowed: List[Any] = [argparse.Namespace, torch.device, np.dtype, np.ndarray]
-    try:
-        from numpy._core import multiarray as _ma  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1
-        from numpy.core import multiarray as _ma  # type: ignore[no-redef]
-    for fn in (_ma.scalar, _ma._reconstruct):
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            allowed.append((fn, f"{mod}.{fn.__name__}"))
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        for name in dir(dtypes):
-            obj = getattr(dtypes, name)
-            if isinstance(obj, type) and issubclass(obj, np.dtype):
-                allowed.append(obj)
-    return allowed
+    return [argparse.Namespace, torch.device] + stand_in_globals()
 
 
 def _unsafe_globals(path: Path) -> List[str]:
@@ -122,15 +112,24 @@ def load_checkpoint(path: PathLike, trusted: bool = False) -> Any:
         except ImportError as e:  # pragma: no cover - safetensors is a requirement
             raise CheckpointError(f"{p}: reading .safetensors needs the 'safetensors' package") from e
         try:
-            return load_file(str(p), device="cpu")
+            loaded = load_file(str(p), device="cpu")
         except Exception as e:
-            raise CheckpointError(f"{p}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{p}: not a readable .safetensors file ({type(e).__name__}: {_first_line(e)})") from None
+        return _check_finite(loaded, p)
+    return _check_finite(_load_pickled(p, trusted), p)
+
+
+def _load_pickled(p: Path, trusted: bool) -> Any:
+    """``torch.load`` of a file, every failure as one :class:`CheckpointError` line."""
     try:
         if trusted:
             return torch.load(str(p), map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(str(p), map_location="cpu", weights_only=True)
+            return resolve_numpy(torch.load(str(p), map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as e:
+        refused = _refusal(e)
+        if refused is not None:
+            raise CheckpointError(f"{p}: refused: {refused} (a safe load never rebuilds such data)") from None
         msg = str(e)
         lowered = msg.lower()
         if not trusted and ("not an allowed global" in lowered or "unsupported global" in lowered):
@@ -151,6 +150,49 @@ def load_checkpoint(path: PathLike, trusted: bool = False) -> Any:
         raise
     except Exception as e:
         raise CheckpointError(f"{p}: corrupt or not a checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _check_finite(obj: Any, path: Path) -> Any:
+    """``obj`` unchanged, after checking that no state dict in it (a mapping of tensors, up to 3 wrapper
+    levels deep) holds a NaN or infinite value.
+
+    Raises:
+        CheckpointError: naming the file and the first bad tensor.
+    """
+    todo: List[Tuple[str, Any]] = [("", obj)]
+    for _ in range(4):
+        nested: List[Tuple[str, Any]] = []
+        for where, m in todo:
+            if not isinstance(m, Mapping):
+                continue
+            for k, v in m.items():
+                name = f"{where}{k}"
+                if isinstance(v, torch.Tensor) and _non_finite(v):
+                    raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values (the weights "
+                                          f"are broken; use a checkpoint from before training diverged)")
+                if isinstance(v, Mapping):
+                    nested.append((f"{name}/", v))
+        todo = nested
+    return obj
+
+
+def _non_finite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds NaN / inf (one reduction; the exact test only if the sum overflows)."""
+    if not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta" or t.numel() == 0:
+        return False
+    if bool(torch.isfinite(t.sum())):
+        return False
+    return not bool(torch.isfinite(t).all())
+
+
+def _refusal(e: BaseException) -> Optional[str]:
+    """The one-line reason when ``e`` is, or was raised while handling, a :class:`PickleRefused`."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, PickleRefused):
+            return str(e)
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -245,8 +287,17 @@ def load_state_dict(
             f"{src}no state dict found: entries are not tensors ({', '.join(map(repr, bad[:5]))}); "
             f"looked for {', '.join(STATE_DICT_KEYS)}; pass key= to pick the right one"
         )
-    out = {str(k): (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v) for k, v in obj.items()}
+    out = {str(k): _as_tensor(v, f"{src}{k}") for k, v in obj.items()}
     return strip_prefixes(out)
+
+
+def _as_tensor(v: Any, where: str) -> torch.Tensor:
+    """A tensor, or a numpy array of numbers as one (native byte order, contiguous)."""
+    if not isinstance(v, np.ndarray):
+        return v
+    if v.dtype.kind not in "biufc":
+        raise CheckpointError(f"{where}: a numpy array of dtype {v.dtype} is not a weight tensor")
+    return torch.from_numpy(np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("=")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,7 +443,8 @@ def load_into(
     Returns:
         The :class:`LoadReport`.
     """
-    source = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "<state dict>"
+    path = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else None
+    source = path or "<state dict>"
     sd = load_state_dict(path_or_state_dict, key=key, trusted=trusted)
     model_sd = model.state_dict()
     rep = _compare(sd, model_sd, source)
@@ -408,9 +460,10 @@ def load_into(
             ) + (", ..." if len(rep.mismatched) > 5 else "") + ")")
         hint = _layout_hint(sd, model_sd)
         raise CheckpointError(
-            f"{source}: checkpoint does not fit the model: " + "; ".join(problems)
+            "checkpoint does not fit the model: " + "; ".join(problems)
             + (f". Hint: {hint}" if hint else "")
-            + ". Use strict=False to load by name and shape."
+            + ". Use the config (model presets) the weights were trained with.",
+            path=path,
         )
     if strict:
         model.load_state_dict(sd, strict=True)
@@ -450,9 +503,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--trust-checkpoint", action="store_true")
     args = parser.parse_args(argv)
     try:
+        check_writable(args.out)  # before two checkpoints are read
         out = combine(args.global_path, args.local_path, args.out, args.trust_checkpoint)
-    except CheckpointError as e:
-        print(f"combine: {e}", file=sys.stderr)
+    except DCMError as e:
+        print(" ".join(f"combine: {e}".split()), file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -15,10 +15,7 @@ per step) and ``prev_pred`` (D, H, W) uint8.
 
 from __future__ import annotations
 
-import ast
-import io
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +25,7 @@ import numpy as np
 
 from dcm.atomic import atomic_path
 from dcm.errors import CaseError
+from dcm.safe_pickle import unpickle_plain
 
 __all__ = [
     "BOX_KEYS",
@@ -223,57 +221,48 @@ def modality_of(case_name: str) -> str:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-#: What an object array of a case file (``boxes``, ``clicks``, ``clicks_order``) may unpickle besides the
-#: plain containers pickle builds without globals (dict, list, tuple, str, numbers, None).
-_SAFE_GLOBALS = frozenset(
-    [(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")]
-    + [("numpy", "ndarray"), ("numpy", "dtype")]
-)
+#: An object member (``boxes``, ``clicks``, ``clicks_order``) larger than this is refused: the organisers'
+#: files hold a few hundred bytes per object.
+MAX_OBJECT_MEMBER_BYTES = 64 << 20
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles numpy object arrays of plain data only: any other global (a callable) is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to unpickle {module}.{name} (case files hold plain data only)")
-
-
-def _read_object_member(data: bytes) -> np.ndarray:
-    """An ``.npy`` member holding an object array, unpickled with :class:`_SafeUnpickler`."""
-    if data[:6] != b"\x93NUMPY":
-        raise ValueError("not an .npy member")
-    major = data[6]
-    if major == 1:
-        start, size = 10, int.from_bytes(data[8:10], "little")
-    elif major in (2, 3):
-        start, size = 12, int.from_bytes(data[8:12], "little")
-    else:
-        raise ValueError(f"unknown .npy format version {major}")
-    header = ast.literal_eval(data[start:start + size].decode("utf8" if major == 3 else "latin1"))
-    array = _SafeUnpickler(io.BytesIO(data[start + size:])).load()
-    if not isinstance(array, np.ndarray) or array.shape != tuple(header.get("shape", ())):
+def _read_object_member(f: Any, dtype: np.dtype, shape: Tuple[int, ...], size: int) -> np.ndarray:
+    """The rest of an ``.npy`` member holding an object array, decoded by :func:`dcm.safe_pickle.unpickle_plain`
+    (plain Python items only; NumPy never rebuilds anything from the file's bytes)."""
+    if dtype != np.dtype(object):
+        raise ValueError(f"dtype {dtype} mixes objects into a structured array (not read)")
+    if size > MAX_OBJECT_MEMBER_BYTES:
+        raise ValueError(f"object array of {size} bytes (at most {MAX_OBJECT_MEMBER_BYTES} are read)")
+    array = unpickle_plain(f.read(MAX_OBJECT_MEMBER_BYTES + 1))
+    if not isinstance(array, np.ndarray) or array.dtype != object or array.shape != tuple(shape):
         raise ValueError("the pickled array does not match its header")
     return array
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One ``.npy`` member; its header must not declare more data than the member holds."""
+    fmt = np.lib.format
     with zf.open(info) as f:
-        try:
-            return np.lib.format.read_array(f, allow_pickle=False)
-        except ValueError as e:
-            if "allow_pickle" not in str(e):
-                raise
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"unknown .npy format version {version}")
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            return _read_object_member(f, dtype, shape, info.file_size)
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if declared > info.file_size:
+            raise ValueError(f"header declares {declared} bytes of data, the member holds {info.file_size}")
     with zf.open(info) as f:
-        return _read_object_member(f.read())
+        return fmt.read_array(f, allow_pickle=False)
 
 
 def load_npz(path: PathLike, skip: Sequence[str] = ()) -> Dict[str, Any]:
     """Read every array of an ``.npz`` into a dict, turning any read failure into one :class:`CaseError`.
 
-    Object arrays (the challenge's ``boxes``, ``clicks``, ``clicks_order``) are unpickled with an allow-list
-    (numpy arrays and plain containers), so a crafted case file cannot run code.
+    Object arrays (the challenge's ``boxes``, ``clicks``, ``clicks_order``) are decoded into plain Python
+    items and NumPy arrays of numbers / strings without NumPy's unpickling, so a crafted case file can neither
+    run code nor make NumPy read its bytes as pointers; structured arrays holding objects are refused.
 
     Args:
         path: the file.
@@ -329,7 +318,7 @@ def _as_scalar_obj(a: Any) -> Any:
 
 
 def validate_image(image: Any, where: Optional[PathLike] = None, field_name: str = "imgs") -> np.ndarray:
-    """The image as a 3D, non-empty, real, finite numeric array.
+    """The image as a 3D, non-empty, real, finite numeric array whose values fit float32.
 
     Raises:
         CaseError: naming ``where`` (a file, or None) and ``field_name``.
@@ -347,6 +336,12 @@ def validate_image(image: Any, where: Optional[PathLike] = None, field_name: str
         bad = _count_slabs(image, lambda a: a.size - np.count_nonzero(np.isfinite(a)))
         if bad:
             raise CaseError(where, field_name, f"{bad} non-finite (NaN/inf) values")
+        if image.dtype.itemsize > 4:  # the experts compute in float32: larger values would become inf
+            limit = float(np.finfo(np.float32).max)
+            big = _count_slabs(image, lambda a: np.count_nonzero(np.abs(a) > limit))
+            if big:
+                raise CaseError(where, field_name, f"{big} values beyond the float32 range (|v| > {limit:.3g}, "
+                                                   f"up to {float(np.abs(image).max()):.3g}); rescale the image")
     return image
 
 
