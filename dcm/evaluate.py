@@ -20,6 +20,7 @@ import csv
 import importlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import numpy as np
 
 from dcm.atomic import atomic_path
 from dcm.data.cases import Case, atomic_savez, case_to_arrays, load_case, load_npz
-from dcm.errors import CaseError, DCMError
+from dcm.errors import CaseError, ConfigError, DCMError
 from dcm.metrics import case_scores, click_auc
 from dcm.protocol import record_next_clicks
 
@@ -115,25 +116,18 @@ StepRunner = Callable[[Path, Path], Tuple[float, str]]
 class CommandPredictor:
     """Runs a shell command per step in a working folder holding ``inputs/`` and ``outputs/``.
 
-    The command runs with that folder as its working directory (as ``/workspace`` in the organisers'
-    container); relative paths in the command that name existing files where the evaluator was started
-    (``predict.sh``) are made absolute. ``DCM_INPUT_DIR`` / ``DCM_OUTPUT_DIR`` are set too, and the folder
-    holding the ``dcm`` package is put on ``PYTHONPATH``.
+    The command runs through ``sh -c`` (shell syntax works) with that folder as its working directory (as
+    ``/workspace`` in the organisers' container); relative paths in the command that name existing files
+    where the evaluator was started (``predict.sh``) are made absolute. ``DCM_INPUT_DIR`` /
+    ``DCM_OUTPUT_DIR`` are set too, and the folder holding the ``dcm`` package is put on ``PYTHONPATH``. The
+    command runs in its own process group: at a timeout, and when it ends, every process it started is
+    killed.
     """
 
     def __init__(self, command: str, timeout: Optional[float] = None, verbose: bool = False):
-        self.command = self._absolutise(command)
+        self.command = absolutise_command(command)
         self.timeout = timeout
         self.verbose = verbose
-
-    @staticmethod
-    def _absolutise(command: str) -> str:
-        parts = []
-        for token in shlex.split(command):
-            if not token.startswith("-") and Path(token).exists():
-                token = str(Path(token).resolve())
-            parts.append(shlex.quote(token))
-        return " ".join(parts)
 
     def __call__(self, case_file: Path, workdir: Path) -> Tuple[float, str]:
         env = dict(os.environ)
@@ -142,18 +136,111 @@ class CommandPredictor:
         env["DCM_INPUT_DIR"] = str(workdir / "inputs")
         env["DCM_OUTPUT_DIR"] = str(workdir / "outputs")
         start = time.perf_counter()
+        # Its own session (process group): a timeout, or the end of the step, ends every process it started.
+        proc = subprocess.Popen(["sh", "-c", self.command], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         try:
-            proc = subprocess.run(self.command, shell=True, cwd=workdir, env=env, timeout=self.timeout,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            log = proc.stdout or ""
+            log, _ = proc.communicate(timeout=self.timeout)
+            log = log or ""
             if proc.returncode != 0:
                 log += f"\n[exit status {proc.returncode}]"
         except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.communicate()
             log = f"[timed out after {self.timeout} s]"
+        except BaseException:  # Ctrl-C: leave nothing running
+            _kill_group(proc.pid)
+            proc.wait()
+            raise
+        finally:
+            _kill_group(proc.pid)
         seconds = time.perf_counter() - start
         if self.verbose and log.strip():
             print(log, file=sys.stderr)
         return seconds, log
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process of a process group (gone already: nothing to do)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_SHELL_BREAKS = set(";&|<>()")
+
+
+def _shell_words(command: str) -> List[Tuple[int, int, str]]:
+    """``(start, end, value)`` of each word of a ``sh`` command line: quotes and backslashes removed from the
+    value, the span covering the word as written; operators (``&&``, ``|``, ``>``, ``;``, ...) are not words.
+
+    Raises:
+        ValueError: an unterminated quote.
+    """
+    words, i, n = [], 0, len(command)
+    while i < n:
+        if command[i].isspace() or command[i] in _SHELL_BREAKS:
+            i += 1
+            continue
+        start, value = i, []
+        while i < n and not (command[i].isspace() or command[i] in _SHELL_BREAKS):
+            c = command[i]
+            if c == "'":
+                end = command.find("'", i + 1)
+                if end < 0:
+                    raise ValueError("unterminated ' quote")
+                value.append(command[i + 1:end])
+                i = end + 1
+            elif c == '"':
+                i += 1
+                while i < n and command[i] != '"':
+                    if command[i] == "\\" and i + 1 < n and command[i + 1] in '"\\$`':
+                        i += 1
+                    value.append(command[i])
+                    i += 1
+                if i >= n:
+                    raise ValueError('unterminated " quote')
+                i += 1
+            elif c == "\\":
+                value.append(command[i + 1:i + 2])
+                i += 2
+            else:
+                value.append(c)
+                i += 1
+        words.append((start, i, "".join(value)))
+    return words
+
+
+def _exists(value: str) -> bool:
+    try:
+        return Path(value).exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
+def absolutise_command(command: str) -> str:
+    """The command with each word that names an existing relative path (where the evaluator runs) made
+    absolute; everything else (shell operators, redirections, variables, quoting) is kept as written, and the
+    command runs through ``sh -c``.
+
+    Raises:
+        ConfigError: the command is empty or has an unterminated quote.
+    """
+    try:
+        words = _shell_words(command)
+    except ValueError as e:
+        raise ConfigError(f"--predict-cmd {command!r}: {e}") from None
+    if not words:
+        raise ConfigError("--predict-cmd: empty command")
+    out, last = [], 0
+    for start, end, value in words:
+        raw = command[start:end]
+        if (value and not value.startswith("-") and not Path(value).is_absolute() and "$" not in raw
+                and "`" not in raw and _exists(value)):
+            out.append(command[last:start] + shlex.quote(str(Path(value).resolve())))
+            last = end
+    return "".join(out) + command[last:]
 
 
 class InProcessPredictor:
@@ -192,7 +279,9 @@ def resolve_predictor(spec: str, cases_dir: Path) -> Callable[[Case], np.ndarray
 
 
 def _read_segs(path: Path, shape: Tuple[int, ...]) -> Tuple[np.ndarray, Optional[str]]:
-    """The step's output; a missing or unreadable file counts as all zeros (the organisers' rule)."""
+    """The step's output as written (no cast: labels are compared as the integers they are, as the organisers
+    do, so an int64 label 257 does not pass for label 1); a missing or unreadable file counts as all zeros
+    (the organisers' rule). The note says what was wrong, or that ``segs`` is not uint8."""
     if not path.is_file():
         return np.zeros(shape, dtype=np.uint8), "no output file (scored as empty)"
     try:
@@ -204,6 +293,8 @@ def _read_segs(path: Path, shape: Tuple[int, ...]) -> Tuple[np.ndarray, Optional
     segs = np.asarray(arrays["segs"])
     if segs.shape != tuple(shape):
         raise ShapeError(f"{path}: segs shape {segs.shape} differs from imgs {tuple(shape)}")
+    if segs.dtype != np.uint8:
+        return segs, f"{path}: segs dtype {segs.dtype}, not uint8 (labels scored as they are, without a cast)"
     return segs, None
 
 
@@ -256,12 +347,12 @@ def evaluate_case(
             record_next_clicks(gts, segs, labels, clicks, clicks_order)
             arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes, clicks=clicks,
                                     clicks_order=clicks_order, prev_pred=segs)
+            arrays["prev_pred"] = segs  # as the predictor wrote it (a uint8 cast would wrap labels > 255)
         atomic_savez(in_file, compress=False, **arrays)
         # A stale output of the previous step must not be mistaken for this step's answer.
         out_file.unlink(missing_ok=True)
         seconds, log = run_step(in_file, workdir)
         segs, problem = _read_segs(out_file, case.shape)
-        segs = segs.astype(np.uint8, copy=False)
         result.seconds[step - 1] = seconds
         if problem:
             result.notes.append(f"step {step}: {problem}" + (f" [{log.strip().splitlines()[-1]}]" if log.strip() else ""))
@@ -359,7 +450,8 @@ def evaluate_folder(
     with atomic_path(out_dir / "summary.md") as tmp:
         tmp.write_text(markdown_table(summary) + "\n")
     _write_csv(out_dir / "failures.csv", [{"CaseName": n, "Error": e} for n, e in failures], ["CaseName", "Error"])
-    (out_dir / "notes.txt").write_text("\n".join(notes) + ("\n" if notes else ""))
+    with atomic_path(out_dir / "notes.txt") as tmp:
+        tmp.write_text("\n".join(notes) + ("\n" if notes else ""))
     return rows, failures
 
 
@@ -380,7 +472,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.predict_cmd:
-        runner: StepRunner = CommandPredictor(args.predict_cmd, timeout=args.timeout, verbose=args.verbose)
+        try:
+            runner: StepRunner = CommandPredictor(args.predict_cmd, timeout=args.timeout, verbose=args.verbose)
+        except ConfigError as e:
+            print(f"evaluate: {e}", file=sys.stderr)
+            return 2
     else:
         runner = InProcessPredictor(resolve_predictor(args.predictor, Path(args.cases)))
     rows, failures = evaluate_folder(Path(args.cases), Path(args.out), runner, args.nsd_spacing,

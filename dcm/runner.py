@@ -13,14 +13,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from dcm.atomic import check_writable, stale_temporaries
 from dcm.data.cases import Case, load_case, save_segmentation
-from dcm.errors import DCMError
+from dcm.errors import DCMError, OutputError
 
-__all__ = ["PredictFn", "FolderResult", "default_io_dirs", "predict_folder"]
+__all__ = ["PredictFn", "FolderResult", "default_io_dirs", "check_io_dirs", "predict_folder"]
 
 logger = logging.getLogger("dcm")
 
@@ -53,6 +54,18 @@ def default_io_dirs(inputs: Optional[str] = None, outputs: Optional[str] = None)
     return Path(in_dir), Path(out_dir)
 
 
+def check_io_dirs(inputs: Path, outputs: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written or that is the input folder.
+
+    Raises:
+        OutputError: one line naming the folder.
+    """
+    check_writable(outputs, folder=True)
+    if Path(inputs).is_dir() and Path(outputs).is_dir() and Path(inputs).resolve() == Path(outputs).resolve():
+        raise OutputError(f"{outputs}: the output folder is the input folder ({inputs}); outputs would "
+                          f"overwrite the cases: give another --outputs")
+
+
 def _say(line: str) -> None:
     """One stderr line, whatever newlines the message carries."""
     print(" ".join(line.split()), file=sys.stderr, flush=True)
@@ -81,8 +94,15 @@ def predict_folder(
         result.failed.append((str(inputs), "input folder does not exist"))
         _say(f"{inputs}: input folder does not exist")
         return result
-    outputs.mkdir(parents=True, exist_ok=True)
+    try:
+        check_io_dirs(inputs, outputs)
+        outputs.mkdir(parents=True, exist_ok=True)
+    except (DCMError, OSError) as e:
+        result.failed.append((str(outputs), str(e)))
+        _say(str(e) if isinstance(e, DCMError) else f"{outputs}: cannot be written ({e.strerror or e})")
+        return result
     _remove_stale_temporaries(outputs)
+    earlier = _earlier_outputs(outputs)
     for path in sorted(inputs.iterdir()):
         if path.name.startswith("."):
             continue
@@ -99,31 +119,59 @@ def predict_folder(
                 if obj.problem:
                     _say(f"{path}: object {obj.label}: {obj.problem}; its previous mask is kept")
             t1 = time.perf_counter()
+            out = outputs / path.name
+            if out.exists() and not out.is_file():
+                raise OutputError(f"{out}: cannot be written: it is {'a folder' if out.is_dir() else 'not a regular file'}")
             segs = predict_fn(case)
             t2 = time.perf_counter()
-            save_segmentation(outputs / path.name, segs, shape=case.shape)
+            save_segmentation(out, segs, shape=case.shape)
             result.written.append(outputs / path.name)
             if timings:
                 _say(f"timing {path.name}: read {t1 - t0:.2f} s, predict {t2 - t1:.2f} s, "
                      f"write {time.perf_counter() - t2:.2f} s ({len(case.objects)} objects)")
         except DCMError as e:
-            _fail(result, outputs / path.name, str(path), str(e), str(e))
+            _fail(result, outputs / path.name, earlier, str(path), str(e), str(e))
         except MemoryError:
-            _fail(result, outputs / path.name, str(path), "out of memory", f"{path}: out of memory")
+            _fail(result, outputs / path.name, earlier, str(path), "out of memory", f"{path}: out of memory")
+        except OSError as e:  # the output cannot be written
+            reason = f"cannot write {outputs / path.name} ({e.strerror or type(e).__name__})"
+            _fail(result, outputs / path.name, earlier, str(path), reason, f"{path}: {reason}")
         except Exception as e:  # a predictor bug must not stop the other files
             logger.debug("prediction failed", exc_info=True)
             reason = f"prediction failed ({type(e).__name__}: {e})"
-            _fail(result, outputs / path.name, str(path), reason, f"{path}: {reason}")
+            _fail(result, outputs / path.name, earlier, str(path), reason, f"{path}: {reason}")
     if not result.written and not result.failed:
         result.failed.append((str(inputs), "no .npz case file"))
         _say(f"{inputs}: no .npz case file to predict")
     return result
 
 
-def _fail(result: FolderResult, output: Path, path: str, reason: str, line: str) -> None:
-    """Record a failed file; an output left by an earlier call must not pass for this call's answer."""
-    if output.resolve() != Path(path).resolve():  # inputs and outputs may be one folder
-        output.unlink(missing_ok=True)
+def _earlier_outputs(outputs: Path) -> Dict[str, Tuple[int, int, int]]:
+    """``{name: (device, inode, mtime_ns)}`` of the ``.npz`` files in ``outputs`` before this call wrote any."""
+    found = {}
+    for p in outputs.glob("*.npz"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        found[p.name] = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def _fail(result: FolderResult, output: Path, earlier: Dict[str, Tuple[int, int, int]], path: str, reason: str,
+          line: str) -> None:
+    """Record a failed file and remove its output if an earlier call left it there (it must not pass for
+    this call's answer); an output written since this call started (by another call on the same folder)
+    is that call's and stays."""
+    try:
+        st = output.lstat()
+    except OSError:
+        st = None
+    if st is not None and earlier.get(output.name) == (st.st_dev, st.st_ino, st.st_mtime_ns):
+        try:
+            output.unlink()
+        except OSError as e:
+            _say(f"{output}: stale output not removed ({e.strerror or e})")
     result.failed.append((path, reason))
     _say(line)
 
@@ -131,9 +179,10 @@ def _fail(result: FolderResult, output: Path, path: str, reason: str, line: str)
 def _remove_stale_temporaries(outputs: Path) -> None:
     """Delete the temporary files of output writes that a killed earlier call left behind.
 
-    :func:`dcm.atomic.atomic_path` names them ``.<name>.<random>.tmp``; a SIGKILL gives no chance to clean up.
+    :func:`dcm.atomic.atomic_path` names them ``.<name>.<pid>.<random>.tmp``; a SIGKILL gives no chance to
+    clean up. Those of a process that still runs (another call writing to this folder) are left alone.
     """
-    for tmp in outputs.glob(".*.npz.*.tmp"):
+    for tmp in stale_temporaries(outputs, "*.npz"):
         try:
             tmp.unlink()
         except OSError:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
-from dcm.errors import DCMError
+from dcm.errors import CheckpointError, DCMError
 
 __all__ = ["box_from_bounds", "main"]
 
@@ -52,11 +52,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.box is None and not clicks:
         parser.error("give a --box and / or at least one --point")
 
+    from dcm.atomic import check_writable
+    from dcm.cli import check_device
+    from dcm.config import load_config, resolve_repo_path
     from dcm.engine.session import InteractiveSession
     from dcm.experts import build_experts_from_config
 
-    try:
-        cfg, experts = build_experts_from_config(args.config, args.weights, args.device, tuple(args.overrides),
+    weights = args.weights
+    try:  # settings and the output path first: a bad one must not cost the whole segmentation
+        check_writable(args.out)
+        cfg = load_config(args.config or "dcm", tuple(args.overrides))
+        check_device(args.device or cfg.get("device"), "--device" if args.device else "device")
+        weights = None if args.random_init else resolve_repo_path(args.weights or cfg.get("weights"))
+        cfg, experts = build_experts_from_config(cfg, args.weights, args.device, (),
                                                  trusted=args.trust_checkpoint, random_init=args.random_init)
         session = InteractiveSession(config=cfg, experts=experts)
         session.set_image(args.image)
@@ -66,8 +74,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for zyx, positive in clicks:
             session.add_point(obj, zyx, positive=positive)
         session.save(args.out)
+    except CheckpointError as e:
+        print(f"segment: {e.naming(weights)}", file=sys.stderr)
+        return 2
     except (DCMError, ValueError) as e:
-        print(f"segment: {e}", file=sys.stderr)
+        print(" ".join(f"segment: {e}".split()), file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({int(session.mask(obj).sum())} voxels)")
     return 0

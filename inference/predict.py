@@ -10,7 +10,7 @@ the flags.
 
 Exit status: 0 when every case was written; 1 when a case failed (one line on stderr names the file and the
 field; the other cases are still written, and a failed case has no output file); 2 when nothing could run
-(bad config or weights); 143 on SIGTERM (outputs already written stay complete, no temporary file is left).
+(bad config, weights, device or seed; an output folder that cannot be written or is the input folder); 143 on SIGTERM (outputs already written stay complete, no temporary file is left).
 """
 
 import time
@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dcm.errors import DCMError  # noqa: E402
+from dcm.errors import CheckpointError, DCMError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=os.environ.get("DCM_DEVICE"), help="auto (default), cpu or cuda")
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in --weights")
     parser.add_argument("--random-init", action="store_true", help="no weights: random models (tests, benchmarks)")
-    parser.add_argument("--seed", type=int, default=int(os.environ.get("DCM_SEED", "0")),
+    parser.add_argument("--seed", default=os.environ.get("DCM_SEED", "0"),
                         help="torch seed (random-init weights; any sampling): same inputs + seed = same outputs")
     parser.add_argument("--timings", action="store_true", default=os.environ.get("DCM_TIMINGS", "") not in ("", "0"),
                         help="print where the time goes on stderr (start-up, model loading, per case read / "
@@ -53,16 +53,27 @@ def main(argv=None) -> int:
     from dcm.startup import import_monai_networks
 
     import_monai_networks()  # ~4 s less start-up per call (DCM_LEAN_IMPORTS=0: the plain import)
+    from dcm.cli import check_device, parse_seed
+    from dcm.config import load_config, resolve_repo_path
     from dcm.engine.predictor import DCMPredictor
     from dcm.experts import build_experts_from_config
-    from dcm.runner import default_io_dirs, predict_folder
+    from dcm.runner import check_io_dirs, default_io_dirs, predict_folder
 
     imported = time.perf_counter()
     inputs, outputs = default_io_dirs(args.inputs, args.outputs)
-    torch.manual_seed(args.seed)
-    try:
-        cfg, experts = build_experts_from_config(args.config, args.weights, args.device, tuple(args.overrides),
+    weights = args.weights
+    try:  # every setting is checked before the models are built and loaded
+        seed = parse_seed(args.seed)
+        check_io_dirs(inputs, outputs)
+        cfg = load_config(args.config or "dcm", tuple(args.overrides))
+        check_device(args.device or cfg.get("device"), "--device / DCM_DEVICE" if args.device else "device")
+        weights = None if args.random_init else resolve_repo_path(args.weights or cfg.get("weights"))
+        torch.manual_seed(seed)
+        cfg, experts = build_experts_from_config(cfg, args.weights, args.device, (),
                                                  trusted=args.trust_checkpoint, random_init=args.random_init)
+    except CheckpointError as e:
+        print(f"predict: {e.naming(weights)}", file=sys.stderr)
+        return 2
     except DCMError as e:
         print(" ".join(f"predict: {e}".split()), file=sys.stderr)
         return 2

@@ -8,7 +8,10 @@ come from a NIfTI file is rounded to float32 on the first write (and then stays 
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -94,11 +97,15 @@ def read_nifti(path: PathLike) -> Tuple[np.ndarray, Geometry]:
     path = Path(path)
     if not path.is_file():
         raise CaseError(path, None, "no such file")
+    _check_nifti_complete(path)
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warnings; errors still raise
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise CaseError(path, None, f"not a readable image ({first})") from None
+        raise CaseError(path, None, f"not a readable image ({_itk_reason(e)})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(path, None, f"{image.GetNumberOfComponentsPerPixel()} components per voxel; "
                         "expected a scalar 3D image")
@@ -109,6 +116,75 @@ def read_nifti(path: PathLike) -> Tuple[np.ndarray, Geometry]:
     elif dim != 3:
         raise CaseError(path, None, f"{dim}D image of size {size} (x, y, z, ...); expected a 3D image")
     return sitk.GetArrayFromImage(image), Geometry.from_image(image)
+
+
+def _itk_reason(e: BaseException) -> str:
+    """ITK's own reason from a SimpleITK exception (its first line is only where it was thrown)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "ITK ERROR:" in ln:
+            reason = ln.split("ITK ERROR:", 1)[1].strip()
+            head, sep, tail = reason.partition("): ")  # "ImageFileReader(0x55...): the reason"
+            return " ".join((tail if sep and "(0x" in head else reason).split())
+    return lines[-1] if lines else type(e).__name__
+
+
+def _nifti_data_end(header: bytes) -> Optional[int]:
+    """Where the voxel data of a NIfTI-1 / NIfTI-2 file ends (vox_offset + voxels x bytes), or None when
+    ``header`` is not a NIfTI header (SimpleITK then judges the file)."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = max(int(struct.unpack(order + "f", header[108:112])[0]), 348)
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = max(struct.unpack(order + "q", header[168:176])[0], 540)
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8 or any(d < 0 for d in dims[1:dims[0] + 1]):
+        return None
+    return offset + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=object)) * (bitpix // 8)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a ``.nii`` / ``.nii.gz`` file that ends before its voxel data does (SimpleITK reads a
+    truncated file without a word, leaving the missing voxels zero).
+
+    Raises:
+        CaseError: naming the file, the size expected and found.
+    """
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    gz = name.endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            end = _nifti_data_end(f.read(540))
+    except (EOFError, OSError, zlib.error):
+        end = None
+    if end is None:  # not a NIfTI header: SimpleITK says what the file is
+        return
+    if not gz:
+        size = path.stat().st_size
+    else:
+        with open(path, "rb") as raw:  # the gzip trailer: uncompressed size mod 2**32 (no full read when it fits)
+            raw.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", raw.read(4))[0] == end % (1 << 32):
+                return
+        size = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while block := f.read(1 << 24):  # the exact count, and whether the stream ends properly
+                    size += len(block)
+        except (EOFError, OSError, zlib.error) as e:
+            raise CaseError(path, None, f"truncated or corrupt file ({type(e).__name__}: {e})") from None
+    if size < end:
+        raise CaseError(path, None, f"truncated file: the header declares {end} bytes of data, the file holds "
+                                    f"{size}{' once decompressed' if gz else ''}")
 
 
 def write_nifti(path: PathLike, array: np.ndarray, geometry: Optional[Geometry] = None,
