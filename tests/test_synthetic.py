@@ -145,3 +145,90 @@ def test_cli_writes_n_files(tmp_path):
     files = sorted(out.glob("*.npz"))
     assert len(files) == 2
     assert all(load_case(f).gts.max() <= 2 for f in files)
+
+
+# ---------------------------------------------------------------------------------------- rich variety
+
+
+def test_rich_is_deterministic_and_basic_is_the_default():
+    a = generate_case("CT", 5, variety="rich")
+    b = generate_case("CT", 5, variety="rich")
+    for k in ("imgs", "gts", "spacing"):
+        assert a[k].tobytes() == b[k].tobytes()
+    basic, default = generate_case("MR", 5, variety="basic"), generate_case("MR", 5)
+    assert all(basic[k].tobytes() == default[k].tobytes() for k in ("imgs", "gts", "spacing"))
+    assert a["imgs"].tobytes() != generate_case("CT", 5)["imgs"].tobytes()
+    with pytest.raises(ValueError, match="unknown variety"):
+        generate_case("CT", 0, variety="fancy")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_rich_cases_valid(flavour, tmp_path):
+    for seed in range(4):
+        arrays = generate_case(flavour, seed, variety="rich")
+        gts = arrays["gts"]
+        n = int(gts.max())
+        assert n >= 1 and arrays["imgs"].dtype == np.uint8 and arrays["imgs"].shape == DEFAULT_SHAPE
+        np.testing.assert_array_equal(np.unique(gts), np.arange(n + 1))  # sequential labels
+        assert np.bincount(gts.ravel())[1:].min() >= MIN_OBJECT_VOXELS
+        for label in range(1, n + 1):
+            assert _n_components(gts == label) == 1
+        if "boxes" in arrays:
+            assert _boxes(arrays) == boxes_from_labels(gts, seed=2025)
+        path = atomic_savez(tmp_path / f"{flavour}_rich_{seed}.npz", **arrays)
+        assert load_case(path, strict=True).gts.max() == n
+
+
+def test_rich_kinds_all_appear_and_trees_have_no_boxes():
+    from dcm.data.synthetic import FLAVOUR_SPECS, RICH_KINDS, _rich_layout
+
+    seen = set()
+    for flavour in ("CT", "MR"):
+        for seed in range(8):
+            rng = np.random.default_rng(seed)
+            layout = _rich_layout(rng, flavour, FLAVOUR_SPECS[flavour], DEFAULT_SHAPE, 6, tree=seed % 2 == 0)
+            seen.update(layout.kinds)
+            assert len(layout.kinds) == 6 and layout.labels.max() <= 6
+            for patch, label in layout.tissue_of.items():  # an unlabelled patch touches its object
+                grown = ndimage_dilate(layout.labels == label)
+                assert np.any(grown & (layout.tissue == patch))
+    assert seen == set(RICH_KINDS)
+    arrays = generate_case("CT", 3, n_objects=4, with_tube=True, variety="rich")
+    assert "boxes" not in arrays  # a vessel tree, like the challenge's vessel cases
+
+
+def ndimage_dilate(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool))
+
+
+def test_rich_sizes_span_tiny_to_most_of_the_volume():
+    sizes = []
+    for flavour in ("CT", "MR", "PET"):
+        for seed in range(8):
+            gts = generate_case(flavour, seed, variety="rich")["gts"]
+            sizes += np.bincount(gts.ravel())[1:].tolist()
+    volume = int(np.prod(DEFAULT_SHAPE))
+    assert min(sizes) < 40  # a few voxels
+    assert max(sizes) > 0.25 * volume  # a large part of the volume
+
+
+def test_rich_look_low_contrast_imitating_tissue_and_blurred_edges():
+    from dcm.data.synthetic import _Look, _look_image
+
+    labels = np.zeros((8, 16, 16), dtype=np.uint8)
+    labels[2:6, 4:12, 4:8] = 1
+    labels[3:5, 6:9, 5:7] = 2  # a lesion in object 1
+    labels[2:6, 4:12, 8:12] = 3  # tissue touching object 1
+    mean = np.array([20.0, 150.0, 60.0, 90.0])
+    image = _look_image(np.random.default_rng(0), labels, mean, _Look({2: 1}, {3: 1}, 0.8))
+    assert 5 <= abs(mean[2] - mean[1]) <= 14 and abs(mean[3] - mean[1]) <= 4
+    assert 20 < image[4, 8, 0:4].max() < 150 or image[4, 8, 3] > 20  # partial volume at the edge
+    assert len(np.unique(image)) > 4
+
+
+def test_cli_rich(tmp_path):
+    assert main(["--out", str(tmp_path), "--cases", "2", "--shape", "12", "24", "24", "--variety", "rich",
+                 "--no-progress"]) == 0
+    assert len(list(tmp_path.glob("*.npz"))) == 2

@@ -16,6 +16,13 @@ flavour         looks like                                                      
 ``Microscopy``  10-30 small nucleus-like instances, blur, shot noise, near-isotropic spacing        no
 ==============  ==================================================================================  =====
 
+``variety="rich"`` (CLI ``--variety rich``; the default ``basic`` generates exactly what it always did) adds
+the lesion- and CT-like variety the templates lack: one large organ around the others (up to about half the
+volume), lobulated lesions (clusters of lobes), irregular lesions (rough, with spicules), tiny lesions (a
+few to a few dozen voxels), thin ducts (1-2 voxels wide), a branching vessel tree instead of the tube (no
+boxes), lesions inside organs, some objects with low contrast to their neighbourhood, unlabelled tissue of
+the same intensity touching some objects, partial-volume (blurred) edges and a multiplicative bias field.
+
 A case that holds a tube has no ``boxes`` key (as vessel cases in the challenge). Labels are sequential
 ``1..N`` (objects that vanished are dropped), every object is one 26-connected component of at least
 :data:`MIN_OBJECT_VOXELS` voxels, and objects may touch but never overlap.
@@ -45,6 +52,8 @@ from dcm.protocol import boxes_from_labels
 
 __all__ = [
     "FLAVOURS",
+    "VARIETIES",
+    "RICH_KINDS",
     "DEFAULT_SHAPE",
     "MIN_OBJECT_VOXELS",
     "FlavourSpec",
@@ -290,19 +299,29 @@ def _tube_points(rng: np.random.Generator, shape: Shape, axis: Optional[int]) ->
     return np.clip(np.rint(pts), 0, shape_arr - 1).astype(np.int64)
 
 
+def _ball_offsets(r: float, rz: float) -> np.ndarray:
+    """(k, 3) integer (z, y, x) offsets inside the ellipsoid of semi-axes ``(rz, r, r)`` voxels."""
+    ext = np.ceil([rz, r, r]).astype(int)
+    grid = np.stack(np.meshgrid(*(np.arange(-e, e + 1) for e in ext), indexing="ij"), axis=-1).reshape(-1, 3)
+    return grid[((grid / np.array([rz, r, r])) ** 2).sum(axis=1) <= 1.0]
+
+
+def _stamp(labels: np.ndarray, points: np.ndarray, ball: np.ndarray, label: int) -> None:
+    """Paint ``label`` over whatever is there at every (n, 3) voxel point dilated by the ``ball`` offsets."""
+    pts = np.unique(points, axis=0)
+    vox = (pts[:, None, :] + ball[None]).reshape(-1, 3)
+    vox = vox[np.all((vox >= 0) & (vox < np.array(labels.shape)), axis=1)]
+    labels[tuple(vox.T)] = label
+
+
 def _paint_tube(rng: np.random.Generator, labels: np.ndarray, label: int, axis: Optional[int]) -> None:
     """Paint a thin tube (a smooth curve dilated by a small ellipsoid) over whatever is there."""
     shape = labels.shape
     plane = min(shape[1:])
     r = max(1.0, float(rng.uniform(0.012, 0.025)) * plane)
     rz = max(0.5, r * shape[0] / plane)
-    ext = np.ceil([rz, r, r]).astype(int)
-    grid = np.stack(np.meshgrid(*(np.arange(-e, e + 1) for e in ext), indexing="ij"), axis=-1).reshape(-1, 3)
-    ball = grid[((grid / np.array([rz, r, r])) ** 2).sum(axis=1) <= 1.0]
-    pts = np.unique(_tube_points(rng, shape, axis), axis=0)
-    vox = (pts[:, None, :] + ball[None]).reshape(-1, 3)
-    vox = vox[np.all((vox >= 0) & (vox < np.array(shape)), axis=1)]
-    labels[tuple(vox.T)] = label
+    ball = _ball_offsets(r, rz)
+    _stamp(labels, _tube_points(rng, shape, axis), ball, label)
 
 
 def _clean_labels(labels: np.ndarray) -> Tuple[np.ndarray, List[int]]:
@@ -349,6 +368,36 @@ def _lut_image(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32)[labels]
 
 
+@dataclass
+class _Look:
+    """What the ``rich`` variety changes in a renderer's piecewise-constant intensity model.
+
+    Attributes:
+        close_to: render label -> the render label (0: background) whose mean it gets close to (low
+            contrast to its neighbourhood: a lesion in its host organ, a faint object in tissue).
+        imitates: render label of an unlabelled tissue patch -> the object it touches and imitates.
+        edge_sigma: Gaussian blur (voxels) of the mean image: partial volume at every edge.
+    """
+
+    close_to: Dict[int, int]
+    imitates: Dict[int, int]
+    edge_sigma: float
+
+
+def _look_image(rng: np.random.Generator, labels: np.ndarray, mean: np.ndarray,
+                look: Optional[_Look]) -> np.ndarray:
+    """The (z, y, x) float32 mean image of a renderer; with a ``look``, its low-contrast objects, imitating
+    tissue and blurred edges first (``mean`` is changed in place, so later uses of it agree)."""
+    if look is None:
+        return _lut_image(labels, mean)
+    for label, other in sorted(look.close_to.items()):
+        mean[label] = mean[other] + float(rng.uniform(5.0, 14.0)) * float(rng.choice([-1.0, 1.0]))
+    for label, other in sorted(look.imitates.items()):
+        mean[label] = mean[other] + float(rng.uniform(-4.0, 4.0))
+    np.clip(mean, 1.0, 250.0, out=mean)
+    return ndimage.gaussian_filter(_lut_image(labels, mean), sigma=look.edge_sigma, truncate=2.5)
+
+
 def _bg_fg(labels: np.ndarray, background: float, objects: float) -> np.ndarray:
     """(z, y, x) float32: ``background`` where the label is 0, ``objects`` elsewhere."""
     return np.where(labels == 0, np.float32(background), np.float32(objects))
@@ -360,14 +409,15 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-def _render_ct(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -> np.ndarray:
+def _render_ct(rng: np.random.Generator, labels: np.ndarray, kinds: List[str],
+               look: Optional["_Look"] = None) -> np.ndarray:
     shape = labels.shape
     n = len(kinds)
     mean = np.empty(n + 1)
     mean[0] = rng.uniform(90, 110)  # fat / muscle
     mean[1:] = rng.uniform(125, 215, size=n)  # contrast-enhanced organs
     mean[1:][np.array(kinds) == "tube"] = rng.uniform(225, 245)
-    img = _lut_image(labels, mean)
+    img = _look_image(rng, labels, mean, look)
     img += np.float32(rng.uniform(4, 8)) * _smooth_field(rng, shape, _cells(shape, 8, 16))
     body = _in_plane_ellipse(shape, rng.uniform(0.88, 0.97), rng.uniform(0.92, 0.99))
     img[(labels == 0) & ~body[None]] = 0.0  # air
@@ -375,7 +425,8 @@ def _render_ct(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -
     return _to_uint8(img)
 
 
-def _render_mr(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -> np.ndarray:
+def _render_mr(rng: np.random.Generator, labels: np.ndarray, kinds: List[str],
+               look: Optional["_Look"] = None) -> np.ndarray:
     shape = labels.shape
     n = len(kinds)
     tissue = rng.uniform(80, 110)
@@ -385,7 +436,7 @@ def _render_mr(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -
     offsets = rng.uniform(30, 100, size=n) * rng.choice([-1.0, 1.0], size=n)
     mean[1:] = np.clip(tissue + offsets, 20, 230)
     mean[1:][np.array(kinds) == "tube"] = rng.uniform(200, 235)  # flow / contrast
-    img = _lut_image(labels, mean)
+    img = _look_image(rng, labels, mean, look)
     img += _bg_fg(labels, 15.0, 6.0) * _smooth_field(rng, shape, _cells(shape, 6, 16))
     D = shape[0]
     uz = (np.arange(D) + 0.5) / D * 2 - 1
@@ -402,13 +453,14 @@ def _render_mr(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -
     return _to_uint8(np.hypot(real, imag, out=real))  # Rician magnitude
 
 
-def _render_pet(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -> np.ndarray:
+def _render_pet(rng: np.random.Generator, labels: np.ndarray, kinds: List[str],
+                look: Optional["_Look"] = None) -> np.ndarray:
     shape = labels.shape
     n = len(kinds)
     mean = np.empty(n + 1)
     mean[0] = rng.uniform(15, 30)
     mean[1:] = rng.uniform(90, 230, size=n)
-    img = _lut_image(labels, mean)
+    img = _look_image(rng, labels, mean, look)
     img *= 1.0 + np.float32(0.3) * _smooth_field(rng, shape, _cells(shape, 8, 8))
     body = _in_plane_ellipse(shape, rng.uniform(0.75, 0.9), rng.uniform(0.8, 0.95))
     img[(labels == 0) & ~body[None]] = 1.0
@@ -419,7 +471,8 @@ def _render_pet(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) 
     return _to_uint8(img)
 
 
-def _render_us(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -> np.ndarray:
+def _render_us(rng: np.random.Generator, labels: np.ndarray, kinds: List[str],
+               look: Optional["_Look"] = None) -> np.ndarray:
     shape = labels.shape
     n = len(kinds)
     echo = np.empty(n + 1)
@@ -431,7 +484,7 @@ def _render_us(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -
         rows = np.flatnonzero((labels == 2).any(axis=(0, 2)))
         # Spread over its depth so the object keeps most of its own echo and the shadow falls behind it.
         attenuation[2] = rng.uniform(1.0, 1.8) / max(1, rows[-1] - rows[0] + 1)
-    img = _lut_image(labels, echo)
+    img = _look_image(rng, labels, echo, look)
     img *= 1.0 + np.float32(0.2) * _smooth_field(rng, shape, _cells(shape, 10, 8))
     # Specular reflection where the beam (along y) crosses an interface.
     interface = np.zeros(shape, dtype=bool)
@@ -449,13 +502,14 @@ def _render_us(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -
     return _to_uint8(img)
 
 
-def _render_microscopy(rng: np.random.Generator, labels: np.ndarray, kinds: List[str]) -> np.ndarray:
+def _render_microscopy(rng: np.random.Generator, labels: np.ndarray, kinds: List[str],
+                       look: Optional["_Look"] = None) -> np.ndarray:
     shape = labels.shape
     n = len(kinds)
     mean = np.empty(n + 1)
     mean[0] = rng.uniform(8, 20)
     mean[1:] = rng.uniform(90, 220, size=n)
-    img = _lut_image(labels, mean)
+    img = _look_image(rng, labels, mean, look)
     img += _bg_fg(labels, 5.0, 30.0) * _smooth_field(rng, shape, _cells(shape, 3, 24))  # chromatin
     img = ndimage.gaussian_filter(img, sigma=(1.4, 0.9, 0.9), truncate=3.0)  # worse axial resolution
     photons = rng.uniform(0.5, 1.5)
@@ -489,6 +543,223 @@ def _spacing_xyz(rng: np.random.Generator, flavour: str) -> Tuple[float, float, 
     return (round(float(xy), 4), round(float(xy), 4), round(float(z), 4))
 
 
+# ------------------------------------------------------------------------------------- rich variety
+
+VARIETIES: Tuple[str, ...] = ("basic", "rich")
+
+#: object kinds of the ``rich`` variety (``tube`` and ``blob`` are the basic ones).
+RICH_KINDS: Tuple[str, ...] = ("blob", "large", "lobulated", "irregular", "tiny", "thin", "branching")
+
+#: per flavour: relative weights of the lesion-like kinds drawn for the objects that are not blobs.
+_RICH_WEIGHTS: Dict[str, Dict[str, float]] = {
+    "CT": {"lobulated": 3, "irregular": 3, "tiny": 2, "thin": 2},
+    "MR": {"lobulated": 3, "irregular": 3, "tiny": 2, "thin": 2},
+    "PET": {"lobulated": 3, "irregular": 2, "tiny": 3},
+    "US": {"lobulated": 3, "irregular": 3, "tiny": 1},
+    "Microscopy": {"irregular": 3, "lobulated": 2, "tiny": 2},
+}
+
+
+@dataclass
+class _RichLayout:
+    """Objects of a ``rich`` case before cleaning.
+
+    Attributes:
+        labels: (z, y, x) uint8 objects 1..n (overlaps resolved by painting order).
+        kinds: kind of object ``k + 1``.
+        host: object -> the object it was painted into (lesion in an organ), absent when in background.
+        tissue: (z, y, x) uint8 unlabelled tissue patches 1..m, each touching one object.
+        tissue_of: patch -> the object it touches.
+    """
+
+    labels: np.ndarray
+    kinds: List[str]
+    host: Dict[int, int]
+    tissue: np.ndarray
+    tissue_of: Dict[int, int]
+
+
+def _random_centre(rng: np.random.Generator, labels: np.ndarray, spec: FlavourSpec) -> Tuple[np.ndarray, int]:
+    """A lesion centre (z, y, x) voxel and its host: inside an existing object half the time, else anywhere."""
+    shape = np.array(labels.shape, dtype=np.float64)
+    inside = np.argwhere(labels > 0)
+    if inside.size and rng.random() < 0.5:
+        centre = inside[int(rng.integers(0, len(inside)))].astype(np.float64)
+        return centre, int(labels[tuple(centre.astype(int))])
+    u = _sample_centres(rng, 1, spec.region)[0]
+    centre = (u + 1.0) / 2.0 * shape - 0.5
+    return centre, int(labels[tuple(np.clip(np.rint(centre), 0, shape - 1).astype(int))])
+
+
+def _blob_mask(blob: _Blob) -> Tuple[Tuple[slice, slice, slice], np.ndarray]:
+    """``(slices, mask)``: the blob's bounding box and the (z, y, x) bool mask of its inside there."""
+    rho2, scale2 = blob.evaluate()
+    return blob.slices, rho2 < scale2
+
+
+def _half_extent(shape: Shape) -> np.ndarray:
+    s = np.array(shape, dtype=np.float64)
+    return np.array([s[0], s[1:].min(), s[1:].min()]) / 2.0
+
+
+def _paint_lesion(rng: np.random.Generator, labels: np.ndarray, label: int, kind: str, spec: FlavourSpec) -> int:
+    """Paint one lesion-like object over whatever is there; returns its host (0: background)."""
+    shape: Shape = labels.shape  # type: ignore[assignment]
+    centre, host = _random_centre(rng, labels, spec)
+    half = _half_extent(shape)
+    if kind == "tiny":  # a few to a few dozen voxels
+        radii = rng.uniform(1.1, 2.4, size=3)
+        _stamp(labels, np.rint(centre)[None].astype(np.int64), _ball_offsets(float(radii[1]), float(radii[0])),
+               label)
+        return host
+    size = float(rng.uniform(0.08, 0.22))
+    if kind == "lobulated":  # a cluster of 3-6 overlapping lobes
+        n_lobes = int(rng.integers(3, 7))
+        for _ in range(n_lobes):
+            offset = rng.normal(0.0, 0.55, size=3) * size * half
+            radii = np.maximum(size * half * rng.uniform(0.45, 0.8, size=3), 1.2)
+            radii[1:] = np.sort(radii[1:])[::-1]
+            sl, mask = _blob_mask(_Blob.make(rng, centre + offset, radii, 0.15, shape))
+            labels[sl][mask] = label
+        return host
+    # irregular: a rough blob with spicules radiating from it
+    radii = np.maximum(size * half * rng.uniform(0.7, 1.2, size=3), 1.5)
+    radii[1:] = np.sort(radii[1:])[::-1]
+    sl, mask = _blob_mask(_Blob.make(rng, centre, radii, float(rng.uniform(0.5, 0.8)), shape))
+    labels[sl][mask] = label
+    for _ in range(int(rng.integers(2, 6))):
+        direction = rng.normal(size=3)
+        direction /= max(np.linalg.norm(direction), 1e-6)
+        length = float(rng.uniform(1.3, 2.2)) * radii.max()
+        t = np.linspace(0.0, 1.0, max(4, int(2 * length)))[:, None]
+        points = np.rint(centre + t * length * direction).astype(np.int64)
+        points = points[np.all((points >= 0) & (points < np.array(shape)), axis=1)]
+        _stamp(labels, points, _ball_offsets(1.0, 0.6), label)
+    return host
+
+
+def _curve(rng: np.random.Generator, start: np.ndarray, direction: np.ndarray, length: float,
+           shape: Shape) -> np.ndarray:
+    """(n, 3) voxel points of a gently bending curve from ``start`` along ``direction`` (clipped to the volume)."""
+    bend = rng.normal(0.0, 0.35, size=(2, 3))
+    ctrl = np.array([start, start + direction * length / 3 + bend[0] * length / 3,
+                     start + 2 * direction * length / 3 + bend[1] * length / 3, start + direction * length])
+    t = np.linspace(0.0, 1.0, max(8, int(3 * length)))[:, None]
+    pts = ((1 - t) ** 3 * ctrl[0] + 3 * (1 - t) ** 2 * t * ctrl[1] + 3 * (1 - t) * t**2 * ctrl[2] + t**3 * ctrl[3])
+    pts = np.rint(pts).astype(np.int64)
+    inside = np.all((pts >= 0) & (pts < np.array(shape)), axis=1)
+    return pts[: int(np.argmin(inside)) if not inside.all() else len(pts)]  # up to where it leaves
+
+
+def _paint_thin(rng: np.random.Generator, labels: np.ndarray, label: int, kind: str) -> None:
+    """A thin curved duct (``thin``, 1-2 voxels wide) or a vessel tree (``branching``: a trunk with 2-5
+    thinner branches, each branching point on the trunk)."""
+    shape: Shape = labels.shape  # type: ignore[assignment]
+    extent = float(np.linalg.norm(shape))
+    if kind == "thin":
+        start = rng.uniform(0.2, 0.8, size=3) * np.array(shape)
+        direction = rng.normal(size=3)
+        direction /= max(np.linalg.norm(direction), 1e-6)
+        _stamp(labels, _curve(rng, start, direction, float(rng.uniform(0.25, 0.5)) * extent, shape),
+               _ball_offsets(float(rng.uniform(0.6, 1.1)), 0.6), label)
+        return
+    trunk = np.unique(_tube_points(rng, shape, None), axis=0)
+    plane = min(shape[1:])
+    r = max(1.0, float(rng.uniform(0.015, 0.03)) * plane)
+    _stamp(labels, trunk, _ball_offsets(r, max(0.6, r * shape[0] / plane)), label)
+    for _ in range(int(rng.integers(2, 6))):
+        start = trunk[int(rng.integers(len(trunk) // 5, max(len(trunk) // 5 + 1, 4 * len(trunk) // 5)))]
+        direction = rng.normal(size=3)
+        direction /= max(np.linalg.norm(direction), 1e-6)
+        branch = _curve(rng, start.astype(np.float64), direction, float(rng.uniform(0.15, 0.35)) * extent, shape)
+        _stamp(labels, np.vstack([start[None], branch]), _ball_offsets(max(0.8, 0.6 * r), 0.6), label)
+
+
+def _rich_layout(rng: np.random.Generator, flavour: str, spec: FlavourSpec, shape: Shape, n_objects: int,
+                 tree: bool) -> _RichLayout:
+    """Draw and paint the objects of a ``rich`` case: organ-like blobs, maybe one large organ (most of the
+    volume), lesion-like kinds (lobulated, irregular with spicules, tiny), thin ducts, a branching vessel tree
+    (``tree``), and unlabelled tissue patches of the same intensity touching some objects."""
+    n_trees = int(tree)
+    n_large = int(flavour != "Microscopy" and n_objects - n_trees >= 2 and rng.random() < 0.35)
+    n_other = n_objects - n_trees - n_large
+    n_blobs = int(rng.integers(0, n_other + 1)) if flavour != "Microscopy" else n_other // 2
+    weights = _RICH_WEIGHTS[flavour]
+    names = sorted(weights)
+    p = np.array([weights[k] for k in names], dtype=np.float64)
+    lesions = [names[int(i)] for i in rng.choice(len(names), size=n_other - n_blobs, p=p / p.sum())]
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    _paint_blobs(labels, _make_blobs(rng, n_blobs, spec, shape))
+    kinds = ["blob"] * n_blobs
+    host: Dict[int, int] = {}
+    if n_large:
+        radii = _half_extent(shape) * rng.uniform(0.8, 1.05, size=3)
+        radii[1:] = np.sort(radii[1:])[::-1]
+        centre = (np.array(shape, dtype=np.float64) - 1) / 2 + rng.normal(0, 0.05, size=3) * np.array(shape)
+        sl, mask = _blob_mask(_Blob.make(rng, centre, radii, 0.25, shape))
+        region = labels[sl]
+        region[mask & (region == 0)] = len(kinds) + 1  # around the organs already there
+        kinds.append("large")
+    for kind in lesions:
+        kinds.append(kind)
+        if kind == "thin":
+            _paint_thin(rng, labels, len(kinds), kind)
+        else:
+            host[len(kinds)] = _paint_lesion(rng, labels, len(kinds), kind, spec)
+    if n_trees:
+        kinds.append("branching")
+        _paint_thin(rng, labels, len(kinds), "branching")
+    host = {k: h for k, h in host.items() if h not in (0, k)}
+
+    # Unlabelled tissue of the same intensity, touching about a third of the objects.
+    tissue = np.zeros(shape, dtype=np.uint8)
+    tissue_of: Dict[int, int] = {}
+    for label in range(1, len(kinds) + 1):
+        if kinds[label - 1] in ("branching", "large") or rng.random() >= 0.35:
+            continue
+        voxels = np.argwhere(labels == label)
+        if not len(voxels):
+            continue
+        lo, hi = voxels.min(axis=0), voxels.max(axis=0)
+        size = np.maximum((hi - lo + 1) / 2.0, 1.5)
+        direction = rng.normal(size=3)
+        direction /= max(np.linalg.norm(direction), 1e-6)
+        centre = (lo + hi) / 2.0 + direction * size
+        radii = size * rng.uniform(0.7, 1.1, size=3)
+        radii[1:] = np.sort(radii[1:])[::-1]
+        sl, mask = _blob_mask(_Blob.make(rng, centre, radii, 0.3, shape))
+        mask &= (labels[sl] == 0) & (tissue[sl] == 0)
+        if np.any(mask & ndimage.binary_dilation(labels[sl] == label, structure=np.ones((3, 3, 3), bool))):
+            patch = len(tissue_of) + 1  # kept only where it touches its object
+            tissue[sl][mask] = patch
+            tissue_of[patch] = label
+    return _RichLayout(labels, kinds, host, tissue, tissue_of)
+
+
+def _rich_render(rng: np.random.Generator, flavour: str, layout: _RichLayout, gts: np.ndarray,
+                 kept: List[int]) -> np.ndarray:
+    """Render a cleaned ``rich`` case: tissue patches as extra render labels after the objects, low contrast
+    for some objects, partial-volume edges, then a multiplicative bias field (intensity inhomogeneity)."""
+    new_label = {old: new for new, old in enumerate(kept, start=1)}
+    n = len(kept)
+    render = gts.copy()
+    patches = [p for p in sorted(layout.tissue_of) if layout.tissue_of[p] in new_label]
+    for i, patch in enumerate(patches, start=n + 1):
+        render[(gts == 0) & (layout.tissue == patch)] = i
+    kinds = [("tube" if layout.kinds[k - 1] == "branching" else layout.kinds[k - 1]) for k in kept]
+    kinds += ["tissue"] * len(patches)
+    close_to = {}
+    for old, new in new_label.items():
+        if layout.kinds[old - 1] != "branching" and rng.random() < 0.3:
+            close_to[new] = new_label.get(layout.host.get(old, 0), 0)
+    imitates = {i: new_label[layout.tissue_of[p]] for i, p in enumerate(patches, start=n + 1)}
+    look = _Look(close_to, imitates, float(rng.uniform(0.5, 1.2)))
+    image = _RENDER[flavour](rng, render, kinds, look).astype(np.float32)
+    image *= np.exp(np.float32(rng.uniform(0.1, 0.3)) * _smooth_field(rng, gts.shape, (3, 3, 3)))
+    return _to_uint8(image)
+
+
 # ------------------------------------------------------------------------------------------------- API
 
 
@@ -500,6 +771,7 @@ def generate_case(
     max_objects: Optional[int] = None,
     with_tube: Optional[bool] = None,
     spacing_xyz: Optional[Sequence[float]] = None,
+    variety: str = "basic",
 ) -> Dict[str, Any]:
     """One synthetic case, as the arrays of a challenge ``.npz`` (what :func:`atomic_savez` takes).
 
@@ -512,6 +784,9 @@ def generate_case(
         max_objects: upper bound on the number drawn (ignored when ``n_objects`` is given).
         with_tube: force a tube in or out; default: the flavour's probability (never for microscopy).
         spacing_xyz: override the flavour's random spacing (x, y, z order).
+        variety: ``basic`` (the default: blobs and at most one tube; what every seed has always given) or
+            ``rich`` (lesion- and CT-like variety, see the module docstring; ``with_tube`` then means a
+            branching vessel tree).
 
     Returns:
         ``{"imgs": (D, H, W) uint8, "spacing": (3,) float64 in (x, y, z) order, "gts": (D, H, W) uint8 with
@@ -519,6 +794,8 @@ def generate_case(
         :func:`dcm.protocol.boxes_from_labels`) unless the flavour has no boxes or the case has a tube.
     """
     flavour = canonical_flavour(flavour)
+    if variety not in VARIETIES:
+        raise ValueError(f"unknown variety {variety!r}; choose from {', '.join(VARIETIES)}")
     spec = FLAVOUR_SPECS[flavour]
     shape_t: Shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
     if len(shape_t) != 3 or min(shape_t) < 8:
@@ -545,6 +822,13 @@ def generate_case(
         spacing = tuple(float(s) for s in spacing_xyz)  # type: ignore[assignment]
         if len(spacing) != 3 or min(spacing) <= 0:
             raise ValueError(f"spacing_xyz must be 3 positive numbers, got {spacing_xyz}")
+
+    if variety == "rich":
+        layout = _rich_layout(rng, flavour, spec, shape_t, n_objects, tree=tube)
+        gts, kept = _clean_labels(layout.labels)
+        image = _rich_render(rng, flavour, layout, gts, kept)
+        boxed = spec.has_boxes and bool(kept) and all(layout.kinds[k - 1] != "branching" for k in kept)
+        return case_to_arrays(image, spacing, boxes=boxes_from_labels(gts) if boxed else None, gts=gts)
 
     labels = np.zeros(shape_t, dtype=np.uint8)
     n_blobs = n_objects - int(tube)
@@ -574,6 +858,7 @@ def generate_dataset(
     max_objects: Optional[int] = None,
     n_objects: Optional[int] = None,
     progress: bool = True,
+    variety: str = "basic",
 ) -> List[Path]:
     """Write ``n_cases`` cases ``<FLAVOUR>_synthetic_<idx:04d>.npz`` to ``out_dir`` (atomically).
 
@@ -592,7 +877,7 @@ def generate_dataset(
     for idx in tqdm(range(int(n_cases)), desc="synthetic cases", unit="case", disable=not progress):
         flavour = names[idx % len(names)]
         arrays = generate_case(flavour, case_seed(seed, idx), shape=shape, n_objects=n_objects,
-                               max_objects=max_objects)
+                               max_objects=max_objects, variety=variety)
         paths.append(atomic_savez(out / f"{flavour}_synthetic_{idx:04d}.npz", **arrays))
     return paths
 
@@ -608,13 +893,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="comma-separated, used in turn (default: %(default)s)")
     p.add_argument("--max-objects", type=int, default=None, help="at most K objects per case")
     p.add_argument("--objects", type=int, default=None, help="exactly N objects per case (before vanishing)")
+    p.add_argument("--variety", choices=VARIETIES, default="basic",
+                   help="basic: blobs and tubes (default); rich: lesion- and CT-like variety (see the docs)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
         flavours = [canonical_flavour(f) for f in args.flavours.split(",") if f.strip()]
         paths = generate_dataset(args.out, args.cases, args.seed, tuple(args.shape), flavours,
                                  max_objects=args.max_objects, n_objects=args.objects,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, variety=args.variety)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
