@@ -3,7 +3,7 @@
 After each click step of the simulated interaction (no augmentation, no gradient), every click given so far
 is checked on that step's binary prediction with :func:`dcm.training.clicks.clicks_honoured` (its voxel and
 6 face neighbours inside the mask for a positive click, outside for a negative one). The global expert's
-centre click (a convention) is left out. Prints per-step fractions and writes them as JSON::
+centre click (a convention) is left out. Prints per-step fractions (and the mean Dice of each step's masks) and writes them as JSON::
 
     python -m dcm.training.click_honour --expert local --config configs/train_local_roi_small.yaml \\
         --weights runs/x/latest.pt --data HELD_OUT_CASES [--passes 2] [--out honour.json]
@@ -30,8 +30,11 @@ from dcm.training.trainer import sample_seed
 __all__ = ["honour_local", "honour_global", "main"]
 
 
-def _tally(table: Dict[int, List[int]], step: int, honoured: np.ndarray, newest: bool) -> None:
-    row = table.setdefault(step, [0, 0, 0, 0])  # all honoured, all clicks, newest honoured, newest clicks
+def _tally(table: Dict[int, List[float]], step: int, honoured: np.ndarray, newest: bool, dice: float) -> None:
+    # all honoured, all clicks, newest honoured, newest clicks, Dice sum, masks
+    row = table.setdefault(step, [0, 0, 0, 0, 0.0, 0])
+    row[4] += dice
+    row[5] += 1
     row[0] += int(honoured.sum())
     row[1] += int(honoured.size)
     if honoured.size:
@@ -41,7 +44,7 @@ def _tally(table: Dict[int, List[int]], step: int, honoured: np.ndarray, newest:
 
 def honour_local(cfg: dict, weights: str, data: str, passes: int = 1) -> Dict[int, List[int]]:
     """Per click step: [honoured, clicks, newest honoured, newest] over every object of every patch."""
-    from dcm.training.local_roi import LocalRoITrainer
+    from dcm.training.local_roi import LocalRoITrainer, _dice
 
     cfg["data"].update(data_dir=data, crop_background_ratio=0.0, augment={
         "scale_intensity": {"factors": 0.0, "prob": 0.0}, "shift_intensity": {"offsets": 0.0, "prob": 0.0},
@@ -65,7 +68,7 @@ def honour_local(cfg: dict, weights: str, data: str, passes: int = 1) -> Dict[in
                     for k, clicks in enumerate(record["clicks"]):
                         given = [(zyx, lab) for zyx, lab in clicks[:step + 1] if lab >= 0]
                         honoured = clicks_honoured(pred[k], [c for c, _ in given], [lab for _, lab in given])
-                        _tally(table, step, honoured, clicks[step][1] >= 0)
+                        _tally(table, step, honoured, clicks[step][1] >= 0, _dice(pred[k], record["gts"][k]))
     return table
 
 
@@ -73,7 +76,7 @@ def honour_global(cfg: dict, weights: str, data: str, passes: int = 1) -> Dict[i
     """Per correction step: [honoured, clicks, newest honoured, newest] (one candidate chain per crop)."""
     import dataclasses
 
-    from dcm.training.global_roi import GlobalRoICropDataset, GlobalRoITrainer, run_interaction
+    from dcm.training.global_roi import GlobalRoICropDataset, GlobalRoITrainer, dice_per_sample, run_interaction
 
     trainer = GlobalRoITrainer(cfg)
     model = trainer.build_model()
@@ -96,7 +99,8 @@ def honour_global(cfg: dict, weights: str, data: str, passes: int = 1) -> Dict[i
                     pred = step["candidate_preds"][0, 0].numpy()
                     given = slice(1, s + 2)  # correction clicks so far (index 0: the centre click)
                     honoured = clicks_honoured(pred, points[given].tolist(), labels[given].tolist())
-                    _tally(table, s + 1, honoured, True)
+                    dice = float(dice_per_sample(step["candidate_preds"][:1], item["label"][None]).mean())
+                    _tally(table, s + 1, honoured, True, dice)
     return table
 
 
@@ -116,14 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     total = np.sum([row for row in table.values()], axis=0)
     result = {"expert": args.expert, "weights": args.weights,
               "per_step": {str(s): {"honoured": r[0] / max(r[1], 1), "clicks": r[1],
-                                    "newest_honoured": r[2] / max(r[3], 1), "newest": r[3]}
+                                    "newest_honoured": r[2] / max(r[3], 1), "newest": r[3], "dice": r[4] / max(r[5], 1)}
                            for s, r in sorted(table.items())},
               "all": {"honoured": float(total[0] / max(total[1], 1)), "clicks": int(total[1]),
                       "newest_honoured": float(total[2] / max(total[3], 1)), "newest": int(total[3])}}
     print(f"{args.expert} {args.weights}")
-    print("step | all clicks honoured | newest click honoured")
+    print("step | all clicks honoured | newest click honoured | Dice")
     for s, r in result["per_step"].items():
-        print(f"{s} | {r['honoured']:.3f} ({r['clicks']}) | {r['newest_honoured']:.3f} ({r['newest']})")
+        print(f"{s} | {r['honoured']:.3f} ({r['clicks']}) | {r['newest_honoured']:.3f} ({r['newest']}) | {r['dice']:.3f}")
     a = result["all"]
     print(f"all | {a['honoured']:.3f} ({a['clicks']}) | {a['newest_honoured']:.3f} ({a['newest']})")
     if args.out:
