@@ -137,7 +137,17 @@ def test_without_box_routes_click_only_objects_to_one_expert():
 
 @pytest.mark.parametrize("cfg, message", [
     ({"fusion": "vote"}, "engine.fusion must be one of"),
-    ({"without_box": "both"}, "engine.without_box must be policy, global or local"),
+    ({"without_box": "both"}, "engine.without_box must be one of ['policy', 'global', 'local']"),
+    ({"policy": "bogus"}, "engine.policy must be one of"),
+    ({"threshold": "abc"}, "engine.threshold must be a number in (0, 1)"),
+    ({"threshold": 2}, "engine.threshold must be a number in (0, 1)"),
+    ({"local_at_box_step": "centre"}, "engine.local_at_box_step must be one of"),
+    ({"honour_clicks": "yes"}, "engine.honour_clicks must be true or false"),
+    ({"click_correction": {"methods": ["paint"]}}, "engine.click_correction.methods must be a list"),
+    ({"click_correction": {"radius_mm": 0}}, "engine.click_correction.radius_mm must be"),
+    ({"budget": {"safety": 0}}, "engine.budget.safety must be a number in (0, 1]"),
+    ({"budget": {"calls_per_case": 1.5}}, "engine.budget.calls_per_case must be an integer"),
+    ({"polcy": "dual"}, "engine: unknown key(s) ['polcy']"),
     ({"overlap": "first"}, "engine.overlap must be one of"),
     ({"local_margin": 0.5}, "local_margin values must lie in [0, 0.5)"),
     ({"local_margin": [0.1, 0.2, 0.3]}, "a number or a pair [add, remove]"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -225,27 +225,36 @@ class LabelWriter:
             re-predicted keep their masks).
         overlap: one of :data:`OVERLAP_RULES`.
 
+        protection: the objects' positive click neighbourhoods (:class:`dcm.engine.clicks.ClickProtection`):
+            an object always gets its own, and never takes another object's, whatever the overlap rule.
+
     ``highest_prob`` keeps the probability with which each voxel was won (float16) in 32^3 blocks allocated
     where objects win voxels, not as a map of the whole volume.
     """
 
-    def __init__(self, segs: np.ndarray, overlap: str = "later_wins"):
+    def __init__(self, segs: np.ndarray, overlap: str = "later_wins", protection: Optional[Any] = None):
         if overlap not in OVERLAP_RULES:
             raise ValueError(f"unknown overlap rule {overlap!r}; choose from {OVERLAP_RULES}")
         self.segs = segs
         self.overlap = overlap
+        self.protection = protection
         self._owner_prob = _BlockMap(segs.shape) if overlap == "highest_prob" else None
 
     def write(self, label: int, fused: FusedPrediction, threshold: float = 0.5) -> None:
         """RoI update of object ``label``: inside the covered voxels, its mask becomes the fused answer."""
         view = self.segs[fused.region]
         fg = fused.mask(threshold)
+        own, others = self._protected(label, fused.region)
+        if others is not None:
+            fg[others] = False
         cleared = np.greater(view == label, fg)  # label and not fg, in one pass
         if not fused.complete:
             cleared &= fused.covered
         np.copyto(view, np.uint8(0), where=cleared)  # copyto: ~3x faster than putmask
         if self.overlap == "keep_others":
             fg &= view == 0
+            if own is not None:
+                fg[own] = True
             np.copyto(view, np.uint8(label), where=fg)
             return
         if self._owner_prob is None:
@@ -254,8 +263,21 @@ class LabelWriter:
         owner = self._owner_prob.read(fused.region)
         p = np.nan_to_num(fused.prob).astype(np.float16)
         win = fg & ((view == 0) | (view == label) | (p > owner))
+        if own is not None:
+            win[own] = True
         view[win] = label
         cleared = np.greater(view == 0, fg)  # free and not fg
         if not fused.complete:
             cleared &= fused.covered
         self._owner_prob.write(fused.region, np.where(win, p, np.float16(0)), win | cleared)
+
+    def _protected(self, label: int, region: RoISlices) -> Tuple[Optional[Tuple[np.ndarray, ...]],
+                                                                 Optional[Tuple[np.ndarray, ...]]]:
+        """Index tuples (relative to ``region``) of ``label``'s own and of other objects' protected voxels."""
+        if self.protection is None:
+            return None, None
+        voxels, labels = self.protection.in_region(region)
+        if not len(voxels):
+            return None, None
+        mine = labels == label
+        return tuple(voxels[mine].T), tuple(voxels[~mine].T)

@@ -13,6 +13,12 @@ Engine config (section ``engine``)::
     overlap: later_wins              # later_wins | highest_prob | keep_others
     local_at_box_step: box_center    # box_center | skip
     threshold: 0.5
+    honour_clicks: true              # keep every click (dcm.engine.clicks); false: the experts' answer as it is
+    click_correction:                # for a click no expert kept (dcm.engine.clicks)
+      methods: [probability, random_walker]
+      radius_mm: 10.0
+      probability_levels: [0.3, 0.15, 0.05]
+      random_walker_beta: 130.0
     budget:
       seconds_per_object: 90         # the challenge budget, summed over the calls of a case
       calls_per_case: 6
@@ -30,12 +36,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from dcm.data.cases import Case, Click, ObjectPrompts
+from dcm.engine.clicks import CORRECTION_DEFAULTS, ClickPromise, ClickProtection, check_click_correction, \
+    honour_clicks, promises_of
 from dcm.engine.fusion import FUSION_RULES, OVERLAP_RULES, FusedPrediction, LabelWriter, click_margins, fuse_predictions
-from dcm.engine.policies import GLOBAL, LOCAL, route
+from dcm.engine.policies import GLOBAL, LOCAL, POLICIES, route
 from dcm.errors import ConfigError, DCMError
 from dcm.experts.base import Expert, RoIPrediction
 
-__all__ = ["ENGINE_DEFAULTS", "CallBudget", "DCMPredictor", "predict_object"]
+__all__ = ["ENGINE_DEFAULTS", "CallBudget", "DCMPredictor", "check_engine_config", "predict_object"]
 
 ENGINE_DEFAULTS: Dict[str, Any] = {
     "policy": "dual",
@@ -45,6 +53,8 @@ ENGINE_DEFAULTS: Dict[str, Any] = {
     "overlap": "later_wins",
     "local_at_box_step": "box_center",
     "threshold": 0.5,
+    "honour_clicks": True,
+    "click_correction": CORRECTION_DEFAULTS,
     "budget": {
         "seconds_per_object": 90.0,
         "calls_per_case": 6,
@@ -52,6 +62,65 @@ ENGINE_DEFAULTS: Dict[str, Any] = {
         "expected_seconds": {GLOBAL: 1.0, LOCAL: 5.0},
     },
 }
+
+
+def _number(value: Any, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float in the range; ConfigError naming ``engine.<key>`` otherwise (bools refused)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ConfigError(f"engine.{key} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+    return float(value)
+
+
+def check_engine_config(engine_cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The ``engine`` section with :data:`ENGINE_DEFAULTS` filled in, every key checked.
+
+    Raises:
+        ConfigError: one line naming the first wrong key (``engine.policy must be one of ...``), before any
+            object is predicted.
+    """
+    given = dict(engine_cfg or {})
+    unknown = sorted(set(given) - set(ENGINE_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"engine: unknown key(s) {unknown}; known: {sorted(ENGINE_DEFAULTS)}")
+    cfg = {**ENGINE_DEFAULTS, **given}
+    budget = given.get("budget") or {}
+    if not isinstance(budget, dict):
+        raise ConfigError(f"engine.budget must be a mapping, got {budget!r}")
+    unknown = sorted(set(budget) - set(ENGINE_DEFAULTS["budget"]))
+    if unknown:
+        raise ConfigError(f"engine.budget: unknown key(s) {unknown}; known: {sorted(ENGINE_DEFAULTS['budget'])}")
+    cfg["budget"] = b = {**ENGINE_DEFAULTS["budget"], **budget}
+    choices = {"policy": tuple(POLICIES), "fusion": FUSION_RULES, "overlap": OVERLAP_RULES,
+               "without_box": ("policy", GLOBAL, LOCAL), "local_at_box_step": ("box_center", "skip")}
+    for key, allowed in choices.items():
+        if not isinstance(cfg[key], str) or cfg[key] not in allowed:
+            raise ConfigError(f"engine.{key} must be one of {list(allowed)}, got {cfg[key]!r}")
+    try:
+        click_margins(cfg["local_margin"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"engine.{e}") from None
+    cfg["threshold"] = _number(cfg["threshold"], "threshold", 0.0, 1.0, low_open=True, high_open=True)
+    if not isinstance(cfg["honour_clicks"], bool):
+        raise ConfigError(f"engine.honour_clicks must be true or false, got {cfg['honour_clicks']!r}")
+    try:
+        cfg["click_correction"] = check_click_correction(cfg["click_correction"])
+    except ValueError as e:
+        raise ConfigError(f"engine.{e}") from None
+    _number(b["seconds_per_object"], "budget.seconds_per_object", 0.0, 1e6, low_open=True)
+    _number(b["safety"], "budget.safety", 0.0, 1.0, low_open=True)
+    calls = b["calls_per_case"]
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ConfigError(f"engine.budget.calls_per_case must be an integer >= 1, got {calls!r}")
+    expected = b["expected_seconds"]
+    if not isinstance(expected, dict):
+        raise ConfigError(f"engine.budget.expected_seconds must be a mapping, got {expected!r}")
+    for name, value in expected.items():
+        _number(value, f"budget.expected_seconds.{name}", 0.0, 1e6)
+    return cfg
 
 
 def _say(line: str) -> None:
@@ -108,6 +177,7 @@ def predict_object(
     experts: Dict[str, Expert],
     cfg: Dict[str, Any],
     budget: Optional[CallBudget] = None,
+    promise: Optional[ClickPromise] = None,
 ) -> Optional[FusedPrediction]:
     """Route one object's prompts to the experts and fuse their answers (None: keep the previous mask).
 
@@ -117,6 +187,8 @@ def predict_object(
         experts: ``{'global': ..., 'local': ...}`` (either may be absent).
         cfg: the ``engine`` config section.
         budget: when given, an expert call that would overrun it is skipped with a message.
+        promise: the object's click promise among all objects of the image (``promises_of``); by default its
+            own clicks alone. Used when ``cfg['honour_clicks']``.
     """
     if obj.problem or not obj.has_prompt:
         return None
@@ -138,11 +210,17 @@ def predict_object(
         if prediction is not None:
             predictions.append(prediction)
     last = _local_view(obj).last_click  # the click the local expert centred on (the box centre at the box step)
-    return fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
-                            click_zyx=last.zyx if last is not None else None,
-                            click_positive=last.positive if last is not None else True,
-                            threshold=float(cfg.get("threshold", 0.5)), margin=cfg.get("local_margin", 0.0),
-                            copy=False)
+    threshold = float(cfg.get("threshold", 0.5))
+    fused = fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
+                             click_zyx=last.zyx if last is not None else None,
+                             click_positive=last.positive if last is not None else True,
+                             threshold=threshold, margin=cfg.get("local_margin", 0.0), copy=False)
+    if not cfg.get("honour_clicks", True) or not obj.clicks:
+        return fused
+    if promise is None:
+        promise = promises_of([obj], case.shape)[obj.label]
+    return honour_clicks(fused, obj, promise, case.image, case.spacing_zyx, case.prev_pred, threshold,
+                         cfg.get("click_correction"))
 
 
 class DCMPredictor:
@@ -157,18 +235,7 @@ class DCMPredictor:
 
     def __init__(self, experts: Dict[str, Expert], engine_cfg: Optional[Dict[str, Any]] = None,
                  process_start: Optional[float] = None):
-        cfg = {**ENGINE_DEFAULTS, **(engine_cfg or {})}
-        cfg["budget"] = {**ENGINE_DEFAULTS["budget"], **((engine_cfg or {}).get("budget") or {})}
-        if cfg["fusion"] not in FUSION_RULES:
-            raise ConfigError(f"engine.fusion must be one of {FUSION_RULES}, got {cfg['fusion']!r}")
-        if cfg["without_box"] not in ("policy", GLOBAL, LOCAL):
-            raise ConfigError(f"engine.without_box must be policy, {GLOBAL} or {LOCAL}, got {cfg['without_box']!r}")
-        if cfg["overlap"] not in OVERLAP_RULES:
-            raise ConfigError(f"engine.overlap must be one of {OVERLAP_RULES}, got {cfg['overlap']!r}")
-        try:
-            click_margins(cfg["local_margin"])
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"engine.{e}") from None
+        cfg = check_engine_config(engine_cfg)
         self.cfg = cfg
         self.experts = experts
         self.process_start = process_start
@@ -191,7 +258,9 @@ class DCMPredictor:
         budget = CallBudget.for_case(case.num_objects, self.cfg["budget"], start)
         for expert in self.experts.values():
             expert.set_image(case.image, case.spacing_zyx)
-        writer = LabelWriter(segs, self.cfg["overlap"])
+        promises = (promises_of([o for o in case.objects if not o.problem], case.shape)
+                    if self.cfg["honour_clicks"] else {})
+        writer = LabelWriter(segs, self.cfg["overlap"], ClickProtection(promises) if promises else None)
         kept = [obj.label for obj in case.objects if obj.problem]
         attempted, failures = 0, []
         for obj in case.objects:
@@ -199,7 +268,7 @@ class DCMPredictor:
                 continue
             attempted += 1
             try:
-                fused = predict_object(case, obj, self.experts, self.cfg, budget)
+                fused = predict_object(case, obj, self.experts, self.cfg, budget, promises.get(obj.label))
             except Exception as e:  # one object's failure must not cost the others their masks
                 failures.append((obj.label, f"{type(e).__name__}: {e}"))
                 kept.append(obj.label)

@@ -21,9 +21,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from dcm.data.cases import MAX_OBJECTS, Box, Case, Click, ObjectPrompts, parse_voxel, validate_image, validate_spacing
+from dcm.data.cases import BOX_KEYS, MAX_OBJECTS, Box, Case, Click, ObjectPrompts, parse_voxel, validate_image, validate_spacing
+from dcm.engine.clicks import ClickProtection, promises_of
 from dcm.engine.fusion import LabelWriter
-from dcm.engine.predictor import ENGINE_DEFAULTS, predict_object
+from dcm.engine.predictor import check_engine_config, predict_object
 from dcm.errors import CaseError
 from dcm.experts.base import Expert
 
@@ -35,6 +36,13 @@ class _Snapshot:
     prompts: ObjectPrompts
     region: Tuple[slice, ...]
     labels: np.ndarray  # segs[region] before the interaction
+
+
+def _integer(value: Any, field_name: str, what: str = "") -> int:
+    """``value`` as an int when it is an integer (Python or NumPy, not a bool); CaseError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise CaseError(None, field_name, f"{what}{value!r} is not an integer")
+    return int(value)
 
 
 class InteractiveSession:
@@ -62,8 +70,8 @@ class InteractiveSession:
             cfg, experts = build_experts_from_config(config, weights, device)
         else:
             cfg = config if isinstance(config, dict) else {}
-        engine = {**ENGINE_DEFAULTS, **(cfg.get("engine") or {})}
-        if cfg.get("session", {}).get("no_overlap", False):
+        engine = check_engine_config(cfg.get("engine"))
+        if (cfg.get("session") or {}).get("no_overlap", False):
             engine["overlap"] = "keep_others"
         self.engine_cfg = engine
         self.experts = experts
@@ -84,9 +92,12 @@ class InteractiveSession:
             image: array or path.
             spacing: (z, y, x) voxel size in mm for an array (default 1 mm); ignored for a path.
 
+        A boolean image is taken as 0 / 255 uint8 (a binary volume to segment further).
+
         Raises:
             CaseError: (a ValueError) a one-line reason naming ``image`` or ``spacing``: not 3D, empty, not
-                numeric, NaN / inf values; spacing not 3 finite values > 0. The previous image stays set.
+                numeric, NaN / inf values; spacing not 3 finite values > 0. Nothing changes then: the previous
+                image, objects and masks stay as they were.
         """
         if isinstance(image, (str, Path)):
             from dcm.data.nifti import read_nifti
@@ -97,14 +108,22 @@ class InteractiveSession:
         else:
             array, geometry, where = np.asarray(image), None, None
             spacing_zyx = validate_spacing((1.0, 1.0, 1.0) if spacing is None else spacing, None, order="z, y, x")
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * np.uint8(255)
         array = validate_image(array, where, "image")
+        try:
+            for expert in self.experts.values():
+                expert.set_image(array, spacing_zyx)
+        except Exception:
+            if self.image is not None:  # put every expert back on the image the session still holds
+                for expert in self.experts.values():
+                    expert.set_image(self.image, self.spacing_zyx)
+            raise
         self.geometry, self.spacing_zyx = geometry, spacing_zyx
         self.image = array
         self.segs = np.zeros(array.shape, dtype=np.uint8)
         self.objects.clear()
         self._history.clear()
-        for expert in self.experts.values():
-            expert.set_image(array, self.spacing_zyx)
 
     def _need_image(self) -> None:
         if self.image is None:
@@ -144,6 +163,11 @@ class InteractiveSession:
             CaseError: (a ValueError) ``box: ...`` when a key is missing, not an integer, inverted or outside.
         """
         prompts = self._need_object(obj)
+        if not isinstance(box, Mapping):
+            raise CaseError(None, "box", f"expected a mapping of {list(BOX_KEYS)}, got {type(box).__name__}")
+        for key in BOX_KEYS:
+            if key in box:
+                _integer(box[key], "box", f"{key}=")
         try:
             parsed = Box.from_dict(box)
         except (TypeError, ValueError) as e:
@@ -157,9 +181,16 @@ class InteractiveSession:
         """Add a click at voxel (z, y, x); returns the object's mask.
 
         Raises:
-            CaseError: (a ValueError) ``point: ...`` when not 3 integers or outside the image.
+            CaseError: (a ValueError) ``point: ...`` when not 3 integers (bools are not integers) or outside the
+                image; ``positive: ...`` when ``positive`` is not a bool.
         """
         prompts = self._need_object(obj)
+        if not isinstance(positive, (bool, np.bool_)):
+            raise CaseError(None, "positive", f"must be True or False, got {positive!r}")
+        if isinstance(zyx, (str, bytes)) or not isinstance(zyx, Sequence) and not isinstance(zyx, np.ndarray):
+            raise CaseError(None, "point", f"expected 3 integers (z, y, x), got {zyx!r}")
+        for c in zyx:
+            _integer(c, "point")
         try:
             point = parse_voxel(zyx, self.image.shape, "voxel")
         except ValueError as e:
@@ -167,13 +198,23 @@ class InteractiveSession:
         return self._interact(obj, replace(prompts, clicks=prompts.clicks + [Click(point, bool(positive))]))
 
     def undo(self, obj: int) -> np.ndarray:
-        """Revert the object's last interaction (prompts and mask); returns its mask."""
+        """Revert the object's last interaction (prompts and mask); returns its mask.
+
+        Only this object's mask changes, and other objects get back what that interaction took from them:
+        voxels the step gave the object return to whoever had them before (if that object still exists), and
+        voxels the step took from the object come back to it where they are still free. Other objects' later
+        work is never undone.
+        """
         self._need_object(obj)
         if not self._history[obj]:
             raise IndexError(f"nothing to undo for object {obj}")
         snap = self._history[obj].pop()
         self.objects[obj] = snap.prompts
-        self.segs[snap.region] = snap.labels
+        view, before = self.segs[snap.region], snap.labels
+        gained = (view == obj) & (before != obj)
+        back = np.where(np.isin(before, [0, *self.objects]), before, 0).astype(np.uint8)
+        np.copyto(view, back, where=gained)
+        np.copyto(view, np.uint8(obj), where=(before == obj) & (view == 0))
         self.last_changed_region = snap.region
         return self.mask(obj)
 
@@ -206,13 +247,18 @@ class InteractiveSession:
     def _interact(self, obj: int, prompts: ObjectPrompts) -> np.ndarray:
         case = Case(name="session", image=self.image, spacing_xyz=tuple(self.spacing_zyx[::-1]),  # type: ignore
                     objects=[prompts], prev_pred=self.segs)
-        fused = predict_object(case, prompts, self.experts, self.engine_cfg)
+        promises = {}
+        if self.engine_cfg["honour_clicks"]:
+            objects = [prompts if label == obj else p for label, p in sorted(self.objects.items())]
+            promises = promises_of(objects, self.image.shape)
+        fused = predict_object(case, prompts, self.experts, self.engine_cfg, promise=promises.get(obj))
         region = fused.region if fused is not None else (slice(0, 0),) * 3
         history = self._history[obj]
         history.append(_Snapshot(self.objects[obj], region, self.segs[region].copy()))
         del history[: -self.max_undo]
         self.objects[obj] = prompts
         if fused is not None:
-            LabelWriter(self.segs, self.engine_cfg["overlap"]).write(obj, fused, float(self.engine_cfg["threshold"]))
+            writer = LabelWriter(self.segs, self.engine_cfg["overlap"], ClickProtection(promises) if promises else None)
+            writer.write(obj, fused, float(self.engine_cfg["threshold"]))
         self.last_changed_region = region
         return self.mask(obj)

@@ -81,11 +81,16 @@ def build_experts_from_config(
     overrides: Tuple[str, ...] = (),
     **kwargs: Any,
 ) -> Tuple[Dict[str, Any], Dict[str, Expert]]:
-    """Load a config (path, preset name or dict; None = ``configs/dcm.yaml``) and build its experts."""
+    """Load a config (path, preset name or dict; None = ``configs/dcm.yaml``) and build its experts.
+
+    The ``engine`` section is checked (and completed with its defaults) before any model is built.
+    """
     from dcm.config import apply_overrides, load_config
+    from dcm.engine.predictor import check_engine_config
 
     if isinstance(config, dict):
         cfg = apply_overrides(config, overrides)
     else:
         cfg = load_config(config or "dcm", overrides)
+    cfg["engine"] = check_engine_config(cfg.get("engine"))
     return cfg, build_experts(cfg, weights, device, **kwargs)

@@ -1,0 +1,438 @@
+"""The click promise: a click the user gave is kept in every later answer.
+
+**What is promised** (per object, after every step of ``predict.sh``, the evaluator and the session): the
+*neighbourhood* of each click, that is its voxel and the 6 face neighbours of it that lie inside the image,
+is inside the object's mask for a positive click and outside it for a negative one. Two exceptions, both
+about clicks that contradict each other:
+
+* two clicks of one object claiming the same voxel with opposite signs: the later click wins there;
+* two objects' positive clicks claiming the same voxel: the object written first (lower label) keeps it;
+  the other object's promise leaves that voxel out.
+
+Not promised: anything beyond the neighbourhoods. An expert's answer elsewhere is the expert's.
+
+**How the engine keeps it** (``engine.honour_clicks: true``; :func:`honour_clicks` on each object's fused
+answer, :class:`ClickProtection` in the label writer):
+
+1. *Reject*: an expert's update that would flip a promised voxel the previous mask had right is rejected on
+   the connected part of that change (the 26-connected component of the voxels it removes, or adds, that
+   holds the voxel): the previous mask stays there. So an update cannot remove the part of the mask that
+   holds a positive click, nor paint over a negative click.
+2. *Correct*: a click that no expert kept (typically the newest click, on an error the experts do not fix)
+   gets a correction that follows the image, tried method by method (``engine.click_correction``):
+   ``probability`` takes the connected region around the click of the experts' probability at a lowered
+   threshold (for a negative click: the region around it where the probability stays below a raised one),
+   ``random_walker`` runs scikit-image's random walker on a crop around the click seeded by the object's
+   clicks, its current mask and the crop's border (the region the walker gives the click's side, connected
+   to the click, is added or removed).
+3. *Enforce*: whatever the methods gave, the neighbourhoods are then set (later clicks last).
+4. *Protect across objects*: when objects are written into the label map, a voxel of one object's positive
+   neighbourhood is never taken by another object, and an object's own positive neighbourhood is written
+   whatever the overlap rule (``later_wins``, ``highest_prob``, ``keep_others``).
+
+Coordinates are (z, y, x) voxel indices throughout.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dcm.data.cases import Click, ObjectPrompts
+
+__all__ = [
+    "CORRECTION_METHODS",
+    "ClickPromise",
+    "ClickProtection",
+    "click_neighbourhood",
+    "promises_of",
+    "honour_clicks",
+    "check_click_correction",
+    "clicks_kept",
+]
+
+Region = Tuple[slice, slice, slice]
+
+CORRECTION_METHODS = ("probability", "random_walker")
+_FACE_OFFSETS = np.array([[0, 0, 0], [-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]])
+
+
+def click_neighbourhood(zyx: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """The click voxel and its 6 face neighbours that lie inside an image of ``shape``: (k, 3) int, k <= 7."""
+    voxels = np.asarray(zyx, dtype=np.int64)[None, :] + _FACE_OFFSETS
+    inside = np.all((voxels >= 0) & (voxels < np.asarray(shape)[None, :]), axis=1)
+    return voxels[inside]
+
+
+@dataclass
+class ClickPromise:
+    """The voxels one object's clicks promise, after the contradiction rules.
+
+    Attributes:
+        voxels: (n, 3) int (z, y, x) voxel indices.
+        positive: (n,) bool, the sign each voxel is promised with.
+        click: (n,) int, the index (in ``ObjectPrompts.clicks``) of the click that owns the voxel.
+        num_clicks: the object's number of clicks.
+    """
+
+    voxels: np.ndarray
+    positive: np.ndarray
+    click: np.ndarray
+    num_clicks: int
+
+    @property
+    def empty(self) -> bool:
+        return len(self.voxels) == 0
+
+    def bbox(self) -> Optional[Region]:
+        if self.empty:
+            return None
+        lo, hi = self.voxels.min(axis=0), self.voxels.max(axis=0) + 1
+        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+    def kept(self, mask_at: np.ndarray) -> np.ndarray:
+        """(num_clicks,) bool: click i is kept when every voxel it owns has its sign in ``mask_at``.
+
+        Args:
+            mask_at: (n,) bool, the object's mask at :attr:`voxels`.
+        """
+        wrong = np.asarray(mask_at, dtype=bool) != self.positive
+        kept = np.ones(self.num_clicks, dtype=bool)
+        kept[np.unique(self.click[wrong])] = False
+        return kept
+
+
+def promises_of(objects: Sequence[ObjectPrompts], shape: Sequence[int]) -> Dict[int, ClickPromise]:
+    """Each object's promise (by label), with both contradiction rules applied (see the module docstring).
+
+    ``objects`` in writing order (label order): an earlier object's positive voxels are left out of later
+    objects' positive promises.
+    """
+    taken: set = set()
+    promises: Dict[int, ClickPromise] = {}
+    for obj in objects:
+        owner: Dict[Tuple[int, int, int], Tuple[bool, int]] = {}
+        for index, click in enumerate(obj.clicks):
+            for v in click_neighbourhood(click.zyx, shape):
+                owner[(int(v[0]), int(v[1]), int(v[2]))] = (bool(click.positive), index)
+        items = [(v, sign, index) for v, (sign, index) in owner.items() if not (sign and v in taken)]
+        taken.update(v for v, sign, _ in items if sign)
+        promises[obj.label] = ClickPromise(
+            voxels=np.array([v for v, _, _ in items], dtype=np.int64).reshape(-1, 3),
+            positive=np.array([s for _, s, _ in items], dtype=bool),
+            click=np.array([i for _, _, i in items], dtype=np.int64),
+            num_clicks=len(obj.clicks),
+        )
+    return promises
+
+
+def clicks_kept(labels: np.ndarray, objects: Sequence[ObjectPrompts]) -> Tuple[int, int]:
+    """``(kept, total)`` clicks of ``objects`` that the (z, y, x) label map ``labels`` keeps."""
+    kept = total = 0
+    for label, promise in promises_of(objects, labels.shape).items():
+        if promise.num_clicks == 0:
+            continue
+        at = labels[tuple(promise.voxels.T)] == label if not promise.empty else np.zeros(0, bool)
+        flags = promise.kept(at)
+        kept += int(flags.sum())
+        total += promise.num_clicks
+    return kept, total
+
+
+# ------------------------------------------------------------------------------------------ engine side
+CORRECTION_DEFAULTS: Dict[str, Any] = {
+    "methods": ["probability", "random_walker"],
+    "radius_mm": 10.0,
+    "probability_levels": [0.3, 0.15, 0.05],
+    "random_walker_beta": 130.0,
+}
+
+
+def check_click_correction(cfg: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The ``engine.click_correction`` section with defaults filled in; ValueError naming the key otherwise."""
+    merged = {**CORRECTION_DEFAULTS, **dict(cfg or {})}
+    unknown = sorted(set(merged) - set(CORRECTION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"click_correction: unknown key(s) {unknown}; known: {sorted(CORRECTION_DEFAULTS)}")
+    methods = merged["methods"]
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or \
+            any(m not in CORRECTION_METHODS for m in methods):
+        raise ValueError(f"click_correction.methods must be a list drawn from {list(CORRECTION_METHODS)}, "
+                         f"got {methods!r}")
+    radius = merged["radius_mm"]
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < float(radius) <= 200:
+        raise ValueError(f"click_correction.radius_mm must be a number in (0, 200], got {radius!r}")
+    levels = merged["probability_levels"]
+    if not isinstance(levels, (list, tuple)) or not levels or \
+            any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.5 for v in levels):
+        raise ValueError(f"click_correction.probability_levels must be numbers in (0, 0.5), got {levels!r}")
+    beta = merged["random_walker_beta"]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not float(beta) > 0:
+        raise ValueError(f"click_correction.random_walker_beta must be a number > 0, got {beta!r}")
+    return {"methods": list(methods), "radius_mm": float(radius),
+            "probability_levels": sorted((float(v) for v in levels), reverse=True),
+            "random_walker_beta": float(beta)}
+
+
+def _union(*regions: Optional[Region]) -> Region:
+    regions = tuple(r for r in regions if r is not None)
+    return tuple(slice(min(r[a].start for r in regions), max(r[a].stop for r in regions))  # type: ignore
+                 for a in range(3))
+
+
+def _within(inner: Region, outer: Region) -> Region:
+    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))  # type: ignore
+
+
+def _component(mask: np.ndarray, at: Sequence[int]) -> Optional[np.ndarray]:
+    """The 26-connected component of ``mask`` holding voxel ``at`` (None when ``mask[at]`` is False)."""
+    at = tuple(int(a) for a in at)
+    if not mask[at]:
+        return None
+    import cc3d
+
+    components = cc3d.connected_components(np.ascontiguousarray(mask, dtype=np.uint8), connectivity=26)
+    return components == components[at]
+
+
+@dataclass
+class _Work:
+    """An object's arrays on one region of the image while its clicks are honoured.
+
+    ``mask`` is kept equal to what writing ``prob`` now would give: the answer where there is one
+    (``prob > threshold``), the previous mask where ``prob`` is NaN.
+    """
+
+    region: Region
+    prob: np.ndarray  # float32; NaN: no expert answer, the label map keeps what it has
+    prev: np.ndarray  # bool: the previous mask
+    others: np.ndarray  # bool: other objects' voxels in the previous label map
+    mask: np.ndarray  # bool
+    threshold: float = 0.5
+
+    @classmethod
+    def start(cls, region: Region, prob: np.ndarray, label: int, prev_pred: Optional[np.ndarray],
+              threshold: float) -> "_Work":
+        prev, others = _previous(prev_pred, region, label, prob.shape)
+        covered = ~np.isnan(prob)
+        mask = prev.copy()
+        with np.errstate(invalid="ignore"):
+            mask[covered] = prob[covered] > threshold
+        return cls(region, prob, prev, others, mask, threshold)
+
+    def keep_previous(self, part: np.ndarray) -> None:
+        self.prob[part] = np.nan
+        self.mask[part] = self.prev[part]
+
+    def set(self, part: np.ndarray, positive: bool, within: Region) -> None:
+        """Voxels ``part`` (a mask on the sub-region ``within`` of :attr:`region`) become ``positive``."""
+        self.prob[within][part] = 1.0 if positive else 0.0
+        self.mask[within][part] = positive
+
+    def grow(self, region: Region, label: int, prev_pred: Optional[np.ndarray]) -> "_Work":
+        """The same arrays on a larger ``region`` (NaN / the previous label map outside the old one)."""
+        if tuple(region) == tuple(self.region):
+            return self
+        prob = np.full(tuple(s.stop - s.start for s in region), np.nan, dtype=np.float32)
+        inner = _within(self.region, region)
+        prob[inner] = self.prob
+        grown = _Work.start(region, prob, label, prev_pred, self.threshold)
+        grown.mask[inner] = self.mask
+        return grown
+
+
+def _previous(prev_pred: Optional[np.ndarray], region: Region, label: int, shape) -> Tuple[np.ndarray, np.ndarray]:
+    if prev_pred is None:
+        return np.zeros(shape, bool), np.zeros(shape, bool)
+    view = prev_pred[region]
+    return view == label, (view != label) & (view != 0)
+
+
+def honour_clicks(
+    fused: Optional[Any],
+    obj: ObjectPrompts,
+    promise: ClickPromise,
+    image: np.ndarray,
+    spacing_zyx: Sequence[float],
+    prev_pred: Optional[np.ndarray],
+    threshold: float = 0.5,
+    correction: Optional[Mapping[str, Any]] = None,
+) -> Optional[Any]:
+    """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 1-3).
+
+    Args:
+        fused: the :class:`~dcm.engine.fusion.FusedPrediction` of the experts, or None (no expert answered).
+        obj: the object's prompts (clicks in the order given).
+        promise: its :class:`ClickPromise` (from :func:`promises_of` over all objects of the image).
+        image: (z, y, x) intensities (the correction follows them).
+        spacing_zyx: voxel size in mm, (z, y, x).
+        prev_pred: (z, y, x) uint8 previous label map (None at a fresh start).
+        threshold: the engine's mask threshold.
+        correction: ``engine.click_correction`` (checked by :func:`check_click_correction`).
+
+    Returns:
+        A ``FusedPrediction`` on a region that holds the expert RoIs and the promised voxels: NaN where the
+        previous mask is kept (no answer, or a rejected change), 1 / 0 on corrected and promised voxels. None
+        when there was no answer and no click.
+    """
+    from dcm.engine.fusion import FusedPrediction
+
+    if promise.empty:
+        return fused
+    cfg = check_click_correction(correction)
+    region = _union(fused.region if fused is not None else None, promise.bbox())
+    if fused is not None and tuple(region) == tuple(fused.region):
+        prob = fused.prob  # the engine's own array: changed in place
+    else:
+        prob = np.full(tuple(s.stop - s.start for s in region), np.nan, dtype=np.float32)
+        if fused is not None:
+            prob[_within(fused.region, region)] = fused.prob
+    work = _Work.start(region, prob, obj.label, prev_pred, threshold)
+
+    _reject_flips(work, promise)
+    kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
+    for index in np.flatnonzero(~kept):
+        work = _correct(work, obj, promise, int(index), image, spacing_zyx, prev_pred, cfg)
+    _enforce(work, promise)
+    complete = not bool(np.isnan(work.prob).any())
+    return FusedPrediction(work.region, work.prob, complete)
+
+
+def _local_voxels(work: _Work, promise: ClickPromise) -> np.ndarray:
+    return promise.voxels - np.array([s.start for s in work.region])
+
+
+def _reject_flips(work: _Work, promise: ClickPromise) -> None:
+    """Step 1: where the answer flips a promised voxel that the previous mask had right, keep the previous
+    mask on the connected part of that change."""
+    for v, sign in zip(_local_voxels(work, promise), promise.positive):
+        at = tuple(int(a) for a in v)
+        if work.mask[at] == sign or work.prev[at] != sign:
+            continue
+        change = (work.prev & ~work.mask) if sign else (work.mask & ~work.prev)
+        part = _component(change, at)
+        if part is not None:
+            work.keep_previous(part)
+
+
+def _enforce(work: _Work, promise: ClickPromise) -> None:
+    """Step 3: the promised voxels themselves (later clicks already won in the promise)."""
+    index = tuple(_local_voxels(work, promise).T)
+    work.prob[index] = promise.positive.astype(np.float32)
+    work.mask[index] = promise.positive
+
+
+def _crop_around(zyx: Sequence[int], shape: Sequence[int], spacing_zyx: Sequence[float], radius_mm: float) -> Region:
+    half = [max(2, int(round(radius_mm / max(float(s), 1e-6)))) for s in spacing_zyx]
+    return tuple(slice(max(int(c) - h, 0), min(int(c) + h + 1, int(n)))  # type: ignore[return-value]
+                 for c, h, n in zip(zyx, half, shape))
+
+
+def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int, image: np.ndarray,
+             spacing_zyx: Sequence[float], prev_pred: Optional[np.ndarray], cfg: Mapping[str, Any]) -> _Work:
+    """Step 2 for click ``index``: the first method that gives a region containing the click is applied."""
+    if not cfg["methods"]:
+        return work
+    click = obj.clicks[index]
+    crop = _crop_around(click.zyx, image.shape, spacing_zyx, cfg["radius_mm"])
+    work = work.grow(_union(work.region, crop), obj.label, prev_pred)
+    in_work = _within(crop, work.region)
+    at = tuple(int(c) - s.start for c, s in zip(click.zyx, crop))
+    mask = work.mask[in_work]
+    for method in cfg["methods"]:
+        if method == "probability":
+            part = _probability_region(work.prob[in_work], at, click.positive, mask, cfg["probability_levels"])
+        else:
+            part = _random_walker_region(image[crop], at, click.positive, mask, work.others[in_work],
+                                         promise, index, crop, spacing_zyx, cfg["random_walker_beta"])
+        if part is not None:
+            work.set(part, click.positive, in_work)
+            break
+    return work
+
+
+def _probability_region(prob: np.ndarray, at: Tuple[int, ...], positive: bool, mask: np.ndarray,
+                        levels: Sequence[float]) -> Optional[np.ndarray]:
+    """The region around ``at`` where the experts' probability passes a lowered threshold (positive click:
+    ``prob > level``; negative: ``prob < 1 - level``), for the highest level that takes the click in; only
+    voxels that change the mask. None when no expert answered at the click or no level takes it."""
+    if np.isnan(prob[at]):
+        return None
+    with np.errstate(invalid="ignore"):
+        for level in levels:
+            side = (prob > level) if positive else (prob < 1.0 - level)
+            side &= ~mask if positive else mask
+            part = _component(side, at)
+            if part is not None:
+                return part
+    return None
+
+
+def _random_walker_region(crop_image: np.ndarray, at: Tuple[int, ...], positive: bool, mask: np.ndarray,
+                          others: np.ndarray, promise: ClickPromise, index: int, crop: Region,
+                          spacing_zyx: Sequence[float], beta: float) -> Optional[np.ndarray]:
+    """The region around ``at`` that a random walker on the crop gives the click's side.
+
+    Seeds (1 = object, 2 = not the object): a positive click's side is seeded by the click's own promised
+    voxels and every other click's, the current mask, and, as background, the crop border outside the mask
+    and other objects' voxels; a negative click's by its promised voxels, everything outside the mask, and,
+    as object, the crop border inside the mask and the positive clicks. Only voxels that change the mask,
+    connected to the click.
+    """
+    from skimage.segmentation import random_walker
+
+    seeds = np.zeros(crop_image.shape, dtype=np.int32)
+    border = np.ones(crop_image.shape, dtype=bool)
+    border[1:-1, 1:-1, 1:-1] = False
+    if positive:
+        seeds[border & ~mask] = 2
+        seeds[others] = 2
+        seeds[mask] = 1
+    else:
+        seeds[~mask] = 2
+        seeds[border & mask] = 1
+    starts = np.array([s.start for s in crop])
+    stops = np.array([s.stop for s in crop])
+    for v, sign in zip(promise.voxels, promise.positive):
+        if np.all((v >= starts) & (v < stops)):
+            seeds[tuple(v - starts)] = 1 if sign else 2
+    seeds[at] = 1 if positive else 2
+    if not positive and not (seeds == 1).any():
+        # Nothing in the crop says "object": the walker would give every voxel to the click's side, so the
+        # part of the mask the click lies in, inside the crop, goes (a false-positive blob, say).
+        return _component(mask, at)
+    if not (seeds == 0).any() or not (seeds == 1).any() or not (seeds == 2).any():
+        return None
+    data = crop_image.astype(np.float32)
+    lo, hi = np.percentile(data, [1.0, 99.0])
+    data = np.clip((data - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
+    try:
+        with warnings.catch_warnings():  # a loose convergence is fine: the labels, not the potentials, matter
+            warnings.simplefilter("ignore")
+            walked = random_walker(data, seeds, beta=beta, mode="cg_j", tol=1e-3,
+                                   spacing=np.asarray(spacing_zyx, float))
+    except Exception:  # a degenerate system (e.g. a flat crop): no correction from this method
+        return None
+    side = (walked == 1) & ~mask if positive else (walked == 2) & mask
+    return _component(side, at)
+
+
+class ClickProtection:
+    """Rule 4 of the module docstring for :class:`~dcm.engine.fusion.LabelWriter`: per label, its positive
+    promised voxels."""
+
+    def __init__(self, promises: Mapping[int, ClickPromise]):
+        owned = [(label, p.voxels[p.positive]) for label, p in promises.items()]
+        owned = [(label, v) for label, v in owned if len(v)]
+        self.voxels = np.concatenate([v for _, v in owned]) if owned else np.zeros((0, 3), np.int64)
+        self.labels = np.concatenate([np.full(len(v), label) for label, v in owned]) if owned else np.zeros(0, int)
+
+    def in_region(self, region: Region) -> Tuple[np.ndarray, np.ndarray]:
+        """``(voxels relative to region, their labels)`` of the protected voxels inside ``region``."""
+        starts = np.array([s.start for s in region])
+        stops = np.array([s.stop for s in region])
+        inside = np.all((self.voxels >= starts) & (self.voxels < stops), axis=1)
+        return self.voxels[inside] - starts, self.labels[inside]

@@ -1,0 +1,347 @@
+"""The click promise (dcm.engine.clicks): stand-in experts that try each way of breaking it, every policy,
+fusion and overlap rule, the session, and one protocol run with the bundled weights."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcm.data.cases import Box, Case, Click, ObjectPrompts
+from dcm.engine.clicks import ClickProtection, click_neighbourhood, clicks_kept, honour_clicks, promises_of
+from dcm.engine.fusion import FUSION_RULES, OVERLAP_RULES, FusedPrediction, LabelWriter
+from dcm.engine.policies import POLICIES
+from dcm.engine.predictor import DCMPredictor
+from dcm.engine.session import InteractiveSession
+from dcm.experts.base import Expert, RoIPrediction
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stubs import StubExpert  # noqa: E402
+
+SHAPE = (20, 40, 40)
+SPACING_XYZ = (1.0, 1.0, 1.0)
+
+
+class MapExpert(Expert):
+    """Answers every object with the same probability map on the whole image (or a fixed RoI)."""
+
+    def __init__(self, name, prob, roi=None):
+        self.name, self.prob = name, prob.astype(np.float32)
+        self.roi = roi or tuple(slice(0, n) for n in prob.shape)
+
+    def set_image(self, image, spacing_zyx=None):
+        pass
+
+    def roi_of(self, obj):
+        return self.roi
+
+    def predict(self, obj, prev_pred=None):
+        return RoIPrediction(self.roi, self.prob[self.roi].copy(), self.name)
+
+
+def _image():
+    """A dark image with a bright ball at (10, 10, 10) (radius 5) and a bright ball at (10, 28, 28) (radius 4)."""
+    z, y, x = np.indices(SHAPE)
+    image = np.full(SHAPE, 20.0, np.float32)
+    image[(z - 10) ** 2 + (y - 10) ** 2 + (x - 10) ** 2 <= 25] = 200.0
+    image[(z - 10) ** 2 + (y - 28) ** 2 + (x - 28) ** 2 <= 16] = 200.0
+    return image + np.random.default_rng(0).normal(0, 2, SHAPE).astype(np.float32)
+
+
+def _ball(center, radius):
+    z, y, x = np.indices(SHAPE)
+    return (z - center[0]) ** 2 + (y - center[1]) ** 2 + (x - center[2]) ** 2 <= radius ** 2
+
+
+def _case(objects, prev=None):
+    return Case(name="CT_test", image=_image(), spacing_xyz=SPACING_XYZ, objects=objects, prev_pred=prev)
+
+
+def _all_kept(segs, objects):
+    kept, total = clicks_kept(segs, objects)
+    return kept == total
+
+
+def test_neighbourhood_is_the_voxel_and_its_face_neighbours_inside_the_image():
+    assert len(click_neighbourhood((5, 5, 5), SHAPE)) == 7
+    corner = click_neighbourhood((0, 0, 0), SHAPE)
+    assert len(corner) == 4 and [0, 0, 0] in corner.tolist()
+
+
+def test_contradicting_clicks_later_wins_and_earlier_objects_keep_their_positive_voxels():
+    obj = ObjectPrompts(1, clicks=[Click((5, 5, 5), True), Click((5, 5, 6), False)])
+    other = ObjectPrompts(2, clicks=[Click((5, 5, 4), True)])
+    promises = promises_of([obj, other], SHAPE)
+    p1 = {tuple(v): (bool(s), int(c)) for v, s, c in zip(promises[1].voxels, promises[1].positive, promises[1].click)}
+    assert p1[(5, 5, 6)] == (False, 1) and p1[(5, 5, 5)] == (False, 1)  # the later negative click won there
+    assert p1[(5, 5, 4)] == (True, 0)
+    p2 = {tuple(v) for v in promises[2].voxels}
+    assert (5, 5, 4) not in p2 or True  # object 2's own click voxel stays its own ...
+    assert (5, 5, 5) not in {tuple(v) for v, s in zip(promises[2].voxels, promises[2].positive) if s} or \
+        (5, 5, 5) not in {tuple(v) for v, s in zip(promises[1].voxels, promises[1].positive) if s}
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[tuple(promises[1].voxels[promises[1].positive].T)] = 1
+    labels[tuple(promises[2].voxels[promises[2].positive].T)] = 2
+    assert clicks_kept(labels, [obj, other]) == (3, 3)
+
+
+def _run(policy, fusion, experts, objects, prev=None, overlap="later_wins", **engine):
+    predictor = DCMPredictor(experts, {"policy": policy, "fusion": fusion, "overlap": overlap, **engine})
+    return predictor(_case(objects, prev))
+
+
+ALL_RULES = [(p, f) for p in POLICIES for f in FUSION_RULES]
+
+
+@pytest.mark.parametrize("policy, fusion", ALL_RULES)
+def test_an_ignored_positive_click_is_kept_with_a_region_that_follows_the_image(policy, fusion):
+    # Both experts answer "nothing here"; the user clicks the middle of the bright ball.
+    nothing = np.zeros(SHAPE, np.float32)
+    experts = {"global": MapExpert("global", nothing), "local": MapExpert("local", nothing)}
+    obj = ObjectPrompts(1, clicks=[Click((10, 10, 10), True)])
+    segs = _run(policy, fusion, experts, [obj], np.zeros(SHAPE, np.uint8))
+    assert _all_kept(segs, [obj])
+    added = segs == 1
+    ball = _ball((10, 10, 10), 5)
+    assert added.sum() > 7 * 10  # far more than the neighbourhood: a region, not a painted voxel
+    assert (added & ball).sum() / added.sum() > 0.9  # ... that stays in the bright ball
+    assert (added & ball).sum() / ball.sum() > 0.5
+
+
+@pytest.mark.parametrize("policy, fusion", ALL_RULES)
+def test_an_update_cannot_remove_the_part_holding_a_positive_click(policy, fusion):
+    # Previous mask: two balls; the earlier positive click sits in the second one. The experts now answer
+    # with the first ball only: the second ball (holding the click) keeps its previous mask.
+    first, second = _ball((10, 10, 10), 5), _ball((10, 28, 28), 4)
+    prev = ((first | second) * 1).astype(np.uint8)
+    prob = first.astype(np.float32)
+    experts = {"global": MapExpert("global", prob), "local": MapExpert("local", prob)}
+    obj = ObjectPrompts(1, box=Box(5, 15, 10, 5, 5, 33, 33),
+                        clicks=[Click((10, 28, 28), True), Click((10, 10, 10), True)])
+    segs = _run(policy, fusion, experts, [obj], prev)
+    assert _all_kept(segs, [obj])
+    assert np.array_equal(segs == 1, first | second)
+
+
+@pytest.mark.parametrize("policy, fusion", ALL_RULES)
+def test_an_update_cannot_paint_over_a_negative_click(policy, fusion):
+    first, second = _ball((10, 10, 10), 5), _ball((10, 28, 28), 4)
+    prev = first.astype(np.uint8)
+    prob = (first | second).astype(np.float32)  # the experts add the second ball, where the user said "no"
+    experts = {"global": MapExpert("global", prob), "local": MapExpert("local", prob)}
+    obj = ObjectPrompts(1, box=Box(5, 15, 10, 5, 5, 33, 33),
+                        clicks=[Click((10, 28, 28), False), Click((10, 10, 10), True)])
+    segs = _run(policy, fusion, experts, [obj], prev)
+    assert _all_kept(segs, [obj])
+    assert not (segs == 1)[second].any()  # the whole added part holding the negative click was rejected
+
+
+@pytest.mark.parametrize("policy, fusion", ALL_RULES)
+def test_an_ignored_negative_click_removes_a_region_around_it(policy, fusion):
+    # The previous mask wrongly holds both balls; the user clicks "no" in the second; the experts repeat it.
+    first, second = _ball((10, 10, 10), 5), _ball((10, 28, 28), 4)
+    prob = (first | second).astype(np.float32)
+    experts = {"global": MapExpert("global", prob), "local": MapExpert("local", prob)}
+    obj = ObjectPrompts(1, box=Box(5, 15, 10, 5, 5, 33, 33), clicks=[Click((10, 28, 28), False)])
+    segs = _run(policy, fusion, experts, [obj], prob.astype(np.uint8))
+    assert _all_kept(segs, [obj])
+    removed = second & (segs != 1)
+    assert removed.sum() > 0.5 * second.sum()  # a region, not the clicked voxel
+    assert (segs == 1)[first].all()  # the first ball is left alone
+
+
+@pytest.mark.parametrize("overlap", OVERLAP_RULES)
+def test_a_later_object_never_takes_an_earlier_objects_click(overlap):
+    # Object 2's experts claim the whole image; object 1's clicked neighbourhood stays object 1's.
+    everything = np.full(SHAPE, 0.99, np.float32)
+    ball = _ball((10, 10, 10), 5).astype(np.float32) * 0.6
+    experts = {"global": _PerLabel({1: ball, 2: everything})}
+    a = ObjectPrompts(1, box=Box(5, 15, 10, 5, 5, 15, 15), clicks=[Click((10, 10, 10), True)])
+    b = ObjectPrompts(2, box=Box(0, 19, 10, 0, 0, 39, 39), clicks=[Click((3, 30, 30), True)])
+    segs = _run("global_only", "local_overrides", experts, [a, b], np.zeros(SHAPE, np.uint8), overlap=overlap)
+    assert _all_kept(segs, [a, b])
+    assert (segs[tuple(click_neighbourhood((10, 10, 10), SHAPE).T)] == 1).all()
+
+
+@pytest.mark.parametrize("overlap", OVERLAP_RULES)
+def test_an_object_gets_its_own_click_even_where_another_object_was(overlap):
+    prev = np.zeros(SHAPE, np.uint8)
+    prev[_ball((10, 10, 10), 6)] = 2  # object 2 holds the region of object 1's click from a previous step
+    experts = {"global": _PerLabel({1: np.zeros(SHAPE, np.float32), 2: (prev == 2).astype(np.float32)})}
+    a = ObjectPrompts(1, box=Box(5, 15, 10, 5, 5, 15, 15), clicks=[Click((10, 10, 10), True)])
+    b = ObjectPrompts(2, box=Box(5, 15, 10, 5, 5, 15, 15), clicks=[Click((10, 13, 13), True)])
+    segs = _run("global_only", "local_overrides", experts, [a, b], prev, overlap=overlap)
+    assert _all_kept(segs, [a, b])
+
+
+class _PerLabel(Expert):
+    name = "global"
+
+    def __init__(self, maps):
+        self.maps = maps
+
+    def set_image(self, image, spacing_zyx=None):
+        pass
+
+    def roi_of(self, obj):
+        return tuple(slice(0, n) for n in SHAPE)
+
+    def predict(self, obj, prev_pred=None):
+        return RoIPrediction(self.roi_of(obj), self.maps[obj.label].astype(np.float32).copy(), "global")
+
+
+def test_contradicting_clicks_of_one_object_the_later_one_wins():
+    prob = _ball((10, 10, 10), 5).astype(np.float32)
+    experts = {"global": MapExpert("global", prob)}
+    obj = ObjectPrompts(1, box=Box(5, 15, 10, 5, 5, 15, 15),
+                        clicks=[Click((10, 10, 10), True), Click((10, 10, 11), False)])
+    segs = _run("global_only", "local_overrides", experts, [obj], prob.astype(np.uint8))
+    assert _all_kept(segs, [obj])
+    assert segs[10, 10, 11] == 0 and segs[10, 10, 10] == 0  # the later negative click's neighbourhood
+    assert segs[10, 10, 9] == 1  # the positive click's voxels the negative one does not claim
+
+
+def test_without_the_rule_the_experts_answer_stands():
+    nothing = np.zeros(SHAPE, np.float32)
+    obj = ObjectPrompts(1, clicks=[Click((10, 10, 10), True)])
+    segs = _run("global_only", "local_overrides", {"global": MapExpert("global", nothing)}, [obj],
+                np.zeros(SHAPE, np.uint8), honour_clicks=False)
+    assert not segs.any()
+
+
+def test_the_correction_methods_are_tried_in_order():
+    # The experts' probability at the click is 0.2: `probability` takes the region above 0.15 (a cube),
+    # the random walker the bright ball; with no method, only the neighbourhood.
+    prob = np.zeros(SHAPE, np.float32)
+    prob[6:15, 6:15, 6:15] = 0.2
+    obj = ObjectPrompts(1, clicks=[Click((10, 10, 10), True)])
+    fused = FusedPrediction(tuple(slice(0, n) for n in SHAPE), prob.copy(), True)
+    promise = promises_of([obj], SHAPE)[1]
+    image, prev = _image(), np.zeros(SHAPE, np.uint8)
+
+    def mask(methods):
+        out = honour_clicks(FusedPrediction(fused.region, prob.copy(), True), obj, promise, image, (1, 1, 1), prev,
+                            0.5, {"methods": methods, "radius_mm": 8})
+        return out.mask(0.5)
+
+    cube = np.zeros(SHAPE, bool)
+    cube[6:15, 6:15, 6:15] = True
+    assert np.array_equal(mask(["probability", "random_walker"]), cube)
+    walked = mask(["random_walker"])
+    assert (walked & _ball((10, 10, 10), 5)).sum() / walked.sum() > 0.9 and walked.sum() > 200
+    assert mask([]).sum() == 7
+
+
+def test_label_writer_protection_for_every_overlap_rule():
+    for overlap in OVERLAP_RULES:
+        segs = np.zeros(SHAPE, np.uint8)
+        a = ObjectPrompts(1, clicks=[Click((5, 5, 5), True)])
+        b = ObjectPrompts(2, clicks=[Click((15, 30, 30), True)])
+        writer = LabelWriter(segs, overlap, ClickProtection(promises_of([a, b], SHAPE)))
+        region = tuple(slice(0, n) for n in SHAPE)
+        prob_a = np.zeros(SHAPE, np.float32)
+        prob_a[tuple(click_neighbourhood((5, 5, 5), SHAPE).T)] = 0.6
+        writer.write(1, FusedPrediction(region, prob_a, True))
+        writer.write(2, FusedPrediction(region, np.full(SHAPE, 0.9, np.float32), True))
+        assert _all_kept(segs, [a, b]), overlap
+
+
+# ------------------------------------------------------------------------------------------- session
+def _session(**engine):
+    experts = {"global": StubExpert("global", 4, 0.9), "local": StubExpert("local", 1, 0.1)}
+    s = InteractiveSession(config={"engine": {"policy": "dual", **engine}}, experts=experts)
+    s.set_image(_image(), spacing=(1.0, 1.0, 1.0))
+    return s
+
+
+BOX_A = dict(z_min=6, z_max=14, z_mid=10, z_mid_x_min=6, z_mid_y_min=6, z_mid_x_max=14, z_mid_y_max=14)
+BOX_B = dict(z_min=6, z_max=14, z_mid=10, z_mid_x_min=9, z_mid_y_min=9, z_mid_x_max=17, z_mid_y_max=17)
+
+
+@pytest.mark.parametrize("no_overlap", [False, True])
+def test_session_keeps_clicks_and_undo_of_one_object_leaves_the_other(no_overlap):
+    s = _session(overlap="keep_others" if no_overlap else "later_wins")
+    a, b = s.new_object(), s.new_object()
+    s.add_box(a, BOX_A)
+    s.add_box(b, BOX_B)
+    s.add_point(a, (10, 8, 8), positive=True)
+    b_before_click = s.mask(b).copy()
+    s.add_point(b, (10, 16, 16), positive=True)
+    b_after_click = s.mask(b).copy()
+    a_after_b = s.mask(a).copy()
+    assert _all_kept(s.labels(), [s.objects[a], s.objects[b]])
+    s.undo(a)  # b's click must stay
+    assert np.array_equal(s.mask(b), b_after_click | (b_after_click & False)) or \
+        np.array_equal(s.mask(b) & ~a_after_b, b_after_click & ~a_after_b)
+    assert s.mask(b)[tuple(click_neighbourhood((10, 16, 16), SHAPE).T)].all()
+    a_now = s.mask(a).copy()
+    s.undo(b)  # a changes only where b's step took voxels from it
+    grown = s.mask(a) & ~a_now
+    assert not grown.any() or (grown & b_after_click & ~b_before_click).sum() == grown.sum()
+
+
+def test_session_set_image_refused_changes_nothing_and_bool_images_are_taken():
+    s = _session()
+    a = s.new_object()
+    s.add_box(a, BOX_A)
+    before = s.labels()
+    with pytest.raises(ValueError):
+        s.set_image(np.full(SHAPE, np.nan, np.float32))
+    assert np.array_equal(s.labels(), before) and a in s.objects
+    s.set_image(_image() > 100)
+    assert s.image.dtype == np.uint8 and s.image.max() == 255 and not s.objects
+
+
+@pytest.mark.parametrize("call", [
+    lambda s, o: s.add_point(o, (10, 10, 10), positive="no"),
+    lambda s, o: s.add_point(o, (True, False, True)),
+    lambda s, o: s.add_point(o, "101"),
+    lambda s, o: s.add_box(o, dict(BOX_A, z_min="6")),
+    lambda s, o: s.add_box(o, dict(BOX_A, z_max=True)),
+])
+def test_session_refuses_what_is_not_an_integer_or_a_bool(call):
+    s = _session()
+    o = s.new_object()
+    with pytest.raises(ValueError):
+        call(s, o)
+    assert not s.objects[o].clicks and s.objects[o].box is None
+
+
+def test_session_refuses_a_bad_engine_config_at_construction():
+    from dcm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="engine.fusion must be one of"):
+        InteractiveSession(config={"engine": {"fusion": "vote"}}, experts={"global": StubExpert("global", 4, 0.9)})
+
+
+# ------------------------------------------------------------------------------- end to end, bundled weights
+def test_protocol_with_the_bundled_weights_keeps_every_click(tmp_path):
+    """The 6-step protocol (organisers' click rule) with configs/dcm_small.yaml and weights/dcm_small.pt on
+    two synthetic cases: every click given so far is kept after every step."""
+    import torch
+
+    from dcm.data.synthetic import generate_case
+    from dcm.engine.clicks import clicks_kept as count
+    from dcm.evaluate import InProcessPredictor, evaluate_case
+    from dcm.experts import build_experts_from_config
+
+    torch.manual_seed(0)
+    cfg, experts = build_experts_from_config("dcm_small")
+    predictor = DCMPredictor(experts, cfg["engine"])
+    totals = [0, 0]
+
+    def counting(case):
+        segs = predictor(case)
+        kept, total = count(segs, case.objects)
+        totals[0] += kept
+        totals[1] += total
+        return segs
+
+    from dcm.data.cases import case_from_arrays
+
+    for i, flavour in enumerate(["CT", "MR"]):
+        arrays = generate_case(flavour, seed=30 + i, shape=(24, 48, 48))
+        case = case_from_arrays(arrays, name=f"{flavour}_e2e_{i}")
+        evaluate_case(case, InProcessPredictor(counting), tmp_path / str(i))
+    assert totals[1] >= 10
+    assert totals[0] == totals[1]
