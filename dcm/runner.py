@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -147,14 +148,16 @@ def predict_folder(
 
 
 def _earlier_outputs(outputs: Path) -> Dict[str, Tuple[int, int, int]]:
-    """``{name: (device, inode, mtime_ns)}`` of the ``.npz`` files in ``outputs`` before this call wrote any."""
+    """``{name: (device, inode, mtime_ns)}`` of the ``.npz`` files (not folders) in ``outputs`` before this call
+    wrote any."""
     found = {}
     for p in outputs.glob("*.npz"):
         try:
             st = p.lstat()
         except OSError:
             continue
-        found[p.name] = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        if not stat.S_ISDIR(st.st_mode):
+            found[p.name] = (st.st_dev, st.st_ino, st.st_mtime_ns)
     return found
 
 

@@ -285,8 +285,13 @@ def _predict_main():
 
 
 @pytest.fixture
-def predict_main():
-    """``inference/predict.py``'s ``main`` in this process (its SIGTERM handler restored afterwards)."""
+def predict_main(monkeypatch):
+    """``inference/predict.py``'s ``main`` in this process (its SIGTERM handler restored afterwards).
+
+    With the plain MONAI import: the lean one (dcm/startup.py) would leave MONAI believing SciPy absent for
+    the rest of the test process, and the evaluator's NSD needs it.
+    """
+    monkeypatch.setenv("DCM_LEAN_IMPORTS", "0")
     handler = signal.getsignal(signal.SIGTERM)
     yield _predict_main()
     signal.signal(signal.SIGTERM, handler)
