@@ -6,7 +6,7 @@
 Each variant is ``name=override override ...`` (config overrides, space-separated) on ``--config``; the experts
 are built once per distinct expert config. For every case the evaluator runs the protocol in-process
 (``dcm.evaluate.evaluate_case``, the organisers' click rule); after each click step the output is checked
-against every click given so far (``dcm.engine.clicks.clicks_kept``). Per variant it prints: clicks kept,
+against every click given so far (the evaluator's ``clicks.csv`` count, ``dcm.engine.clicks.clicks_kept``). Per variant it prints: clicks kept,
 mean DSC AUC / NSD AUC / DSC_Final, mean DSC at steps 2 and 6, the largest DSC loss of one object between
 two consecutive click steps and how many objects lost more than 0.1, and seconds per case. A CSV per case
 goes to ``--csv`` (default ``benchmarks/results/bench_clicks.csv``).
@@ -49,7 +49,6 @@ def run_variant(cases: Sequence[Path], config: str, overrides: Sequence[str], we
 
     from dcm.config import load_config
     from dcm.data.cases import load_case
-    from dcm.engine.clicks import clicks_kept
     from dcm.engine.predictor import DCMPredictor, check_engine_config
     from dcm.evaluate import InProcessPredictor, evaluate_case
     from dcm.experts import build_experts
@@ -64,29 +63,19 @@ def run_variant(cases: Sequence[Path], config: str, overrides: Sequence[str], we
     experts = experts_cache[key]
     roles = {"global_only": ["global"], "local_only": ["local"]}.get(engine["policy"])
     used = {r: e for r, e in experts.items() if roles is None or r in roles}  # type: ignore[union-attr]
-    predictor = DCMPredictor(used, engine)
-    counts = [0, 0]
-
-    def counting(case):
-        segs = predictor(case)
-        kept, total = clicks_kept(segs, case.objects)
-        counts[0] += kept
-        counts[1] += total
-        return segs
-
+    predictor = InProcessPredictor(DCMPredictor(used, engine))
     rows = []
     for path in cases:
         case = load_case(path)
         labels = list(range(1, int(case.gts.max()) + 1))
-        counts[:] = [0, 0]
         all_segs: List[np.ndarray] = []
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
-            result = evaluate_case(case, InProcessPredictor(counting), Path(work), all_segs=all_segs)
+            result = evaluate_case(case, predictor, Path(work), all_segs=all_segs)
         seconds = time.perf_counter() - t0
         per_step = np.stack([object_dice(case.gts, s, labels) for s in all_segs[1:]])  # steps 2..6
         drops = per_step[:-1] - per_step[1:]
-        rows.append({"case": case.name, "clicks_kept": counts[0], "clicks": counts[1],
+        rows.append({"case": case.name, "clicks_kept": sum(result.clicks_kept), "clicks": sum(result.clicks),
                      "DSC_AUC": click_auc(result.dsc), "NSD_AUC": click_auc(result.nsd),
                      "DSC_Final": result.dsc[-1], "DSC_2": result.dsc[1], "DSC_6": result.dsc[-1],
                      "worst_drop": float(drops.max()) if drops.size else 0.0,

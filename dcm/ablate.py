@@ -33,7 +33,7 @@ from dcm.config import apply_overrides, load_config, resolve_config_path
 
 __all__ = ["variant_configs", "run_ablation", "main"]
 
-COLUMNS = ["Variant", "Cases", "DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", "Seconds_per_case"]
+COLUMNS = ["Variant", "Cases", "DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", "Clicks_kept", "Seconds_per_case"]
 
 
 def variant_configs(ablation: Dict[str, Any], overrides: Sequence[str] = (),
@@ -73,10 +73,12 @@ def run_ablation(ablation: Dict[str, Any], cases: Path, out: Path, weights: Opti
         used = {r: e for r, e in experts.items() if roles is None or r in roles}  # type: ignore[union-attr]
         runner = InProcessPredictor(DCMPredictor(used, cfg["engine"]))
         metric_rows, _ = evaluate_folder(cases, out / name, runner, progress=progress)
-        overall = summarise(metric_rows)[-1] if metric_rows else {}
+        with open(out / name / "clicks.csv", newline="") as f:
+            click_rows = list(csv.DictReader(f))
+        overall = summarise(metric_rows, click_rows)[-1] if metric_rows else {}
         seconds = (sum(float(r["TotalRunningTime"]) for r in metric_rows) / len(metric_rows)) if metric_rows else 0.0
         rows.append({"Variant": name, "Cases": overall.get("Cases", 0),
-                     **{k: overall.get(k, float("nan")) for k in COLUMNS[2:6]}, "Seconds_per_case": seconds})
+                     **{k: overall.get(k, float("nan")) for k in COLUMNS[2:7]}, "Seconds_per_case": seconds})
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "comparison.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -10,6 +10,8 @@ a working folder holding ``inputs/<case>.npz`` and ``outputs/``.
     python -m dcm.evaluate --cases DIR --out DIR --predictor my.module:predict
 
 Writes ``metrics.csv`` (official columns and order), ``summary.csv`` / ``summary.md`` (per-modality means),
+``clicks.csv`` (per case and click step: the clicks given so far and how many the output keeps, see
+``dcm.engine.clicks``),
 ``failures.csv`` (cases that could not be evaluated), and with ``--save-all-segs`` ``all_segs/<case>.npz``.
 """
 
@@ -32,8 +34,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.atomic import atomic_path
-from dcm.data.cases import Case, atomic_savez, case_to_arrays, load_case, load_npz
+from dcm.data.cases import Case, Click, ObjectPrompts, atomic_savez, case_to_arrays, load_case, load_npz
 from dcm.errors import CaseError, ConfigError, DCMError
+from dcm.engine.clicks import clicks_kept
 from dcm.metrics import case_scores, click_auc
 from dcm.protocol import record_next_clicks
 
@@ -76,6 +79,8 @@ class CaseResult:
     dsc: List[float] = field(default_factory=lambda: [0.0] * NUM_STEPS)
     nsd: List[float] = field(default_factory=lambda: [0.0] * NUM_STEPS)
     seconds: List[float] = field(default_factory=lambda: [0.0] * NUM_STEPS)
+    clicks: List[int] = field(default_factory=lambda: [0] * NUM_STEPS)  # clicks given so far, per step
+    clicks_kept: List[int] = field(default_factory=lambda: [0] * NUM_STEPS)  # of those, kept by the output
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -89,6 +94,13 @@ class CaseResult:
     @property
     def over_budget(self) -> bool:
         return self.total_seconds > self.runtime_upperbound
+
+    def clicks_row(self) -> Dict[str, object]:
+        """``clicks.csv``: per click step, the clicks given so far and how many the output kept."""
+        row: Dict[str, object] = {"CaseName": self.name, "Clicks": sum(self.clicks), "Kept": sum(self.clicks_kept)}
+        for i in range(1, NUM_STEPS):
+            row[f"Clicks_{i + 1}"], row[f"Kept_{i + 1}"] = self.clicks[i], self.clicks_kept[i]
+        return row
 
     def row(self) -> Dict[str, object]:
         row: Dict[str, object] = {"CaseName": self.name, "TotalRunningTime": self.total_seconds}
@@ -334,6 +346,7 @@ def evaluate_case(
     boxes = [o.box.to_dict() for o in case.objects] if has_boxes else None
     clicks = [{"fg": [], "bg": []} for _ in labels]
     clicks_order: List[List[Optional[str]]] = [[] for _ in labels]
+    prompts = [ObjectPrompts(label) for label in labels]  # the same clicks, in order (the clicks-kept check)
     segs = np.zeros(case.shape, dtype=np.uint8)
 
     for step in range(1, NUM_STEPS + 1):
@@ -345,6 +358,9 @@ def evaluate_case(
             arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes)
         else:
             record_next_clicks(gts, segs, labels, clicks, clicks_order)
+            for obj, fg_bg, order in zip(prompts, clicks, clicks_order):
+                if order[-1] is not None:
+                    obj.clicks.append(Click(tuple(fg_bg[order[-1]][-1]), order[-1] == "fg"))
             arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes, clicks=clicks,
                                     clicks_order=clicks_order, prev_pred=segs)
             arrays["prev_pred"] = segs  # as the predictor wrote it (a uint8 cast would wrap labels > 255)
@@ -358,19 +374,24 @@ def evaluate_case(
             result.notes.append(f"step {step}: {problem}" + (f" [{log.strip().splitlines()[-1]}]" if log.strip() else ""))
         dsc, nsd_value = case_scores(gts, segs, spacing)
         result.dsc[step - 1], result.nsd[step - 1] = dsc, nsd_value
+        if step > 1:
+            result.clicks_kept[step - 1], result.clicks[step - 1] = clicks_kept(segs, prompts)
         if all_segs is not None:
             all_segs.append(segs.copy())
     in_file.unlink(missing_ok=True)
     return result
 
 
-def summarise(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Per-modality means (modality = case-name prefix) of the AUC and final metrics, plus ``All``."""
+def summarise(rows: Sequence[Dict[str, object]],
+              click_rows: Optional[Sequence[Dict[str, object]]] = None) -> List[Dict[str, object]]:
+    """Per-modality means (modality = case-name prefix) of the AUC and final metrics, plus ``All``; with
+    ``click_rows`` (``CaseResult.clicks_row``) also the fraction of clicks kept over all click steps."""
     from dcm.data.cases import modality_of
 
     groups: Dict[str, List[Dict[str, object]]] = {}
     for row in rows:
         groups.setdefault(modality_of(str(row["CaseName"])), []).append(row)
+    kept_by_case = {str(r["CaseName"]): (int(r["Kept"]), int(r["Clicks"])) for r in click_rows or ()}
     out = []
     for modality in sorted(groups) + (["All"] if rows else []):
         members = rows if modality == "All" else groups[modality]
@@ -378,12 +399,18 @@ def summarise(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
         for metric in SUMMARY_METRICS:
             entry[metric] = float(np.mean([float(r[metric]) for r in members]))
         entry["Over_budget"] = sum(float(r["TotalRunningTime"]) > float(r["runtime_upperbound"]) for r in members)
+        if click_rows is not None:
+            counts = [kept_by_case.get(str(r["CaseName"]), (0, 0)) for r in members]
+            total = sum(n for _, n in counts)
+            entry["Clicks_kept"] = sum(k for k, _ in counts) / total if total else 1.0
         out.append(entry)
     return out
 
 
 def markdown_table(summary: Sequence[Dict[str, object]]) -> str:
     cols = ["Modality", "Cases"] + SUMMARY_METRICS + ["Over_budget"]
+    if summary and "Clicks_kept" in summary[0]:
+        cols.append("Clicks_kept")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for entry in summary:
         cells = [f"{entry[c]:.4f}" if isinstance(entry[c], float) else str(entry[c]) for c in cols]
@@ -422,6 +449,7 @@ def evaluate_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in cases_dir.iterdir() if p.suffix == ".npz")[:limit]
     rows: List[Dict[str, object]] = []
+    click_rows: List[Dict[str, object]] = []
     failures: List[Tuple[str, str]] = []
     notes: List[str] = []
     bar = tqdm(files, desc="evaluate", unit="case", disable=not progress)
@@ -438,6 +466,7 @@ def evaluate_folder(
                 tqdm.write(f"FAILED {path.name}: {failures[-1][1]}", file=sys.stderr)
                 continue
         rows.append(result.row())
+        click_rows.append(result.clicks_row())
         notes += [f"{result.name}: {n}" for n in result.notes]
         if result.over_budget:
             notes.append(f"{result.name}: OVER BUDGET {result.total_seconds:.1f} s > {result.runtime_upperbound:.0f} s")
@@ -445,8 +474,10 @@ def evaluate_folder(
         if steps is not None:
             atomic_savez(out_dir / "all_segs" / f"{path.stem}.npz", all_segs=np.stack(steps))
     _write_csv(out_dir / "metrics.csv", rows, METRIC_COLUMNS)
-    summary = summarise(rows)
-    _write_csv(out_dir / "summary.csv", summary, ["Modality", "Cases"] + SUMMARY_METRICS + ["Over_budget"])
+    _write_csv(out_dir / "clicks.csv", click_rows, list(CaseResult("", 0).clicks_row()))
+    summary = summarise(rows, click_rows)
+    _write_csv(out_dir / "summary.csv", summary,
+               ["Modality", "Cases"] + SUMMARY_METRICS + ["Over_budget", "Clicks_kept"])
     with atomic_path(out_dir / "summary.md") as tmp:
         tmp.write_text(markdown_table(summary) + "\n")
     _write_csv(out_dir / "failures.csv", [{"CaseName": n, "Error": e} for n, e in failures], ["CaseName", "Error"])
@@ -481,7 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runner = InProcessPredictor(resolve_predictor(args.predictor, Path(args.cases)))
     rows, failures = evaluate_folder(Path(args.cases), Path(args.out), runner, args.nsd_spacing,
                                      args.save_all_segs, args.limit)
-    print(markdown_table(summarise(rows)))
+    print((Path(args.out) / "summary.md").read_text(), end="")
     print(f"\n{len(rows)} cases evaluated, {len(failures)} failed; results in {args.out}")
     return 1 if failures or not rows else 0
 

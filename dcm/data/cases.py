@@ -320,6 +320,8 @@ def _as_scalar_obj(a: Any) -> Any:
 def validate_image(image: Any, where: Optional[PathLike] = None, field_name: str = "imgs") -> np.ndarray:
     """The image as a 3D, non-empty, real, finite numeric array whose values fit float32.
 
+    A boolean image (a binary volume) is returned as uint8 0 / 255, the challenge's intensity range.
+
     Raises:
         CaseError: naming ``where`` (a file, or None) and ``field_name``.
     """
@@ -342,6 +344,8 @@ def validate_image(image: Any, where: Optional[PathLike] = None, field_name: str
             if big:
                 raise CaseError(where, field_name, f"{big} values beyond the float32 range (|v| > {limit:.3g}, "
                                                    f"up to {float(np.abs(image).max()):.3g}); rescale the image")
+    if image.dtype == bool:
+        return image.astype(np.uint8) * np.uint8(255)
     return image
 
 

@@ -148,6 +148,7 @@ CORRECTION_DEFAULTS: Dict[str, Any] = {
     "radius_mm": 10.0,
     "probability_levels": [0.3, 0.15, 0.05],
     "random_walker_beta": 130.0,
+    "random_walker_depth_factor": 2.0,
 }
 
 
@@ -172,9 +173,12 @@ def check_click_correction(cfg: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     beta = merged["random_walker_beta"]
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not float(beta) > 0:
         raise ValueError(f"click_correction.random_walker_beta must be a number > 0, got {beta!r}")
+    factor = merged["random_walker_depth_factor"]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not float(factor) >= 1:
+        raise ValueError(f"click_correction.random_walker_depth_factor must be a number >= 1, got {factor!r}")
     return {"methods": list(methods), "radius_mm": float(radius),
             "probability_levels": sorted((float(v) for v in levels), reverse=True),
-            "random_walker_beta": float(beta)}
+            "random_walker_beta": float(beta), "random_walker_depth_factor": float(factor)}
 
 
 def _union(*regions: Optional[Region]) -> Region:
@@ -347,7 +351,8 @@ def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int,
             part = _probability_region(work.prob[in_work], at, click.positive, mask, cfg["probability_levels"])
         else:
             part = _random_walker_region(image[crop], at, click.positive, mask, work.others[in_work],
-                                         promise, index, crop, spacing_zyx, cfg["random_walker_beta"])
+                                         promise, index, crop, spacing_zyx, cfg["random_walker_beta"],
+                                         cfg["random_walker_depth_factor"])
         if part is not None:
             work.set(part, click.positive, in_work)
             break
@@ -373,14 +378,16 @@ def _probability_region(prob: np.ndarray, at: Tuple[int, ...], positive: bool, m
 
 def _random_walker_region(crop_image: np.ndarray, at: Tuple[int, ...], positive: bool, mask: np.ndarray,
                           others: np.ndarray, promise: ClickPromise, index: int, crop: Region,
-                          spacing_zyx: Sequence[float], beta: float) -> Optional[np.ndarray]:
+                          spacing_zyx: Sequence[float], beta: float, depth_factor: float) -> Optional[np.ndarray]:
     """The region around ``at`` that a random walker on the crop gives the click's side.
 
     Seeds (1 = object, 2 = not the object): a positive click's side is seeded by the click's own promised
     voxels and every other click's, the current mask, and, as background, the crop border outside the mask
     and other objects' voxels; a negative click's by its promised voxels, everything outside the mask, and,
-    as object, the crop border inside the mask and the positive clicks. Only voxels that change the mask,
-    connected to the click.
+    as object, the positive clicks and the mask on the crop border and farther from the click than
+    ``depth_factor`` times the click's depth in the mask (the protocol clicks the middle of an error, so the
+    error around a negative click reaches about that depth). Only voxels that change the mask, connected to
+    the click.
     """
     from skimage.segmentation import random_walker
 
@@ -392,8 +399,15 @@ def _random_walker_region(crop_image: np.ndarray, at: Tuple[int, ...], positive:
         seeds[others] = 2
         seeds[mask] = 1
     else:
+        # The click sits in the middle of a false-positive part of the mask: the mask beyond ``depth_factor``
+        # times the click's depth in the mask (its distance to the nearest voxel outside) is the object.
+        grid = np.indices(mask.shape).reshape(3, -1).T
+        mm = np.asarray(spacing_zyx, dtype=np.float64)
+        distance = np.sqrt((((grid - np.asarray(at)) * mm) ** 2).sum(axis=1)).reshape(mask.shape)
+        outside = distance[~mask]
+        depth = float(outside.min()) if outside.size else float(distance.max())
         seeds[~mask] = 2
-        seeds[border & mask] = 1
+        seeds[mask & (border | (distance > depth_factor * max(depth, float(mm.max()))))] = 1
     starts = np.array([s.start for s in crop])
     stops = np.array([s.stop for s in crop])
     for v, sign in zip(promise.voxels, promise.positive):

@@ -19,6 +19,7 @@ Engine config (section ``engine``)::
       radius_mm: 10.0
       probability_levels: [0.3, 0.15, 0.05]
       random_walker_beta: 130.0
+      random_walker_depth_factor: 2.0
     budget:
       seconds_per_object: 90         # the challenge budget, summed over the calls of a case
       calls_per_case: 6

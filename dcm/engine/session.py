@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from dcm.data.cases import BOX_KEYS, MAX_OBJECTS, Box, Case, Click, ObjectPrompts, parse_voxel, validate_image, validate_spacing
-from dcm.engine.clicks import ClickProtection, promises_of
-from dcm.engine.fusion import LabelWriter
+from dcm.engine.clicks import ClickPromise, ClickProtection, promises_of
+from dcm.engine.fusion import FusedPrediction, LabelWriter
 from dcm.engine.predictor import check_engine_config, predict_object
 from dcm.errors import CaseError
 from dcm.experts.base import Expert
@@ -32,10 +32,18 @@ __all__ = ["InteractiveSession"]
 
 
 @dataclass
-class _Snapshot:
-    prompts: ObjectPrompts
-    region: Tuple[slice, ...]
-    labels: np.ndarray  # segs[region] before the interaction
+class _Write:
+    """One interaction as the label writer applied it: replaying the writes still in the log, in order, on
+    the folded base gives the label map, so an undo drops one write and replays the rest."""
+
+    label: int
+    prompts_before: ObjectPrompts
+    fused: Optional[FusedPrediction]
+    promises: Dict[int, ClickPromise]
+
+    @property
+    def region(self) -> Tuple[slice, ...]:
+        return self.fused.region if self.fused is not None else (slice(0, 0),) * 3
 
 
 def _integer(value: Any, field_name: str, what: str = "") -> int:
@@ -81,7 +89,9 @@ class InteractiveSession:
         self.spacing_zyx: Tuple[float, float, float] = (1.0, 1.0, 1.0)
         self.segs: Optional[np.ndarray] = None
         self.objects: Dict[int, ObjectPrompts] = {}
-        self._history: Dict[int, List[_Snapshot]] = {}
+        self._log: List[_Write] = []  # the writes that can still be undone (and those after them), in order
+        self._base: Optional[np.ndarray] = None  # the label map before the first write of the log
+        self._undoable: Dict[int, int] = {}  # per object: how many of its last writes can be undone
         self.last_changed_region: Optional[Tuple[slice, ...]] = None
 
     # -------------------------------------------------------------------------------------- image
@@ -92,7 +102,7 @@ class InteractiveSession:
             image: array or path.
             spacing: (z, y, x) voxel size in mm for an array (default 1 mm); ignored for a path.
 
-        A boolean image is taken as 0 / 255 uint8 (a binary volume to segment further).
+        A boolean image is taken as 0 / 255 uint8 (a binary volume to segment further), as in case files.
 
         Raises:
             CaseError: (a ValueError) a one-line reason naming ``image`` or ``spacing``: not 3D, empty, not
@@ -108,8 +118,6 @@ class InteractiveSession:
         else:
             array, geometry, where = np.asarray(image), None, None
             spacing_zyx = validate_spacing((1.0, 1.0, 1.0) if spacing is None else spacing, None, order="z, y, x")
-        if array.dtype == bool:
-            array = array.astype(np.uint8) * np.uint8(255)
         array = validate_image(array, where, "image")
         try:
             for expert in self.experts.values():
@@ -123,7 +131,7 @@ class InteractiveSession:
         self.image = array
         self.segs = np.zeros(array.shape, dtype=np.uint8)
         self.objects.clear()
-        self._history.clear()
+        self._clear_log()
 
     def _need_image(self) -> None:
         if self.image is None:
@@ -143,7 +151,7 @@ class InteractiveSession:
         if label is None:
             raise CaseError(None, "objects", f"at most {MAX_OBJECTS} objects (uint8 label map)")
         self.objects[label] = ObjectPrompts(label=label)
-        self._history[label] = []
+        self._undoable[label] = 0
         return label
 
     def mask(self, obj: int) -> np.ndarray:
@@ -200,46 +208,51 @@ class InteractiveSession:
     def undo(self, obj: int) -> np.ndarray:
         """Revert the object's last interaction (prompts and mask); returns its mask.
 
-        Only this object's mask changes, and other objects get back what that interaction took from them:
-        voxels the step gave the object return to whoever had them before (if that object still exists), and
-        voxels the step took from the object come back to it where they are still free. Other objects' later
-        work is never undone.
+        The label map becomes what it would be had that interaction never happened, every other interaction
+        kept: other objects' masks change only where the undone one had taken voxels from them.
         """
         self._need_object(obj)
-        if not self._history[obj]:
+        if not self._undoable[obj]:
             raise IndexError(f"nothing to undo for object {obj}")
-        snap = self._history[obj].pop()
-        self.objects[obj] = snap.prompts
-        view, before = self.segs[snap.region], snap.labels
-        gained = (view == obj) & (before != obj)
-        back = np.where(np.isin(before, [0, *self.objects]), before, 0).astype(np.uint8)
-        np.copyto(view, back, where=gained)
-        np.copyto(view, np.uint8(obj), where=(before == obj) & (view == 0))
-        self.last_changed_region = snap.region
+        index = max(i for i, w in enumerate(self._log) if w.label == obj)
+        undone = self._log.pop(index)
+        self._undoable[obj] -= 1
+        self.objects[obj] = undone.prompts_before
+        self._replay()
+        self.last_changed_region = undone.region
         return self.mask(obj)
 
     def remove(self, obj: int) -> None:
-        """Delete the object and its mask."""
+        """Delete the object: its mask, and its interactions (other objects get back what they took)."""
         self._need_object(obj)
-        self.segs[self.segs == obj] = 0
+        self._log = [w for w in self._log if w.label != obj]
+        self._base[self._base == obj] = 0
         del self.objects[obj]
-        del self._history[obj]
+        del self._undoable[obj]
+        self._replay()
 
     def reset(self) -> None:
         """Remove every object (the image and its cached embeddings stay)."""
         self._need_image()
         self.segs[:] = 0
         self.objects.clear()
-        self._history.clear()
+        self._clear_log()
         for expert in self.experts.values():
             expert.reset()
             expert.set_image(self.image, self.spacing_zyx)
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the label map, on the input's grid and geometry when the image came from a file."""
+        """Write the label map, on the input's grid and geometry when the image came from a file.
+
+        Raises:
+            OutputError: (a DCMError) one line naming ``path`` when it cannot be written (a folder, a path
+                under a file, a read-only place); nothing is written then.
+        """
+        from dcm.atomic import check_writable
         from dcm.data.nifti import Geometry, write_nifti
 
         self._need_image()
+        check_writable(path)
         geometry = self.geometry or Geometry(spacing_xyz=tuple(self.spacing_zyx[::-1]))
         return write_nifti(path, self.segs, geometry)
 
@@ -252,13 +265,36 @@ class InteractiveSession:
             objects = [prompts if label == obj else p for label, p in sorted(self.objects.items())]
             promises = promises_of(objects, self.image.shape)
         fused = predict_object(case, prompts, self.experts, self.engine_cfg, promise=promises.get(obj))
-        region = fused.region if fused is not None else (slice(0, 0),) * 3
-        history = self._history[obj]
-        history.append(_Snapshot(self.objects[obj], region, self.segs[region].copy()))
-        del history[: -self.max_undo]
+        write = _Write(obj, self.objects[obj], fused, promises)
         self.objects[obj] = prompts
-        if fused is not None:
-            writer = LabelWriter(self.segs, self.engine_cfg["overlap"], ClickProtection(promises) if promises else None)
-            writer.write(obj, fused, float(self.engine_cfg["threshold"]))
-        self.last_changed_region = region
+        self._log.append(write)
+        self._undoable[obj] = min(self._undoable[obj] + 1, self.max_undo)
+        self._apply(write, self.segs)
+        self._fold()
+        self.last_changed_region = write.region
         return self.mask(obj)
+
+    def _apply(self, write: _Write, segs: np.ndarray) -> None:
+        if write.fused is not None:
+            protection = ClickProtection(write.promises) if write.promises else None
+            LabelWriter(segs, self.engine_cfg["overlap"], protection).write(
+                write.label, write.fused, float(self.engine_cfg["threshold"]))
+
+    def _clear_log(self) -> None:
+        self._log.clear()
+        self._base = np.zeros(self.image.shape, dtype=np.uint8) if self.image is not None else None
+        self._undoable = {label: 0 for label in self.objects}
+
+    def _fold(self) -> None:
+        """Move the writes at the head of the log that can no longer be undone into the base map."""
+        while self._log:
+            label = self._log[0].label
+            if sum(w.label == label for w in self._log) <= self._undoable.get(label, 0):
+                break
+            self._apply(self._log.pop(0), self._base)
+
+    def _replay(self) -> None:
+        segs = self._base.copy()
+        for write in self._log:
+            self._apply(write, segs)
+        self.segs[...] = segs
