@@ -322,7 +322,7 @@ def test_session_refuses_a_bad_engine_config_at_construction():
 # ------------------------------------------------------------------------------- end to end, bundled weights
 def test_protocol_with_the_bundled_weights_keeps_every_click(tmp_path):
     """The 6-step protocol (organisers' click rule) with configs/dcm_small.yaml and weights/dcm_small.pt on
-    two synthetic cases: every click given so far is kept after every step."""
+    a synthetic case: every click given so far is kept after every step."""
     import torch
 
     from dcm.data.synthetic import generate_case
@@ -344,10 +344,8 @@ def test_protocol_with_the_bundled_weights_keeps_every_click(tmp_path):
 
     from dcm.data.cases import case_from_arrays
 
-    for i, flavour in enumerate(["CT", "MR"]):
-        arrays = generate_case(flavour, seed=30 + i, shape=(24, 48, 48))
-        case = case_from_arrays(arrays, name=f"{flavour}_e2e_{i}")
-        evaluate_case(case, InProcessPredictor(counting), tmp_path / str(i))
+    arrays = generate_case("CT", seed=30, shape=(20, 40, 40), n_objects=3)
+    evaluate_case(case_from_arrays(arrays, name="CT_e2e"), InProcessPredictor(counting), tmp_path)
     assert totals[1] >= 10
     assert totals[0] == totals[1]
 

@@ -144,8 +144,9 @@ def clicks_kept(labels: np.ndarray, objects: Sequence[ObjectPrompts]) -> Tuple[i
 
 # ------------------------------------------------------------------------------------------ engine side
 CORRECTION_DEFAULTS: Dict[str, Any] = {
-    "methods": ["probability", "random_walker"],
+    "methods": ["random_walker"],
     "radius_mm": 10.0,
+    "radius_object_factor": 1.0,
     "probability_levels": [0.3, 0.15, 0.05],
     "random_walker_beta": 130.0,
     "random_walker_depth_factor": 2.0,
@@ -166,6 +167,9 @@ def check_click_correction(cfg: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     radius = merged["radius_mm"]
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < float(radius) <= 200:
         raise ValueError(f"click_correction.radius_mm must be a number in (0, 200], got {radius!r}")
+    object_factor = merged["radius_object_factor"]
+    if isinstance(object_factor, bool) or not isinstance(object_factor, (int, float)) or not float(object_factor) > 0:
+        raise ValueError(f"click_correction.radius_object_factor must be a number > 0, got {object_factor!r}")
     levels = merged["probability_levels"]
     if not isinstance(levels, (list, tuple)) or not levels or \
             any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.5 for v in levels):
@@ -176,7 +180,7 @@ def check_click_correction(cfg: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     factor = merged["random_walker_depth_factor"]
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not float(factor) >= 1:
         raise ValueError(f"click_correction.random_walker_depth_factor must be a number >= 1, got {factor!r}")
-    return {"methods": list(methods), "radius_mm": float(radius),
+    return {"methods": list(methods), "radius_mm": float(radius), "radius_object_factor": float(object_factor),
             "probability_levels": sorted((float(v) for v in levels), reverse=True),
             "random_walker_beta": float(beta), "random_walker_depth_factor": float(factor)}
 
@@ -329,6 +333,19 @@ def _enforce(work: _Work, promise: ClickPromise) -> None:
     work.mask[index] = promise.positive
 
 
+def _object_radius_mm(obj: ObjectPrompts, work: _Work, spacing_zyx: Sequence[float]) -> float:
+    """The object's size as a radius in mm: half the box's largest extent, else the radius of the ball as
+    large as its current mask; infinite when neither is known (the crop is then ``radius_mm``)."""
+    mm = np.asarray(spacing_zyx, dtype=np.float64)
+    if obj.box is not None:
+        extent = np.array([hi - lo + 1 for lo, hi in obj.box.bounds_zyx], dtype=np.float64) * mm
+        return float(extent.max()) / 2.0
+    voxels = int(np.count_nonzero(work.mask))
+    if voxels == 0:
+        return float("inf")
+    return float((3.0 * voxels * float(np.prod(mm)) / (4.0 * np.pi)) ** (1.0 / 3.0))
+
+
 def _crop_around(zyx: Sequence[int], shape: Sequence[int], spacing_zyx: Sequence[float], radius_mm: float) -> Region:
     half = [max(2, int(round(radius_mm / max(float(s), 1e-6)))) for s in spacing_zyx]
     return tuple(slice(max(int(c) - h, 0), min(int(c) + h + 1, int(n)))  # type: ignore[return-value]
@@ -341,7 +358,8 @@ def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int,
     if not cfg["methods"]:
         return work
     click = obj.clicks[index]
-    crop = _crop_around(click.zyx, image.shape, spacing_zyx, cfg["radius_mm"])
+    radius = min(cfg["radius_mm"], cfg["radius_object_factor"] * _object_radius_mm(obj, work, spacing_zyx))
+    crop = _crop_around(click.zyx, image.shape, spacing_zyx, radius)
     work = work.grow(_union(work.region, crop), obj.label, prev_pred)
     in_work = _within(crop, work.region)
     at = tuple(int(c) - s.start for c, s in zip(click.zyx, crop))

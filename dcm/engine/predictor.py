@@ -15,8 +15,9 @@ Engine config (section ``engine``)::
     threshold: 0.5
     honour_clicks: true              # keep every click (dcm.engine.clicks); false: the experts' answer as it is
     click_correction:                # for a click no expert kept (dcm.engine.clicks)
-      methods: [probability, random_walker]
+      methods: [random_walker]
       radius_mm: 10.0
+      radius_object_factor: 1.0
       probability_levels: [0.3, 0.15, 0.05]
       random_walker_beta: 130.0
       random_walker_depth_factor: 2.0
