@@ -528,6 +528,21 @@ def test_wrong_shape_safetensors_names_the_file_not_strict_false(tmp_path, predi
     assert "<state dict>" not in line and "strict=False" not in line
 
 
+def test_a_layout_error_names_the_file_for_every_caller_of_build_experts(tmp_path):
+    """The demo, dcm.ablate and the session build their experts through build_experts too."""
+    from safetensors.torch import save_file
+
+    from dcm.config import load_config
+    from dcm.errors import CheckpointError
+    from dcm.experts import build_experts
+
+    path = tmp_path / "wrong.safetensors"
+    save_file({"image_encoder.patch_embed.proj.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(CheckpointError) as e:
+        build_experts(load_config("dcm_reduced"), path)
+    assert str(e.value).startswith(f"{path}: ") and "<state dict>" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------------ timeout (finding 16)
 
 

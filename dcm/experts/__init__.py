@@ -63,14 +63,19 @@ def build_experts(
     dev = resolve_device(device or cfg.get("device"))
     experts: Dict[str, Expert] = {}
     roles = _needed_roles(cfg)
-    if "global" in roles:
-        from dcm.experts.global_roi import GlobalRoIExpert
+    try:
+        if "global" in roles:
+            from dcm.experts.global_roi import GlobalRoIExpert
 
-        experts["global"] = GlobalRoIExpert.from_config(cfg.get("global_expert") or {}, weights=checkpoint, device=dev)
-    if "local" in roles:
-        from dcm.experts.local_roi import LocalRoIExpert
+            experts["global"] = GlobalRoIExpert.from_config(cfg.get("global_expert") or {}, weights=checkpoint,
+                                                            device=dev)
+        if "local" in roles:
+            from dcm.experts.local_roi import LocalRoIExpert
 
-        experts["local"] = LocalRoIExpert.from_config(cfg.get("local_expert") or {}, weights=checkpoint, device=dev)
+            experts["local"] = LocalRoIExpert.from_config(cfg.get("local_expert") or {}, weights=checkpoint,
+                                                          device=dev)
+    except CheckpointError as e:  # raised about the loaded dict: every caller's message names the file
+        raise CheckpointError(e.naming(weights), path=weights) from None
     return experts
 
 
