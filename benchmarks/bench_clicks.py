@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import write_csv  # noqa: E402  (benchmarks/machine.py: scripts run from their folder)
 
-COLUMNS = ["variant", "case", "clicks_kept", "clicks", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6",
+COLUMNS = ["date", "machine", "variant", "case", "clicks_kept", "clicks", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6",
            "worst_drop", "drops_over_0.1", "seconds"]
 
 
@@ -127,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines, csv_rows = [], []
     for name, overrides in variants:
         rows = run_variant(cases, args.config, overrides, args.weights, cache)
-        csv_rows += [[name] + [r[c] for c in COLUMNS[1:]] for r in rows]
+        csv_rows += [[name] + [r[c] for c in COLUMNS[3:]] for r in rows]
         lines.append(summary_line(name, rows))
         s = lines[-1]
         print(f"{name}: kept {s['kept']}, DSC AUC {s['DSC_AUC']:.3f}, DSC_Final {s['DSC_Final']:.3f}", flush=True)

@@ -56,3 +56,18 @@ def test_bench_training_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = _rows(out)
     assert [(r["expert"], r["procs"]) for r in rows] == [("global", "1"), ("global", "2"), ("local", "1"), ("local", "2")]
+
+
+def test_bench_clicks_counts_kept_clicks_per_variant(tmp_path):
+    from dcm.data.cases import atomic_savez
+    from dcm.data.synthetic import generate_case
+
+    cases = tmp_path / "cases"
+    atomic_savez(cases / "CT_tiny.npz", **generate_case("CT", seed=5, shape=(16, 32, 32), n_objects=2))
+    out = tmp_path / "clicks.csv"
+    proc = _run("bench_clicks.py", "--cases", str(cases), "--config", "dcm_small", "--threads", "1", "--csv", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["variant"]: r for r in _rows(out)}
+    assert set(rows) == {"rule off", "rule on"}
+    assert int(rows["rule on"]["clicks"]) > 0 and rows["rule on"]["clicks_kept"] == rows["rule on"]["clicks"]
+    assert "| rule on |" in proc.stdout
