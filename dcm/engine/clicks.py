@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dcm.data.cases import Click, ObjectPrompts
+from dcm.data.cases import ObjectPrompts
+from dcm.experts.base import RoISlices as Region
 
 __all__ = [
     "CORRECTION_METHODS",
@@ -53,8 +54,6 @@ __all__ = [
     "check_click_correction",
     "clicks_kept",
 ]
-
-Region = Tuple[slice, slice, slice]
 
 CORRECTION_METHODS = ("probability", "random_walker")
 _FACE_OFFSETS = np.array([[0, 0, 0], [-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]])
