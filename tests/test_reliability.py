@@ -413,7 +413,7 @@ def test_session_rejects_bad_input_in_one_line_and_handles_thin_or_flat_images(r
             with pytest.raises(CaseError, match=problem) as err:
                 session.add_box(obj, box)
             assert err.value.field == "box"
-        assert len(session._history[obj]) == 2  # refused interactions change nothing
+        assert sum(w.label == obj for w in session._log) == 2  # refused interactions change nothing
 
     stubs = InteractiveSession(config={}, experts={"global": StubExpert("global", 1, 0.9)})
     stubs.set_image(np.zeros((2, 3, 3)))
