@@ -42,6 +42,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.data.cases import ObjectPrompts
+from dcm.engine.fusion import FusedPrediction, component_at, union_region, within
 from dcm.experts.base import RoISlices as Region
 
 __all__ = [
@@ -184,27 +185,6 @@ def check_click_correction(cfg: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
             "random_walker_beta": float(beta), "random_walker_depth_factor": float(factor)}
 
 
-def _union(*regions: Optional[Region]) -> Region:
-    regions = tuple(r for r in regions if r is not None)
-    return tuple(slice(min(r[a].start for r in regions), max(r[a].stop for r in regions))  # type: ignore
-                 for a in range(3))
-
-
-def _within(inner: Region, outer: Region) -> Region:
-    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))  # type: ignore
-
-
-def _component(mask: np.ndarray, at: Sequence[int]) -> Optional[np.ndarray]:
-    """The 26-connected component of ``mask`` holding voxel ``at`` (None when ``mask[at]`` is False)."""
-    at = tuple(int(a) for a in at)
-    if not mask[at]:
-        return None
-    import cc3d
-
-    components = cc3d.connected_components(np.ascontiguousarray(mask, dtype=np.uint8), connectivity=26)
-    return components == components[at]
-
-
 @dataclass
 class _Work:
     """An object's arrays on one region of the image while its clicks are honoured.
@@ -244,7 +224,7 @@ class _Work:
         if tuple(region) == tuple(self.region):
             return self
         prob = np.full(tuple(s.stop - s.start for s in region), np.nan, dtype=np.float32)
-        inner = _within(self.region, region)
+        inner = within(self.region, region)
         prob[inner] = self.prob
         grown = _Work.start(region, prob, label, prev_pred, self.threshold)
         grown.mask[inner] = self.mask
@@ -259,7 +239,7 @@ def _previous(prev_pred: Optional[np.ndarray], region: Region, label: int, shape
 
 
 def honour_clicks(
-    fused: Optional[Any],
+    fused: Optional[FusedPrediction],
     obj: ObjectPrompts,
     promise: ClickPromise,
     image: np.ndarray,
@@ -267,7 +247,7 @@ def honour_clicks(
     prev_pred: Optional[np.ndarray],
     threshold: float = 0.5,
     correction: Optional[Mapping[str, Any]] = None,
-) -> Optional[Any]:
+) -> Optional[FusedPrediction]:
     """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 1-3).
 
     Args:
@@ -285,18 +265,16 @@ def honour_clicks(
         previous mask is kept (no answer, or a rejected change), 1 / 0 on corrected and promised voxels. None
         when there was no answer and no click.
     """
-    from dcm.engine.fusion import FusedPrediction
-
     if promise.empty:
         return fused
     cfg = check_click_correction(correction)
-    region = _union(fused.region if fused is not None else None, promise.bbox())
+    region = union_region([r for r in (fused.region if fused is not None else None, promise.bbox()) if r])
     if fused is not None and tuple(region) == tuple(fused.region):
         prob = fused.prob  # the engine's own array: changed in place
     else:
         prob = np.full(tuple(s.stop - s.start for s in region), np.nan, dtype=np.float32)
         if fused is not None:
-            prob[_within(fused.region, region)] = fused.prob
+            prob[within(fused.region, region)] = fused.prob
     work = _Work.start(region, prob, obj.label, prev_pred, threshold)
 
     _reject_flips(work, promise)
@@ -320,7 +298,7 @@ def _reject_flips(work: _Work, promise: ClickPromise) -> None:
         if work.mask[at] == sign or work.prev[at] != sign:
             continue
         change = (work.prev & ~work.mask) if sign else (work.mask & ~work.prev)
-        part = _component(change, at)
+        part = component_at(change, at)
         if part is not None:
             work.keep_previous(part)
 
@@ -359,8 +337,8 @@ def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int,
     click = obj.clicks[index]
     radius = min(cfg["radius_mm"], cfg["radius_object_factor"] * _object_radius_mm(obj, work, spacing_zyx))
     crop = _crop_around(click.zyx, image.shape, spacing_zyx, radius)
-    work = work.grow(_union(work.region, crop), obj.label, prev_pred)
-    in_work = _within(crop, work.region)
+    work = work.grow(union_region([work.region, crop]), obj.label, prev_pred)
+    in_work = within(crop, work.region)
     at = tuple(int(c) - s.start for c, s in zip(click.zyx, crop))
     mask = work.mask[in_work]
     for method in cfg["methods"]:
@@ -387,7 +365,7 @@ def _probability_region(prob: np.ndarray, at: Tuple[int, ...], positive: bool, m
         for level in levels:
             side = (prob > level) if positive else (prob < 1.0 - level)
             side &= ~mask if positive else mask
-            part = _component(side, at)
+            part = component_at(side, at)
             if part is not None:
                 return part
     return None
@@ -434,7 +412,7 @@ def _random_walker_region(crop_image: np.ndarray, at: Tuple[int, ...], positive:
     if not positive and not (seeds == 1).any():
         # Nothing in the crop says "object": the walker would give every voxel to the click's side, so the
         # part of the mask the click lies in, inside the crop, goes (a false-positive blob, say).
-        return _component(mask, at)
+        return component_at(mask, at)
     if not (seeds == 0).any() or not (seeds == 1).any() or not (seeds == 2).any():
         return None
     data = crop_image.astype(np.float32)
@@ -448,7 +426,7 @@ def _random_walker_region(crop_image: np.ndarray, at: Tuple[int, ...], positive:
     except Exception:  # a degenerate system (e.g. a flat crop): no correction from this method
         return None
     side = (walked == 1) & ~mask if positive else (walked == 2) & mask
-    return _component(side, at)
+    return component_at(side, at)
 
 
 class ClickProtection:

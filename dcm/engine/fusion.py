@@ -57,11 +57,13 @@ class FusedPrediction:
             return self.prob > threshold
 
 
-def _union_region(rois: Sequence[RoISlices]) -> RoISlices:
+def union_region(rois: Sequence[RoISlices]) -> RoISlices:
+    """The bounding region of ``rois``."""
     return tuple(slice(min(r[a].start for r in rois), max(r[a].stop for r in rois)) for a in range(3))  # type: ignore
 
 
-def _local(roi: RoISlices, region: RoISlices) -> RoISlices:
+def within(roi: RoISlices, region: RoISlices) -> RoISlices:
+    """``roi`` in the coordinates of the enclosing ``region``."""
     return tuple(slice(r.start - g.start, r.stop - g.start) for r, g in zip(roi, region))  # type: ignore
 
 
@@ -96,7 +98,7 @@ def fuse_predictions(
         return None
     if rule not in FUSION_RULES:
         raise ValueError(f"unknown fusion rule {rule!r}; choose from {FUSION_RULES}")
-    region = _union_region([p.roi for p in predictions])
+    region = union_region([p.roi for p in predictions])
     shape = tuple(s.stop - s.start for s in region)
     # Usually the first (global) RoI holds the others: start from a copy of its answer, nothing is uncovered.
     complete = tuple(predictions[0].roi) == tuple(region)
@@ -107,15 +109,15 @@ def fuse_predictions(
         prob = np.full(shape, np.nan, dtype=np.float32)
     if rule == "local_overrides":
         for p in predictions[1:] if complete else predictions:
-            prob[_local(p.roi, region)] = p.prob
+            prob[within(p.roi, region)] = p.prob
         return FusedPrediction(region, prob, complete)
     if rule == "click_region":
         if not complete:
             for p in predictions[:-1] if len(predictions) > 1 else predictions:
-                prob[_local(p.roi, region)] = p.prob
+                prob[within(p.roi, region)] = p.prob
         if len(predictions) > 1:
             last = predictions[-1]
-            sl = _local(last.roi, region)
+            sl = within(last.roi, region)
             anchor = click_zyx if click_zyx is not None else [(s.start + s.stop - 1) // 2 for s in last.roi]
             add_margin, remove_margin = click_margins(margin)
             take = _click_component(prob[sl], last.prob, [int(a) - s.start for a, s in zip(anchor, last.roi)],
@@ -126,7 +128,7 @@ def fuse_predictions(
     weight_sum = np.zeros(shape, dtype=np.float32)
     acc = np.zeros(shape, dtype=np.float32)
     for p in predictions:
-        sl = _local(p.roi, region)
+        sl = within(p.roi, region)
         w = np.ones_like(p.prob) if rule == "average" else np.abs(p.prob - 0.5) * 2 + 1e-3
         acc[sl] += w * p.prob
         weight_sum[sl] += w
@@ -164,12 +166,18 @@ def _click_component(
             disagree = (local > threshold + margin) & ~current_fg
         else:
             disagree = (local < threshold - margin) & current_fg
-    if not disagree[tuple(anchor)]:
+    return component_at(disagree, anchor)
+
+
+def component_at(mask: np.ndarray, at: Sequence[int]) -> Optional[np.ndarray]:
+    """The 26-connected component of ``mask`` holding voxel ``at`` (None when ``mask[at]`` is False)."""
+    at = tuple(int(a) for a in at)
+    if not mask[at]:
         return None
     import cc3d
 
-    components = cc3d.connected_components(disagree.astype(np.uint8), connectivity=26)
-    return components == components[tuple(anchor)]
+    components = cc3d.connected_components(np.ascontiguousarray(mask, dtype=np.uint8), connectivity=26)
+    return components == components[at]
 
 
 class _BlockMap:
