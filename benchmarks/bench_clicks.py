@@ -45,25 +45,14 @@ def object_dice(gts: np.ndarray, segs: np.ndarray, labels: Sequence[int]) -> np.
 
 def run_variant(cases: Sequence[Path], config: str, overrides: Sequence[str], weights: Optional[str],
                 experts_cache: Dict[str, object]) -> List[Dict[str, object]]:
-    import json
-
+    from dcm.ablate import variant_predictor
     from dcm.config import load_config
     from dcm.data.cases import load_case
-    from dcm.engine.predictor import DCMPredictor, check_engine_config
     from dcm.evaluate import InProcessPredictor, evaluate_case
-    from dcm.experts import build_experts
     from dcm.metrics import click_auc
 
     cfg = load_config(config, tuple(overrides))
-    engine = check_engine_config(cfg.get("engine"))
-    key = json.dumps({k: cfg.get(k) for k in ("global_expert", "local_expert", "weights", "device")},
-                     sort_keys=True, default=str) + str(weights)
-    if key not in experts_cache:
-        experts_cache[key] = build_experts(cfg, weights)
-    experts = experts_cache[key]
-    roles = {"global_only": ["global"], "local_only": ["local"]}.get(engine["policy"])
-    used = {r: e for r, e in experts.items() if roles is None or r in roles}  # type: ignore[union-attr]
-    predictor = InProcessPredictor(DCMPredictor(used, engine))
+    predictor = InProcessPredictor(variant_predictor(cfg, weights, experts_cache))
     rows = []
     for path in cases:
         case = load_case(path)

@@ -53,25 +53,38 @@ def variant_configs(ablation: Dict[str, Any], overrides: Sequence[str] = (),
     return out
 
 
+def variant_predictor(cfg: Dict[str, Any], weights: Optional[str], built: Dict[str, Any],
+                      device: Optional[str] = None, random_init: bool = False) -> Any:
+    """A ``DCMPredictor`` for one variant's config, over the experts its policy calls.
+
+    Experts are built once per distinct expert config and weights and kept in ``built`` for the next
+    variants; a role an earlier variant did not need (``global_only`` before ``dual``) is built then.
+    """
+    from dcm.engine.predictor import DCMPredictor
+    from dcm.experts import build_experts, needed_roles
+
+    key = json.dumps({k: cfg.get(k) for k in ("global_expert", "local_expert", "weights", "device")},
+                     sort_keys=True, default=str) + str(weights)
+    experts = built.setdefault(key, {})
+    roles = needed_roles(cfg)
+    missing = [r for r in roles if r not in experts]
+    if missing:
+        fresh = build_experts(cfg, weights, device, random_init=random_init)
+        experts.update({r: fresh[r] for r in missing})
+    return DCMPredictor({r: experts[r] for r in roles}, cfg["engine"])
+
+
 def run_ablation(ablation: Dict[str, Any], cases: Path, out: Path, weights: Optional[str] = None,
                  random_init: bool = False, overrides: Sequence[str] = (), device: Optional[str] = None,
                  progress: bool = True) -> List[Dict[str, Any]]:
     """Evaluate every variant; returns the comparison rows (means over all cases)."""
-    from dcm.engine.predictor import DCMPredictor
     from dcm.evaluate import InProcessPredictor, evaluate_folder, summarise
-    from dcm.experts import build_experts
 
     rows: List[Dict[str, Any]] = []
-    built_key, experts = None, None
+    built: Dict[str, Any] = {}
     for name, (cfg, variant_weights) in variant_configs(ablation, overrides, weights).items():
-        key = json.dumps({k: cfg.get(k) for k in ("global_expert", "local_expert", "weights", "device")},
-                         sort_keys=True, default=str) + str(variant_weights)
-        if key != built_key:
-            experts = build_experts(cfg, variant_weights, device, random_init=random_init)
-            built_key = key
-        roles = {"global_only": ["global"], "local_only": ["local"]}.get(cfg["engine"]["policy"])
-        used = {r: e for r, e in experts.items() if roles is None or r in roles}  # type: ignore[union-attr]
-        runner = InProcessPredictor(DCMPredictor(used, cfg["engine"]))
+        predictor = variant_predictor(cfg, variant_weights, built, device, random_init)
+        runner = InProcessPredictor(predictor)
         metric_rows, _ = evaluate_folder(cases, out / name, runner, progress=progress)
         with open(out / name / "clicks.csv", newline="") as f:
             click_rows = list(csv.DictReader(f))

@@ -206,3 +206,15 @@ def test_object_with_problem_keeps_previous_mask():
     case.objects[0].problem = "boxes[0]: outside"
     segs = DCMPredictor(_experts(g=0.0, l=0.0))(case)
     assert segs[1, 1, 1] == 1
+
+
+def test_ablation_variants_share_experts_and_a_later_variant_gets_the_roles_it_needs():
+    from dcm.ablate import variant_predictor
+    from dcm.config import load_config
+
+    built = {}
+    first = variant_predictor(load_config("dcm_reduced", ("engine.policy=global_only",)), None, built,
+                              random_init=True)
+    second = variant_predictor(load_config("dcm_reduced"), None, built, random_init=True)
+    assert sorted(first.experts) == ["global"] and sorted(second.experts) == ["global", "local"]
+    assert first.experts["global"] is second.experts["global"]

@@ -27,7 +27,8 @@ def resolve_device(device: Optional[str]) -> str:
     return str(device)
 
 
-def _needed_roles(cfg: Dict[str, Any]) -> Tuple[str, ...]:
+def needed_roles(cfg: Dict[str, Any]) -> Tuple[str, ...]:
+    """The expert roles the config's ``engine.policy`` calls (``global_only`` / ``local_only``: one)."""
     policy = (cfg.get("engine") or {}).get("policy", "dual")
     return {"global_only": ("global",), "local_only": ("local",)}.get(policy, ("global", "local"))
 
@@ -62,7 +63,7 @@ def build_experts(
         checkpoint = load_checkpoint(weights, trusted=trusted)
     dev = resolve_device(device or cfg.get("device"))
     experts: Dict[str, Expert] = {}
-    roles = _needed_roles(cfg)
+    roles = needed_roles(cfg)
     try:
         if "global" in roles:
             from dcm.experts.global_roi import GlobalRoIExpert
