@@ -346,7 +346,7 @@ def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int,
             part = _probability_region(work.prob[in_work], at, click.positive, mask, cfg["probability_levels"])
         else:
             part = _random_walker_region(image[crop], at, click.positive, mask, work.others[in_work],
-                                         promise, index, crop, spacing_zyx, cfg["random_walker_beta"],
+                                         promise, crop, spacing_zyx, cfg["random_walker_beta"],
                                          cfg["random_walker_depth_factor"])
         if part is not None:
             work.set(part, click.positive, in_work)
@@ -372,7 +372,7 @@ def _probability_region(prob: np.ndarray, at: Tuple[int, ...], positive: bool, m
 
 
 def _random_walker_region(crop_image: np.ndarray, at: Tuple[int, ...], positive: bool, mask: np.ndarray,
-                          others: np.ndarray, promise: ClickPromise, index: int, crop: Region,
+                          others: np.ndarray, promise: ClickPromise, crop: Region,
                           spacing_zyx: Sequence[float], beta: float, depth_factor: float) -> Optional[np.ndarray]:
     """The region around ``at`` that a random walker on the crop gives the click's side.
 
