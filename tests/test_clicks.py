@@ -375,3 +375,14 @@ def test_a_bool_image_in_a_case_file_is_predicted_as_0_255(tmp_path):
     experts = {"global": StubExpert("global", 4, 0.9)}
     segs = DCMPredictor(experts, {"policy": "global_only"})(case)
     assert segs.any()
+
+
+def test_session_remove_frees_the_removed_objects_clicked_voxels_for_the_others():
+    s = _session(policy="global_only")
+    a, b = s.new_object(), s.new_object()
+    s.add_box(a, BOX_A)
+    s.add_point(a, (10, 12, 12), positive=True)
+    s.add_box(b, BOX_B)  # covers a's click; b may not take a's clicked voxels while a exists
+    assert s.labels()[10, 12, 12] == a
+    s.remove(a)
+    assert s.labels()[10, 12, 12] == b  # replayed without a: b's answer stands there

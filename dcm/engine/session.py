@@ -226,6 +226,8 @@ class InteractiveSession:
         """Delete the object: its mask, and its interactions (other objects get back what they took)."""
         self._need_object(obj)
         self._log = [w for w in self._log if w.label != obj]
+        for write in self._log:  # its clicks no longer keep other objects off their voxels
+            write.promises.pop(obj, None)
         self._base[self._base == obj] = 0
         del self.objects[obj]
         del self._undoable[obj]
@@ -281,9 +283,10 @@ class InteractiveSession:
                 write.label, write.fused, float(self.engine_cfg["threshold"]))
 
     def _clear_log(self) -> None:
+        """Forget every write (called once the objects are cleared)."""
         self._log.clear()
         self._base = np.zeros(self.image.shape, dtype=np.uint8) if self.image is not None else None
-        self._undoable = {label: 0 for label in self.objects}
+        self._undoable = {}
 
     def _fold(self) -> None:
         """Move the writes at the head of the log that can no longer be undone into the base map."""
