@@ -10,18 +10,17 @@ encoding; ``/`` serves a small browser page (:mod:`dcm.serve.static`).
 from dcm.serve.app import make_app
 from dcm.serve.sessions import SessionRegistry, clone_experts
 
-__all__ = ["make_app", "SessionRegistry", "clone_experts", "build_registry"]
+__all__ = ["make_app", "SessionRegistry", "clone_experts", "session_factory", "build_registry"]
 
 
-def build_registry(config: str = "dcm_small", weights=None, device=None, max_sessions: int = 4,
-                   idle_timeout: float = 600.0, liveness_timeout: float = 60.0, undo_levels: int = 20
-                   ) -> SessionRegistry:
-    """Load the models once and return a registry whose sessions share them.
+def session_factory(config: str = "dcm_small", weights=None, device=None, undo_levels: int = 20):
+    """Load the models once; returns a function making an :class:`InteractiveSession` that shares them.
 
     Args:
         config: a config path or preset name (``dcm_small``: the small CPU preset and its bundled weights).
         weights: a combined checkpoint, or None for the config's.
         device: ``cpu``, ``cuda``, ``cuda:1``... (None: the config's).
+        undo_levels: protocol undo levels; the session keeps twice as many (a lasso uses two).
     """
     from dcm.engine.session import InteractiveSession
 
@@ -32,4 +31,12 @@ def build_registry(config: str = "dcm_small", weights=None, device=None, max_ses
         return InteractiveSession(config={"engine": dict(engine)}, experts=clone_experts(template.experts),
                                   max_undo=max(undo_levels, 1) * 2)
 
-    return SessionRegistry(make_session, max_sessions, idle_timeout, liveness_timeout, undo_levels)
+    return make_session
+
+
+def build_registry(config: str = "dcm_small", weights=None, device=None, max_sessions: int = 4,
+                   idle_timeout: float = 600.0, liveness_timeout: float = 60.0, undo_levels: int = 20
+                   ) -> SessionRegistry:
+    """Load the models once (:func:`session_factory`) and return a registry whose sessions share them."""
+    return SessionRegistry(session_factory(config, weights, device, undo_levels), max_sessions, idle_timeout,
+                           liveness_timeout, undo_levels)
