@@ -323,7 +323,11 @@ class ServedSession:
         if not self.steps or self.obj is None:
             return Change(ran=False)
         for _ in range(self.steps.pop()):
-            self.dcm.undo(self.obj)
+            try:
+                self.dcm.undo(self.obj)
+            except IndexError:  # already folded by the session: nothing older to undo
+                self.steps.clear()
+                break
         return self._answer(ran=True)
 
 
