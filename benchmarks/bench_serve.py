@@ -18,12 +18,9 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _free_port() -> int:

@@ -36,6 +36,7 @@ COMMANDS: Dict[str, Command] = {
     "ablate": Command("dcm.cli.ablate", "several config variants through the evaluator, one comparison table"),
     "convert": Command("dcm.data.convert", "image + label NIfTI pair or nnU-Net dataset -> challenge cases"),
     "checkpoints": Command("dcm.checkpoints", "checkpoint tools (combine the two experts into DCM's file)"),
+    "serve": Command("dcm.serve.__main__", "serve nnInteractive's remote protocol (napari, 3D Slicer) and the page"),
 }
 
 
