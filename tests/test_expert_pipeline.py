@@ -14,7 +14,7 @@ import torch
 from dcm.data.cases import Box, Click, ObjectPrompts
 from dcm.experts.backbones import Backbone
 from dcm.experts.global_roi import GlobalRoIExpert
-from dcm.experts.local_roi import LocalRoIExpert, LocalWindow, place_window
+from dcm.experts.local_roi import LocalRoIExpert, place_window
 from dcm.experts.pipeline import EmbeddingCache, Frame
 from dcm.experts.roi import GlobalRoI
 

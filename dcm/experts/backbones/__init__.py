@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcm.data.intensity import _integer_percentiles, _percentiles, intensity_percentiles, scale_intensity
-from dcm.experts.backbones.base import ZYX, Backbone, _amp_dtype
+# The private names too: tests and older code import them from here.
+from dcm.data.intensity import _integer_percentiles, _percentiles, intensity_percentiles, scale_intensity  # noqa: F401
+from dcm.experts.backbones.base import ZYX, Backbone, _amp_dtype  # noqa: F401
 from dcm.experts.backbones.registry import (
     BACKBONES,
     DEFAULT_MODELS,
