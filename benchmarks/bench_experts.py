@@ -158,7 +158,7 @@ def run_row(spec: Dict[str, Any]) -> Dict[str, Any]:
     if spec["expert"] == "global":
         obj = ObjectPrompts(label=1, box=box)
         warmup_s, _ = timed(lambda: predict(obj))
-        expert.backbone.clear_cache()
+        expert.clear_cache()
         first_s, _ = timed(lambda: predict(obj))
         further: List[float] = []
         for k in range(spec["repeats"]):
@@ -172,7 +172,7 @@ def run_row(spec: Dict[str, Any]) -> Dict[str, Any]:
 
         # warm-up on the window of a click 3 voxels away, then a cold cache for the timed first click
         warmup_s, _ = timed(lambda: predict(click_obj((centre[0], centre[1] - 3, centre[2]))))
-        expert.backbone.clear_cache()
+        expert.clear_cache()
         obj = click_obj(centre)
         first_s, _ = timed(lambda: predict(obj))
         further = []

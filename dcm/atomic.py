@@ -12,11 +12,11 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Union
+from typing import Any, Iterator, List, Union
 
 from dcm.errors import OutputError
 
-__all__ = ["atomic_path", "check_writable", "stale_temporaries"]
+__all__ = ["atomic_path", "atomic_torch_save", "check_writable", "stale_temporaries"]
 
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+(?P<suffix>\..+)$")
 #: ``.<name>.<random>.tmp``: what versions before the process id in the name left behind.
@@ -51,6 +51,18 @@ def atomic_path(path: Union[str, os.PathLike], suffix: str = ".tmp") -> Iterator
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous complete file or the new complete file.
+    """
+    import torch  # only writers of checkpoints pay for the import
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def _running(pid: int) -> bool:

@@ -8,7 +8,8 @@
   ``model``) and strips ``module.`` / ``_orig_mod.`` prefixes.
 * :func:`load_into` loads it into a module: strict (every name and shape must match; the error lists
   the first offending keys and names the known preset the checkpoint's layout fits) or by name + shape
-  with a printed :class:`LoadReport` of what was skipped.
+  with a printed :class:`LoadReport` of what was skipped. Without a key, a checkpoint holding several
+  state dicts (the combined file) gives the module the one whose layout fits it, and says which.
 
 Known layouts (key -> shape) live in ``dcm/models/manifests.json``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import pickle
 import sys
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcm.atomic import check_writable
+from dcm.atomic import atomic_torch_save, check_writable
 from dcm.errors import CheckpointError, DCMError
 from dcm.safe_pickle import PickleRefused, resolve_numpy, stand_in_globals
 
@@ -52,6 +54,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
 #: Prefixes added by DistributedDataParallel / DataParallel and torch.compile.
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+logger = logging.getLogger(__name__)
 
 _MANIFESTS = Path(__file__).resolve().parent / "models" / "manifests.json"
 _HOW_TO_TRUST = "pass trusted=True (CLI flag --trust-checkpoint) to load it fully, only if you trust its source"
@@ -258,6 +262,13 @@ def load_state_dict(
     Raises:
         CheckpointError: no state dict found, ``key`` absent, or non-tensor entries.
     """
+    src, obj = _read(path_or_obj, trusted)
+    return _unwrap(obj, key, src)
+
+
+def _read(path_or_obj: Union[PathLike, Mapping[str, Any], nn.Module], trusted: bool) -> Tuple[str, Any]:
+    """``(prefix for messages, checkpoint object)``: a path is read (:func:`load_checkpoint`), a module gives its
+    state dict, anything else passes through."""
     src = ""
     obj: Any = path_or_obj
     if isinstance(obj, (str, os.PathLike)):
@@ -265,6 +276,11 @@ def load_state_dict(
         obj = load_checkpoint(obj, trusted=trusted)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
+    return src, obj
+
+
+def _unwrap(obj: Any, key: Optional[str], src: str) -> Dict[str, torch.Tensor]:
+    """:func:`load_state_dict` of an already read checkpoint object; ``src`` prefixes error messages."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{src}expected a dict-like checkpoint, found {_describe(obj)}")
     if key is not None:
@@ -289,6 +305,38 @@ def load_state_dict(
         )
     out = {str(k): _as_tensor(v, f"{src}{k}") for k, v in obj.items()}
     return strip_prefixes(out)
+
+
+def _fit(state_dict: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]) -> int:
+    """How many of the model's tensors the state dict holds under the same name and shape."""
+    return sum(1 for k, v in model_sd.items() if k in state_dict and tuple(state_dict[k].shape) == tuple(v.shape))
+
+
+def _fitting_entry(
+    obj: Any, model_sd: Mapping[str, torch.Tensor], src: str
+) -> Optional[Tuple[str, Dict[str, torch.Tensor], Dict[str, int]]]:
+    """The wrapper entry (of :data:`STATE_DICT_KEYS`) whose state dict fits the model best, when a checkpoint
+    holds several (DCM's combined file: the global expert under ``model_state_dict``, VISTA3D under ``model``).
+
+    Returns:
+        ``(entry, its state dict, {entry: fitting tensors} of every candidate)``; ties go to the first entry in
+        :data:`STATE_DICT_KEYS` order (the single-entry default). None when there are fewer than two
+        candidates: the default unwrapping applies.
+    """
+    if not isinstance(obj, Mapping) or all(_is_tensor_like(v) for v in obj.values()):
+        return None
+    candidates: List[Tuple[str, Dict[str, torch.Tensor]]] = []
+    for entry in STATE_DICT_KEYS:
+        if isinstance(obj.get(entry), Mapping):
+            try:
+                candidates.append((entry, _unwrap(obj[entry], None, src)))
+            except CheckpointError:  # not a state dict (e.g. a config under 'model')
+                continue
+    if len(candidates) < 2:
+        return None
+    fits = {entry: _fit(sd, model_sd) for entry, sd in candidates}
+    best = max(candidates, key=lambda c: fits[c[0]])  # max keeps the first of equal ones
+    return best[0], best[1], fits
 
 
 def _as_tensor(v: Any, where: str) -> torch.Tensor:
@@ -365,6 +413,7 @@ class LoadReport:
         mismatched: ``(key, checkpoint shape, model shape)`` for keys present in both with different shapes
             (left as initialised).
         source: where the state dict came from (a path, or "<state dict>").
+        entry: the checkpoint's wrapper entry the state dict came from, when one was given or picked.
     """
 
     loaded: List[str] = field(default_factory=list)
@@ -372,6 +421,7 @@ class LoadReport:
     unexpected: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
     source: str = ""
+    entry: Optional[str] = None
 
     @property
     def skipped(self) -> List[str]:
@@ -391,7 +441,10 @@ class LoadReport:
             return s + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
 
         total = len(self.loaded) + len(self.missing) + len(self.mismatched)
-        lines = [f"checkpoint {self.source or '<state dict>'}: loaded {len(self.loaded)}/{total} model tensors"]
+        where = self.source or "<state dict>"
+        if self.entry is not None:
+            where += f" [{self.entry}]"
+        lines = [f"checkpoint {where}: loaded {len(self.loaded)}/{total} model tensors"]
         if self.mismatched:
             lines.append(f"  skipped, shape mismatch ({len(self.mismatched)}): " + show(
                 [f"{k} {list(a)} (model {list(b)})" for k, a, b in self.mismatched]))
@@ -436,18 +489,33 @@ def load_into(
         strict: True: every key and shape must match (else nothing is loaded and CheckpointError lists
             the first missing / unexpected / mismatched keys and the known preset the checkpoint fits).
             False: load the tensors whose name and shape match, skip the rest.
-        key: wrapper key, see :func:`load_state_dict`.
+        key: wrapper key, see :func:`load_state_dict`. None: when the checkpoint holds several state dicts
+            (DCM's combined file), the one whose layout fits ``model`` (most tensors of the same name and shape;
+            said in a printed / logged line), else the :func:`load_state_dict` default.
         trusted: see :func:`load_checkpoint`.
-        verbose: with ``strict=False``, print the report of what was skipped.
+        verbose: print which entry was picked (when there was a choice) and, with ``strict=False``, the report
+            of what was skipped.
 
     Returns:
         The :class:`LoadReport`.
     """
     path = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else None
     source = path or "<state dict>"
-    sd = load_state_dict(path_or_state_dict, key=key, trusted=trusted)
+    src, obj = _read(path_or_state_dict, trusted)
     model_sd = model.state_dict()
+    picked = _fitting_entry(obj, model_sd, src) if key is None else None
+    if picked is None:
+        sd = _unwrap(obj, key, src)
+    else:
+        entry, sd, fits = picked
+        others = ", ".join(f"{k!r} {n}" for k, n in fits.items() if k != entry)
+        line = (f"checkpoint {source}: took entry {entry!r}, the one that fits the model ({fits[entry]}/"
+                f"{len(model_sd)} tensors by name and shape; {others})")
+        logger.info(line)
+        if verbose:
+            print(line, flush=True)
     rep = _compare(sd, model_sd, source)
+    rep.entry = key if picked is None else picked[0]
     if strict and not rep.complete:
         problems = []
         if rep.missing:
@@ -483,8 +551,6 @@ def combine(global_path: PathLike, local_path: PathLike, out_path: PathLike, tru
     Each input may be a training checkpoint (ours or DCM's), a raw state dict or a ``.safetensors`` file;
     prefixes are stripped. The output is written atomically.
     """
-    from dcm.training.checkpointing import atomic_torch_save
-
     global_sd = load_state_dict(global_path, trusted=trusted)
     local_obj = load_checkpoint(local_path, trusted=trusted)
     local_sd = load_state_dict(local_obj, key="model" if isinstance(local_obj, Mapping) and "model" in local_obj

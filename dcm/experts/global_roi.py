@@ -2,7 +2,9 @@
 
 The RoI strategy (this module, geometry in :mod:`dcm.experts.roi`) is separate from the network
 (:mod:`dcm.experts.backbones`, config key ``backbone``): SAM-Med3D at its ``img_size`` (64^3, DCM's released
-pairing, the default) or VISTA3D at ``frame_size`` (the design card's pairing). Per object and interaction:
+pairing, the default) or VISTA3D at ``frame_size`` (the design card's pairing). This module holds the RoI
+rule (the expert's frame is the :class:`~dcm.experts.roi.GlobalRoI`), the prompts in it and the settings;
+the steps are run by :meth:`dcm.experts.pipeline.BackboneExpert.predict`. Per object and interaction:
 
 1. RoI: the box enlarged ``box_scale`` (1.8) times, at least ``min_size`` voxels per axis; an object without a
    box gets ``noboxes_size_mm`` (96 mm, the released ``64 / spacing * 1.5``) around its first positive click.
@@ -36,17 +38,9 @@ import torch
 
 from dcm.data.cases import ObjectPrompts
 from dcm.errors import ConfigError
-from dcm.experts.backbones import Backbone, BackboneExpert, backbone_options, make_backbone
-from dcm.experts.base import RoIPrediction, RoISlices
-from dcm.experts.roi import (
-    ZNORM_MODES,
-    GlobalRoI,
-    crop_and_resize,
-    grow_to_include,
-    paste_back,
-    roi_from_box,
-    roi_from_clicks,
-)
+from dcm.experts.backbones import Backbone, backbone_options
+from dcm.experts.pipeline import BackboneExpert
+from dcm.experts.roi import ZNORM_MODES, GlobalRoI, grow_to_include, roi_from_box, roi_from_clicks
 
 __all__ = ["GLOBAL_ROI_DEFAULTS", "GlobalRoIExpert"]
 
@@ -142,9 +136,10 @@ def _validate(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 class GlobalRoIExpert(BackboneExpert):
-    """DCM's global-RoI expert: the global RoI strategy over a backbone.
+    """DCM's global-RoI expert: the object's RoI resampled to a cubic frame (a :class:`GlobalRoI`) over a backbone.
 
-    SAM-Med3D by default (any frame size: 64/8 by default, 128/16 for turbo), or VISTA3D at ``frame_size``.
+    SAM-Med3D by default, at its own ``img_size`` frame, the only size it takes (64 for SAM-Med3D-64, 128 for
+    turbo); or VISTA3D at ``frame_size`` (default 128; a multiple of 16, 8 for the reduced model).
 
     Args:
         model: the network with weights loaded (a :class:`dcm.models.SamMed3D` or a MONAI ``VISTA3D``), or a
@@ -172,8 +167,9 @@ class GlobalRoIExpert(BackboneExpert):
         cfg = dict(cfg or {})
         self.cfg: Dict[str, Any] = _validate(cfg)
         options = backbone_options(self.cfg, _WHO, cache_size=int(self.cfg["cache_size"]))
-        self.backbone: Backbone = make_backbone(model, cfg.get("backbone"), _WHO, **options)
-        self.cfg["backbone"] = self.backbone.kind
+        self._build_backbone(model, cfg.get("backbone"), options)
+        self.image_interpolation = self.cfg["image_interpolation"]
+        self.prob_interpolation = self.cfg["prob_interpolation"]
         frame = self.cfg["frame_size"]
         self.frame_size = int(self.backbone.default_frame_size() if frame is None else frame)
         self.backbone.check_frame((self.frame_size,) * 3, "global expert: frame_size")
@@ -182,7 +178,7 @@ class GlobalRoIExpert(BackboneExpert):
             raise ConfigError(f"global expert: frame {self.frame_size} is not a multiple of the mask size {self.mask_size}")
         self.reset()
 
-    # ------------------------------------------------------------------ Expert API
+    # ------------------------------------------------------------------ the frame and its prompts
 
     def global_roi(self, obj: ObjectPrompts) -> Optional[GlobalRoI]:
         """The object's RoI from its prompts alone (see the module docstring), or None without box and positive click."""
@@ -202,9 +198,9 @@ class GlobalRoIExpert(BackboneExpert):
                 roi = grow_to_include(roi, [p], margin, self.image.shape)  # type: ignore[union-attr]
         return roi
 
-    def roi_of(self, obj: ObjectPrompts) -> Optional[RoISlices]:
-        roi = self.global_roi(obj)
-        return None if roi is None else roi.slices(self.image.shape)  # type: ignore[union-attr]
+    def frame_of(self, obj: ObjectPrompts) -> Optional[GlobalRoI]:
+        """The object's :meth:`global_roi`."""
+        return self.global_roi(obj)
 
     def prompts_of(self, obj: ObjectPrompts, roi: GlobalRoI) -> Tuple[np.ndarray, np.ndarray]:
         """The point prompts of ``obj`` in ``roi``'s frame.
@@ -231,86 +227,9 @@ class GlobalRoIExpert(BackboneExpert):
             q = np.clip(q, 0.0, self.frame_size - 1.0)
         return q.astype(np.float32), np.asarray(labels, dtype=np.int64)
 
-    def mask_prompt(self, obj: ObjectPrompts, roi: GlobalRoI, prev_pred: Optional[np.ndarray]) -> Optional[np.ndarray]:
-        """(m, m, m) float32 binary mask prompt (m = 32), or None for no mask prompt.
-
-        ``prev_pred == obj.label`` resampled (nearest) to the frame, then every ``frame / m``-th voxel; zeros
-        when there is no ``prev_pred``; at the box step per ``mask_prompt_at_box_step``. Always None for a
-        backbone without mask prompt (VISTA3D).
-        """
-        m = self.mask_size
-        if m is None:
-            return None
-        if not obj.clicks and self.cfg["mask_prompt_at_box_step"] in ("none", None):
-            return None
-        if not obj.clicks or prev_pred is None:
-            return np.zeros((m, m, m), np.float32)
-        if tuple(prev_pred.shape) != tuple(self.image.shape):  # type: ignore[union-attr]
-            raise ValueError(f"global expert: prev_pred shape {prev_pred.shape} differs from the image {self.image.shape}")
-        # Nearest-resampling the labels then comparing equals comparing then resampling, on a 64^3 array only.
-        labels = crop_and_resize(np.asarray(prev_pred), roi, mode="nearest")
-        step = self.frame_size // m
-        return (labels[::step, ::step, ::step] == obj.label).astype(np.float32)
-
-    def predict(self, obj: ObjectPrompts, prev_pred: Optional[np.ndarray] = None) -> Optional[RoIPrediction]:
-        """Segment ``obj`` in its global RoI.
-
-        Returns:
-            ``RoIPrediction(slices, prob, 'global')``: ``slices`` the RoI clipped to the image, ``prob`` float32
-            in [0, 1] of shape ``image[slices].shape``; None when the object has neither a box nor a positive
-            click.
-        """
-        roi = self.global_roi(obj)
-        if roi is None:
-            return None
-        coords, labels = self.prompts_of(obj, roi)
-        mask = self.mask_prompt(obj, roi, prev_pred)
-        logits = self.frame_logits(roi, coords, labels, mask)
-        prob = torch.sigmoid(logits.float())
-        # paste_back interpolates from any grid covering the frame (32^3 or the frame itself) in one step.
-        values, slices = paste_back(prob, roi, self.image.shape, self.cfg["prob_interpolation"])  # type: ignore[union-attr]
-        values = values.cpu().numpy().astype(np.float32, copy=False)
-        return RoIPrediction(roi=slices, prob=values, expert=self.name)
-
-    # ------------------------------------------------------------------ network
-
-    def frame_input(self, roi: GlobalRoI) -> torch.Tensor:
-        """The network input of ``roi``: (1, 1, S, S, S) float32 on the device (S = frame size), normalised."""
-        self._require_image()
-        mode = self.cfg["image_interpolation"]
-        if self.backbone.normalise_scope == "frame":
-            crop = crop_and_resize(self.image, roi, mode=mode)  # type: ignore[arg-type]
-            x = self.backbone.normalise(crop)
-        else:
-            x = self._resample_normalised(roi, mode)
-        return torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)
-
-    def _resample_normalised(self, roi: GlobalRoI, mode: str) -> np.ndarray:
-        # Per-image (pointwise) normalisation comes before resampling, so that padding outside the image is 0
-        # after it, as in the backbone's training. Only the block the resampling reads is normalised: the RoI's
-        # voxel range plus one voxel each side (linear interpolation reaches at most that far).
-        image = self.image
-        lo = [max(a - 1, 0) for a in roi.start]
-        hi = [min(b + 1, int(n)) for b, n in zip(roi.stop, image.shape)]  # type: ignore[union-attr]
-        if any(a >= b for a, b in zip(lo, hi)):  # the RoI misses the image: all padding
-            return np.zeros((roi.out_size,) * 3, np.float32)
-        block = self.backbone.normalise(image[tuple(slice(a, b) for a, b in zip(lo, hi))])  # type: ignore[index]
-        center = tuple(c - a for c, a in zip(roi.center, lo))
-        shifted = GlobalRoI(center, roi.size, roi.out_size)  # type: ignore[arg-type]
-        return np.asarray(crop_and_resize(block, shifted, mode=mode), dtype=np.float32)
-
-    def image_embedding(self, roi: GlobalRoI) -> torch.Tensor:
-        """Encoder output of ``roi``, from the LRU cache when this RoI was encoded before."""
-        return self.backbone.embedding(roi, lambda: self.frame_input(roi))
-
-    def frame_logits(
-        self, roi: GlobalRoI, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray]
-    ) -> torch.Tensor:
-        """Backbone logits covering the frame (SAM-Med3D: (m, m, m); VISTA3D: (S, S, S)) for clicks ``coords``
-        (N, 3) frame (z, y, x), ``labels`` (N,) and mask prompt ``mask`` (m, m, m) or None."""
-        frame = (self.frame_size,) * 3
-        return self.backbone.forward(lambda: self.image_embedding(roi), frame, coords, labels, mask)
-
-    def _require_image(self) -> None:
-        if self.image is None:
-            raise RuntimeError("global expert: call set_image() first")
+    def mask_prompt_source(self, obj: ObjectPrompts) -> str:
+        """The previous prediction once the object has clicks; at the box step (no click yet) zeros, or no mask
+        prompt with ``mask_prompt_at_box_step: none``."""
+        if obj.clicks:
+            return "previous"
+        return "none" if self.cfg["mask_prompt_at_box_step"] in ("none", None) else "zeros"

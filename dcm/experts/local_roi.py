@@ -2,8 +2,9 @@
 
 The window strategy (this module) is separate from the network (:mod:`dcm.experts.backbones`, config key
 ``backbone``): MONAI VISTA3D on a 128^3 window (DCM's released pairing, the default) or SAM-Med3D on a window
-of its ``img_size`` (64^3 for SAM-Med3D-64, 128^3 for turbo; the design card's pairing). Per object and
-interaction:
+of its ``img_size`` (64^3 for SAM-Med3D-64, 128^3 for turbo; the design card's pairing). This module holds
+the window (the expert's frame, :class:`LocalWindow`), its placement, the clicks in it and the settings; the
+steps are run by :meth:`dcm.experts.pipeline.BackboneExpert.predict`. Per object and interaction:
 
 1. the window (``window_size``; default the backbone's own: 128^3 for VISTA3D, SAM-Med3D's ``img_size``^3)
    is centred at the object's last click and shifted to lie inside the image; along an axis where the image
@@ -27,23 +28,18 @@ crop of the same image only reruns the (cheap) prompt head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dcm.data.cases import Click, ObjectPrompts
+from dcm.data.intensity import intensity_percentiles, scale_intensity
 from dcm.errors import ConfigError
-from dcm.experts.backbones import (
-    Backbone,
-    BackboneExpert,
-    backbone_options,
-    intensity_percentiles,
-    make_backbone,
-    scale_intensity,
-    vista3d_frame_factor,
-)
-from dcm.experts.base import RoIPrediction, RoISlices
+from dcm.experts.backbones import Backbone, backbone_options, vista3d_frame_factor
+from dcm.experts.base import RoISlices
+from dcm.experts.pipeline import BackboneExpert
 
 __all__ = [
     "LOCAL_ROI_DEFAULTS",
@@ -132,6 +128,83 @@ class LocalWindow:
         shifted = (int(p) - s.start + before for p, s, (before, _) in zip(zyx, self.roi, self.pad))
         return tuple(shifted)  # type: ignore[return-value]
 
+    # ------------------------------------------------------------------ frame (dcm.experts.pipeline.Frame)
+
+    @property
+    def frame_shape(self) -> ZYX:
+        """(z, y, x) shape of the network input: :attr:`size`."""
+        return self.size
+
+    @property
+    def padded(self) -> bool:
+        """Whether the window reaches outside the image on some axis (zeros are padded there)."""
+        return any(b or a for b, a in self.pad)
+
+    def image_region(self, image_shape: Sequence[int]) -> RoISlices:
+        """(z, y, x) slices of the image the window covers: :attr:`roi` (always inside the image)."""
+        return self.roi
+
+    def to_frame(self, zyx: Any) -> np.ndarray:
+        """Image voxels (N, 3) (z, y, x) -> (N, 3) int64 voxel indices in the padded window (:meth:`to_window`)."""
+        offset = np.array([before - s.start for s, (before, _) in zip(self.roi, self.pad)], dtype=np.int64)
+        return np.asarray(zyx, dtype=np.int64).reshape(-1, 3) + offset
+
+    def crop(
+        self,
+        image: np.ndarray,
+        pointwise: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        mode: str = "trilinear",
+    ) -> np.ndarray:
+        """The window's image region zero-padded to (*size) float32, at native resolution (``mode`` unused).
+
+        ``pointwise`` (a per-image normalisation) maps the image values before padding, so the padding stays
+        0 after it; None keeps the raw values.
+        """
+        values = image[self.roi]
+        values = np.asarray(values, dtype=np.float32) if pointwise is None else pointwise(values)
+        if self.padded:
+            values = np.pad(values, self.pad, mode="constant", constant_values=0.0)
+        return values
+
+    def mask_grid(self, label_map: np.ndarray, label: int, m: int) -> np.ndarray:
+        """(m, m, m) float32: ``label_map == label`` on the window (padding 0), every ``size / m``-th voxel.
+
+        Args:
+            label_map: (Z, Y, X) label map of the whole image.
+            label: the object's label.
+            m: side of the mask-prompt grid (every window side must be a multiple of it).
+        """
+        selected = np.asarray(label_map[self.roi]) == label
+        if self.padded:
+            selected = np.pad(selected, self.pad, mode="constant", constant_values=False)
+        steps = tuple(w // m for w in self.size)
+        return selected[::steps[0], ::steps[1], ::steps[2]].astype(np.float32)
+
+    def paste(
+        self, logits: torch.Tensor, image_shape: Sequence[int], mode: str = "trilinear"
+    ) -> Tuple[np.ndarray, RoISlices]:
+        """Probabilities on the window's image region from logits on a grid covering the window.
+
+        Logits on a coarser grid (SAM-Med3D's 32^3) are first resized to the window (``mode``), then the
+        padding is cut off and ``sigmoid`` taken.
+
+        Returns:
+            ``(prob, roi)``: float32 numpy ``prob`` of shape ``image[roi].shape`` and :attr:`roi`.
+        """
+        logits = upsample_logits(logits, self.size, mode)
+        inner = tuple(slice(b, w - a) for (b, a), w in zip(self.pad, self.size))
+        prob = torch.sigmoid(logits[inner].float()).cpu().numpy().astype(np.float32, copy=False)
+        return prob, self.roi
+
+
+def upsample_logits(logits: torch.Tensor, shape: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
+    """Logits on a (z, y, x) grid covering a frame, resized to the frame's (z, y, x) ``shape``
+    (``F.interpolate``, ``align_corners=False``); unchanged when already of that shape."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(logits.shape) == shape:
+        return logits
+    return F.interpolate(logits[None, None].float(), size=shape, mode=mode, align_corners=False)[0, 0]
+
 
 def place_window(center_zyx: Sequence[int], image_shape: Sequence[int], window_size: Sequence[int]) -> LocalWindow:
     """The window of ``window_size`` centred at ``center_zyx`` and shifted to lie inside the image.
@@ -178,7 +251,7 @@ def window_clicks(
         raise ConfigError(f"local expert: clicks must be 'inside_window' or 'last', got {mode!r}")
     chosen = list(clicks) if mode == "inside_window" else list(clicks[-1:])
     chosen = [c for c in chosen if window.contains(c.zyx)]
-    coords = np.array([window.to_window(c.zyx) for c in chosen], dtype=np.int64).reshape(-1, 3)
+    coords = window.to_frame([c.zyx for c in chosen])
     labels = np.array([1 if c.positive else 0 for c in chosen], dtype=np.int64)
     return coords, labels
 
@@ -200,7 +273,8 @@ def as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
 
 
 class LocalRoIExpert(BackboneExpert):
-    """DCM's local-RoI expert: the local window strategy over a backbone (VISTA3D's point head by default).
+    """DCM's local-RoI expert: a native-resolution window (a :class:`LocalWindow`) at the last click over a
+    backbone (VISTA3D's point head by default).
 
     Args:
         model: the network with weights loaded (a MONAI ``VISTA3D``, :func:`dcm.models.vista3d.build_vista3d`,
@@ -227,8 +301,7 @@ class LocalRoIExpert(BackboneExpert):
             raise ConfigError(f"local expert: unknown keys {unknown} (known: {sorted(LOCAL_ROI_DEFAULTS)})")
         self.cfg: Dict[str, Any] = {**LOCAL_ROI_DEFAULTS, **cfg}
         options = backbone_options(self.cfg, _WHO, cache_size=1)
-        self.backbone: Backbone = make_backbone(model, cfg.get("backbone"), _WHO, **options)
-        self.cfg["backbone"] = self.backbone.kind
+        self._build_backbone(model, cfg.get("backbone"), options)
         size = self.cfg["window_size"]
         self.window_size: ZYX = as_zyx(self.backbone.default_frame_size() if size is None else size, "local expert: window_size")
         self.backbone.check_frame(self.window_size, "local expert: window_size")
@@ -249,19 +322,17 @@ class LocalRoIExpert(BackboneExpert):
         """VISTA3D: the image's (lower, upper) percentiles set by :meth:`set_image`; None otherwise."""
         return getattr(self.backbone, "intensity_range", None)
 
-    # ------------------------------------------------------------------ construction
-
     @staticmethod
     def _size_factor(model: torch.nn.Module) -> ZYX:
         """What each window side must be divisible by for a VISTA3D ``model``."""
         return vista3d_frame_factor(model)
 
-    # ------------------------------------------------------------------ Expert API
-
     def reset(self) -> None:
         """Forget the image and every cache."""
         super().reset()
         self._cached_window: Optional[LocalWindow] = None
+
+    # ------------------------------------------------------------------ the frame and its prompts
 
     def window_center(self, obj: ObjectPrompts) -> Optional[ZYX]:
         """The (z, y, x) voxel the object's window is centred at: its last click, else (per config) its box centre."""
@@ -294,9 +365,9 @@ class LocalRoIExpert(BackboneExpert):
                 return False
         return True
 
-    def roi_of(self, obj: ObjectPrompts) -> Optional[RoISlices]:
-        window = self.window_of(obj)
-        return None if window is None else window.roi
+    def frame_of(self, obj: ObjectPrompts) -> Optional[LocalWindow]:
+        """The object's :meth:`window_of`."""
+        return self.window_of(obj)
 
     def prompts_of(self, obj: ObjectPrompts, window: LocalWindow) -> Tuple[np.ndarray, np.ndarray]:
         """(coords (N, 3), labels (N,)) in window coordinates for ``obj``; see :func:`window_clicks`."""
@@ -305,71 +376,21 @@ class LocalRoIExpert(BackboneExpert):
             clicks = [Click(window.center, True)]
         return window_clicks(clicks, window, self.cfg["clicks"])
 
-    def mask_prompt(
-        self, obj: ObjectPrompts, window: LocalWindow, prev_pred: Optional[np.ndarray]
-    ) -> Optional[np.ndarray]:
-        """(m, m, m) float32 binary mask prompt for a backbone that takes one (SAM-Med3D, m = 32), else None.
-
-        ``prev_pred == obj.label`` on the window (native resolution, padding 0), then every ``window / m``-th
-        voxel; zeros without ``prev_pred``; None with ``mask_prompt: none``.
-        """
-        m = self.backbone.mask_size
-        if m is None or self.cfg["mask_prompt"] in ("none", None):
-            return None
-        if prev_pred is None:
-            return np.zeros((m, m, m), np.float32)
-        if tuple(prev_pred.shape) != tuple(self.image.shape):  # type: ignore[union-attr]
-            raise ValueError(
-                f"local expert: prev_pred shape {prev_pred.shape} differs from the image {self.image.shape}"
-            )
-        selected = np.asarray(prev_pred[window.roi]) == obj.label
-        if any(b or a for b, a in window.pad):
-            selected = np.pad(selected, window.pad, mode="constant", constant_values=False)
-        steps = tuple(w // m for w in window.size)
-        return selected[::steps[0], ::steps[1], ::steps[2]].astype(np.float32)
-
-    def predict(self, obj: ObjectPrompts, prev_pred: Optional[np.ndarray] = None) -> Optional[RoIPrediction]:
-        """Segment ``obj`` in the window at its last click.
-
-        ``prev_pred`` is read only by a backbone with a mask prompt (SAM-Med3D); VISTA3D's point head takes none.
-
-        Returns:
-            ``RoIPrediction(roi, prob, 'local')`` with ``prob`` float32 in [0, 1] of shape ``image[roi].shape``,
-            or None when the object has no click (nor, with ``box_center_as_click``, a box).
-        """
-        window = self.window_of(obj)
-        if window is None:
-            return None
-        coords, labels = self.prompts_of(obj, window)
-        mask = self.mask_prompt(obj, window, prev_pred)
-        logits = self.window_logits(window, coords, labels, mask)
-        inner = tuple(slice(b, w - a) for (b, a), w in zip(window.pad, window.size))
-        prob = torch.sigmoid(logits[inner].float()).cpu().numpy().astype(np.float32, copy=False)
-        return RoIPrediction(roi=window.roi, prob=prob, expert=self.name)
+    def mask_prompt_source(self, obj: ObjectPrompts) -> str:
+        """``previous`` (SAM-Med3D's ``prev_pred == label`` in the window), or ``none`` with ``mask_prompt: none``."""
+        return "none" if self.cfg["mask_prompt"] in ("none", None) else "previous"
 
     # ------------------------------------------------------------------ network
 
-    def window_input(self, window: LocalWindow) -> torch.Tensor:
-        """The normalised, padded network input of ``window``: (1, 1, *window.size) float32 on the device."""
-        self._require_image()
-        crop = self.image[window.roi]  # type: ignore[index]
-        padded = any(b or a for b, a in window.pad)
-        if self.backbone.normalise_scope == "image":  # pointwise: padding stays 0 after normalisation
-            crop = self.backbone.normalise(crop)
-            if padded:
-                crop = np.pad(crop, window.pad, mode="constant", constant_values=0.0)
-        else:  # statistics of the whole network input, padding included
-            crop = np.asarray(crop, dtype=np.float32)
-            if padded:
-                crop = np.pad(crop, window.pad, mode="constant", constant_values=0.0)
-            crop = self.backbone.normalise(crop)
-        return torch.from_numpy(np.ascontiguousarray(crop))[None, None].to(self.device)
-
-    def image_embedding(self, window: LocalWindow) -> torch.Tensor:
+    def image_embedding(self, window: LocalWindow) -> torch.Tensor:  # type: ignore[override]
         """Encoder output of ``window``: reused when the last call had the same crop."""
-        embedding = self.backbone.embedding(window.key, lambda: self.window_input(window))
+        embedding = super().image_embedding(window)
         self._cached_window = window
         return embedding
+
+    def window_input(self, window: LocalWindow) -> torch.Tensor:
+        """The normalised, padded network input of ``window``: (1, 1, *window.size) float32 on the device."""
+        return self.frame_input(window)
 
     def window_logits(
         self, window: LocalWindow, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray] = None
@@ -379,9 +400,4 @@ class LocalRoIExpert(BackboneExpert):
 
         VISTA3D: with no click inside the window the logits are its "no prompt" value (-9999) everywhere.
         """
-        logits = self.backbone.forward(lambda: self.image_embedding(window), window.size, coords, labels, mask)
-        return self.backbone.upsample(logits, window.size)
-
-    def _require_image(self) -> None:
-        if self.image is None:
-            raise RuntimeError("local expert: call set_image() first")
+        return upsample_logits(self.frame_logits(window, coords, labels, mask), window.size, self.prob_interpolation)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -180,6 +180,79 @@ class GlobalRoI:
         n = self.out_size if n is None else int(n)
         q = (np.arange(n, dtype=np.float64) + 0.5) * (self.out_size / n) - 0.5
         return (q - self.frame_center) * (self.size[axis] / self.out_size) + self.center[axis]
+
+    # ------------------------------------------------------------------ frame (dcm.experts.pipeline.Frame)
+
+    @property
+    def key(self) -> "GlobalRoI":
+        """Identifies the network input for one image: the RoI itself (equal RoIs give equal inputs)."""
+        return self
+
+    @property
+    def frame_shape(self) -> ZYX:
+        """(z, y, x) shape of the network input: ``(out_size,) * 3``."""
+        return (self.out_size,) * 3  # type: ignore[return-value]
+
+    def image_region(self, image_shape: Sequence[int]) -> Tuple[slice, slice, slice]:
+        """(z, y, x) slices of the image the RoI covers, clipped to the image (:meth:`slices`)."""
+        return self.slices(image_shape)
+
+    def crop(
+        self,
+        image: np.ndarray,
+        pointwise: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        mode: str = "trilinear",
+    ) -> np.ndarray:
+        """The RoI of a (z, y, x) image resampled onto the (out, out, out) frame, zero outside the image.
+
+        Args:
+            image: (Z, Y, X) image.
+            pointwise: a per-voxel map (a per-image normalisation) applied to the image values before
+                resampling, so that the padding is 0 after it; None: the raw values (:func:`crop_and_resize`).
+            mode: ``trilinear`` or ``nearest``.
+
+        Returns:
+            (out, out, out) array; float32 with ``pointwise`` (and for ``trilinear`` of a non-float64 image).
+        """
+        if pointwise is None:
+            return crop_and_resize(image, self, mode=mode)
+        # Only the block the resampling reads is mapped: the RoI's voxel range plus one voxel each side
+        # (linear interpolation reaches at most that far).
+        lo = [max(a - 1, 0) for a in self.start]
+        hi = [min(b + 1, int(n)) for b, n in zip(self.stop, image.shape)]
+        if any(a >= b for a, b in zip(lo, hi)):  # the RoI misses the image: all padding
+            return np.zeros(self.frame_shape, np.float32)
+        block = pointwise(image[tuple(slice(a, b) for a, b in zip(lo, hi))])
+        shifted = GlobalRoI(tuple(c - a for c, a in zip(self.center, lo)), self.size, self.out_size)  # type: ignore[arg-type]
+        return np.asarray(crop_and_resize(block, shifted, mode=mode), dtype=np.float32)
+
+    def mask_grid(self, label_map: np.ndarray, label: int, m: int) -> np.ndarray:
+        """(m, m, m) float32: ``label_map == label`` resampled (nearest) to the frame, every ``out / m``-th voxel.
+
+        Args:
+            label_map: (Z, Y, X) label map of the whole image.
+            label: the object's label.
+            m: side of the mask-prompt grid (``out_size`` must be a multiple of it).
+        """
+        # Nearest-resampling the labels then comparing equals comparing then resampling, on the frame only.
+        labels = crop_and_resize(np.asarray(label_map), self, mode="nearest")
+        step = self.out_size // m
+        return (labels[::step, ::step, ::step] == label).astype(np.float32)
+
+    def paste(
+        self, logits: torch.Tensor, image_shape: Sequence[int], mode: str = "trilinear"
+    ) -> Tuple[np.ndarray, Tuple[slice, slice, slice]]:
+        """Probabilities on the RoI's image voxels from logits on any (m, m, m) grid covering the frame.
+
+        ``sigmoid`` on the grid, then :func:`paste_back` (one interpolation step from the grid to the image).
+
+        Returns:
+            ``(prob, slices)``: float32 numpy ``prob`` of shape ``image[slices].shape`` and the RoI's (z, y, x)
+            slices clipped to the image.
+        """
+        prob = torch.sigmoid(logits.float())
+        values, slices = paste_back(prob, self, image_shape, mode)
+        return values.cpu().numpy().astype(np.float32, copy=False), slices
 
 
 # ---------------------------------------------------------------------------------------------- RoI rules

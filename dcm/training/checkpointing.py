@@ -13,25 +13,14 @@ mid-epoch checkpoint resumes at the next batch.
 from __future__ import annotations
 
 import random
-from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
-from dcm.atomic import atomic_path
+from dcm.atomic import atomic_torch_save  # re-exported: the trainer's checkpoints
 
 __all__ = ["atomic_torch_save", "capture_rng_state", "restore_rng_state"]
-
-
-def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the previous complete file or the new complete file.
-    """
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
 
 
 def capture_rng_state() -> Dict[str, Any]:

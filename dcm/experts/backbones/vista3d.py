@@ -1,0 +1,101 @@
+"""MONAI VISTA3D (:mod:`dcm.models.vista3d`, point head only) as a backbone.
+
+Any frame whose sides are divisible by the encoder's factor (:func:`vista3d_frame_factor`: 16 for
+``vista3d132``, 8 for the reduced model); the whole image's 1st..99th percentiles (computed once per image in
+:meth:`Vista3DBackbone.set_image`) mapped to [0, 1] before padding, padding 0; no mask prompt; logits on the
+frame itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from dcm.data.intensity import _percentiles, intensity_percentiles, scale_intensity
+from dcm.errors import ConfigError
+from dcm.experts.backbones.base import ZYX, Backbone
+
+__all__ = ["Vista3DBackbone", "vista3d_frame_factor"]
+
+
+def vista3d_frame_factor(model: torch.nn.Module) -> ZYX:
+    """What each (z, y, x) frame side must be divisible by for a VISTA3D ``model``.
+
+    The encoder needs multiples of ``2 ** (levels - 1)`` (16 for vista3d132, 8 for the reduced model); the
+    point head halves and doubles once more, so at least 2.
+    """
+    encoder = getattr(model, "image_encoder", None)
+    factor = tuple(int(f) for f in encoder.shape_factor()) if hasattr(encoder, "shape_factor") else (1, 1, 1)
+    return tuple(f * 2 // math.gcd(f, 2) for f in factor)  # type: ignore[return-value]
+
+
+class Vista3DBackbone(Backbone):
+    """MONAI VISTA3D (point head only) as a backbone.
+
+    Frame: any (z, y, x) shape whose sides are divisible by :func:`vista3d_frame_factor`; intensities
+    mapped with the whole image's ``percentiles`` (computed once per image in :meth:`set_image`) to [0, 1];
+    no mask prompt; logits on the frame itself; with no click the logits are VISTA3D's "no prompt" value
+    (-9999) everywhere and the encoder does not run.
+
+    Args:
+        model: a MONAI ``VISTA3D`` (:func:`dcm.models.vista3d.build_vista3d`).
+        percentiles: (lower, upper) percentiles of the image mapped to 0 and 1.
+        **kwargs: see :class:`Backbone`.
+    """
+
+    kind = "vista3d"
+    normalise_scope = "image"
+    mask_size = None
+
+    def __init__(self, model: torch.nn.Module, percentiles: Sequence[float] = (1.0, 99.0), **kwargs: Any):
+        self.percentiles = _percentiles(percentiles, self.kind)
+        self.factor = vista3d_frame_factor(model)
+        self.intensity_range: Optional[Tuple[float, float]] = None
+        super().__init__(model, **kwargs)
+
+    def default_frame_size(self) -> int:
+        return 128
+
+    def check_frame(self, size: Sequence[int], what: str) -> None:
+        size = tuple(int(s) for s in size)
+        if any(s % f for s, f in zip(size, self.factor)):
+            raise ConfigError(f"{what} {size} must be divisible by {self.factor} for this model")
+
+    def set_image(self, image: np.ndarray) -> None:
+        """The whole (z, y, x) image's percentiles: :meth:`normalise` maps them to 0 and 1."""
+        self.intensity_range = intensity_percentiles(image, *self.percentiles)
+
+    def reset(self) -> None:
+        self.intensity_range = None
+
+    def normalise(self, values: np.ndarray) -> np.ndarray:
+        if self.intensity_range is None:
+            raise RuntimeError("vista3d backbone: call set_image() first (the percentiles are per image)")
+        lo, hi = self.intensity_range
+        return scale_intensity(values, lo, hi)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self.autocast():
+            # VISTA3D.forward's point-only path: the encoder's point branch, no class branch.
+            embedding, _ = self.image_encoder(x, with_point=True, with_label=False)
+        return embedding
+
+    def decode(
+        self, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray]
+    ) -> torch.Tensor:
+        """Point-head logits (*frame) for clicks ``coords`` (N >= 1, 3) frame (z, y, x), ``labels`` (N,)."""
+        if mask is not None:
+            raise ValueError("vista3d backbone: VISTA3D's point head takes no mask prompt")
+        point_coords = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
+        point_labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)[None]
+        with torch.inference_mode(), self.autocast():
+            # class_vector=None: supported-class token, as VISTA3D.forward with no class / prompt_class.
+            logits = self.model.point_head(embedding, point_coords, point_labels, class_vector=None)
+        return logits[0, 0]
+
+    def promptless_logits(self, frame: Sequence[int]) -> Optional[torch.Tensor]:
+        """VISTA3D's "no prompt" value (-9999) everywhere on the (z, y, x) ``frame``, on the CPU."""
+        return torch.full(tuple(int(s) for s in frame), float(getattr(self.model, "NINF_VALUE", -9999)))
