@@ -24,9 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from machine import write_csv  # noqa: E402  (benchmarks/machine.py: scripts run from their folder)
+from machine import write_csv  # benchmarks/machine.py (scripts run from their folder)
 
 COLUMNS = ["date", "machine", "variant", "case", "clicks_kept", "clicks", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6",
            "worst_drop", "drops_over_0.1", "seconds"]

@@ -51,7 +51,6 @@ from typing import Any, Dict, List
 from machine import machine_description, write_csv  # benchmarks/machine.py (scripts run from their folder)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_experts.csv"
 COLUMNS = ["date", "machine", "device", "expert", "model", "input", "attention", "precision", "compiled",

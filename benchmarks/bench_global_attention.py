@@ -21,7 +21,6 @@ import csv
 import datetime as _dt
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, List
@@ -30,10 +29,9 @@ import torch
 
 from machine import cpu_name, machine_description  # benchmarks/machine.py (scripts run from their folder)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dcm.models import build_sam_med3d, load_model_config
 
-from dcm.models import build_sam_med3d, load_model_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_global_attention.csv"
 

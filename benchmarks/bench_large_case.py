@@ -43,7 +43,6 @@ from machine import cpu_name, machine_description  # benchmarks/machine.py (scri
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_large_case.csv"
 COLUMNS = ["date", "machine", "shape", "objects", "settings", "phase", "seconds", "numpy_extra_mb", "extra_x_volume",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -33,10 +32,9 @@ import numpy as np
 
 from machine import machine_description, write_csv  # benchmarks/machine.py (scripts run from their folder)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dcm.metrics import NSD_TOLERANCE_MM, nsd
 
-from dcm.metrics import NSD_TOLERANCE_MM, nsd  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_nsd.csv"
 COLUMNS = ["date", "machine", "shape", "radius_vox", "object_voxels", "crop_s", "whole_s", "speedup", "nsd_crop",

@@ -33,7 +33,6 @@ from typing import Dict, List
 from machine import machine_description, write_csv  # benchmarks/machine.py (scripts run from their folder)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_protocol.csv"
 COLUMNS = ["date", "machine", "config", "shape", "objects", "step", "call_s", "imports_s", "models_s", "read_s",

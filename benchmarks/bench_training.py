@@ -32,7 +32,6 @@ from typing import List
 from machine import machine_description, write_csv  # benchmarks/machine.py (scripts run from their folder)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_training.csv"
 COLUMNS = ["date", "machine", "expert", "config", "procs", "threads_per_proc", "steps", "samples_per_step",

@@ -21,9 +21,6 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dcm.errors import CheckpointError, DCMError  # noqa: E402
 

@@ -14,6 +14,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Two cores in CI: keep torch from oversubscribing them when several workers run.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# The entry points (predict.sh, the training scripts under torchrun, the benchmarks) import the installed dcm
+# package (README: `pip install -e .`). Their subprocesses here import it from this checkout instead: the code
+# under test is then the code they run, whether dcm is installed from this checkout (CI), from another one, or
+# not at all (`python -m pytest` in a clone finds dcm in the current folder, but a subprocess would not).
+_INHERITED_PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + _INHERITED_PYTHONPATH)
+
 
 @pytest.fixture(scope="session")
 def protocol_golden():

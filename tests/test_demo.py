@@ -32,7 +32,7 @@ def test_demo_tiny_run_writes_tables_and_figure(tmp_path, capsys):
 
 
 def test_demo_mri_case_is_skipped_with_one_line_without_nilearn(tmp_path, capsys, monkeypatch):
-    import dcm.demo as demo
+    import dcm.cli.demo as demo  # the defining module: monkeypatching the dcm.demo shim would not reach make_cases
 
     monkeypatch.setattr(demo, "find_mni_files", lambda: None)
     paths = demo.make_cases(tmp_path, 1, 1, (16, 32, 32), ["CT"], mri=True)

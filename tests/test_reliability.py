@@ -632,7 +632,7 @@ def _torchrun_cmd(work_dir: Path, data_dir: Path, *extra: str) -> List[str]:
 
 
 def _torchrun_env() -> Dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
+    return dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def _rank_pids(root: int) -> Dict[int, int]:

@@ -111,7 +111,7 @@ def test_single_process_fit_writes_checkpoints_and_tensorboard(data_dir, tmp_pat
 
 
 def _torchrun(work_dir, data_dir, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
            str(REPO / "train_local_roi" / "train.py"), "--config", str(CONFIG), f"train.work_dir={work_dir}",
            f"data.data_dir={data_dir}", *SMALL, "train.figure_every_epochs=100", *extra]

@@ -28,14 +28,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from dcm.data.cases import Box, atomic_savez, case_from_arrays, load_npz  # noqa: E402
-from dcm.errors import CaseError  # noqa: E402
+from dcm.data.cases import Box, atomic_savez, case_from_arrays, load_npz
+from dcm.errors import CaseError
 
 __all__ = ["preprocess_case", "preprocess_folder", "object_file_name", "main"]
 

@@ -13,15 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from dcm.config import load_config  # noqa: E402
-from dcm.training.global_roi import GlobalRoITrainer  # noqa: E402
+from dcm.config import load_config
+from dcm.training.global_roi import GlobalRoITrainer
 
 
 def main(argv: Optional[List[str]] = None) -> int:

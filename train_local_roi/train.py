@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train DCM's local-RoI expert (VISTA3D) with simulated protocol clicks.
 
-Usage (from a clone, no install needed)::
+Usage (from a clone, with the package installed: ``pip install -e .``)::
 
     torchrun --nproc_per_node=N train_local_roi/train.py --config configs/train_local_roi.yaml [key=value ...]
     python train_local_roi/train.py --config configs/train_local_roi_reduced.yaml train.epochs=2
@@ -15,12 +15,7 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -259,6 +259,40 @@ class InteractiveSession:
         geometry = self.geometry or Geometry(spacing_xyz=tuple(self.spacing_zyx[::-1]))
         return write_nifti(path, self.segs, geometry)
 
+    # -------------------------------------------------------------------------------------- set mask
+    # (added for dcm.serve: a viewer's initial segmentation / lasso fill / erase becomes the previous mask)
+    def set_mask(self, obj: int, mask: np.ndarray) -> np.ndarray:
+        """Make ``mask`` (a (z, y, x) array on the image grid; non-zero = inside) the object's mask, without a
+        model call; returns the object's mask.
+
+        It is what the next interaction of the object refines (the previous mask the experts read); the
+        object's prompts stay. One undo level, written like a prediction: the overlap rule and the clicks rule
+        apply (a positive click of the object stays inside it, another object's click stays outside).
+
+        Raises:
+            CaseError: (a ValueError) ``mask: ...`` when its shape is not the image's.
+        """
+        prompts = self._need_object(obj)
+        mask = np.asarray(mask)
+        if mask.shape != self.image.shape:
+            raise CaseError(None, "mask", f"shape {mask.shape} does not match the image {self.image.shape}")
+        inside = mask != 0
+        touched = inside | (self.segs == obj)
+        fused = None
+        if touched.any():
+            region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(touched))
+            fused = FusedPrediction(region, inside[region].astype(np.float32), complete=True)  # type: ignore[arg-type]
+        promises = {}
+        if self.engine_cfg["honour_clicks"]:
+            promises = promises_of([p for _, p in sorted(self.objects.items())], self.image.shape)
+        write = _Write(obj, prompts, fused, promises)
+        self._log.append(write)
+        self._undoable[obj] = min(self._undoable[obj] + 1, self.max_undo)
+        self._apply(write, self.segs)
+        self._fold()
+        self.last_changed_region = write.region
+        return self.mask(obj)
+
     # -------------------------------------------------------------------------------------- core
     def _interact(self, obj: int, prompts: ObjectPrompts) -> np.ndarray:
         case = Case(name="session", image=self.image, spacing_xyz=tuple(self.spacing_zyx[::-1]),  # type: ignore
