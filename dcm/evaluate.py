@@ -34,11 +34,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.atomic import atomic_path
-from dcm.data.cases import Case, Click, ObjectPrompts, atomic_savez, case_to_arrays, load_case, load_npz
+from dcm.data.cases import Case, atomic_savez, load_case, load_npz, prompts_to_arrays
 from dcm.errors import CaseError, ConfigError, DCMError
 from dcm.engine.clicks import clicks_kept
 from dcm.metrics import case_scores, click_auc
-from dcm.protocol import record_next_clicks
+from dcm.prompts import ObjectPrompts
+from dcm.protocol import next_clicks
 
 __all__ = [
     "NUM_STEPS",
@@ -343,10 +344,10 @@ def evaluate_case(
     in_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     in_file, out_file = in_dir / f"{case.name}.npz", out_dir / f"{case.name}.npz"
-    boxes = [o.box.to_dict() for o in case.objects] if has_boxes else None
-    clicks = [{"fg": [], "bg": []} for _ in labels]
-    clicks_order: List[List[Optional[str]]] = [[] for _ in labels]
-    prompts = [ObjectPrompts(label) for label in labels]  # the same clicks, in order (the clicks-kept check)
+    # What the predictor is given (boxes, then one click per object and step) and what the clicks-kept check
+    # reads; ``clicked[i]``: per click step, whether object i got a click (None in its clicks_order if not).
+    prompts = [ObjectPrompts(label, box=case.objects[label - 1].box if has_boxes else None) for label in labels]
+    clicked: List[List[bool]] = [[] for _ in labels]
     segs = np.zeros(case.shape, dtype=np.uint8)
 
     for step in range(1, NUM_STEPS + 1):
@@ -355,14 +356,13 @@ def evaluate_case(
                 all_segs.append(np.zeros(case.shape, dtype=np.uint8))
             continue
         if step == 1:
-            arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes)
+            arrays = prompts_to_arrays(case.image, case.spacing_xyz, prompts, with_clicks=False)
         else:
-            record_next_clicks(gts, segs, labels, clicks, clicks_order)
-            for obj, fg_bg, order in zip(prompts, clicks, clicks_order):
-                if order[-1] is not None:
-                    obj.clicks.append(Click(tuple(fg_bg[order[-1]][-1]), order[-1] == "fg"))
-            arrays = case_to_arrays(case.image, case.spacing_xyz, boxes=boxes, clicks=clicks,
-                                    clicks_order=clicks_order, prev_pred=segs)
+            for obj, given, click in zip(prompts, clicked, next_clicks(gts, segs, labels)):
+                given.append(click is not None)
+                if click is not None:
+                    obj.clicks.append(click)
+            arrays = prompts_to_arrays(case.image, case.spacing_xyz, prompts, clicked=clicked, prev_pred=segs)
             arrays["prev_pred"] = segs  # as the predictor wrote it (a uint8 cast would wrap labels > 255)
         atomic_savez(in_file, compress=False, **arrays)
         # A stale output of the previous step must not be mistaken for this step's answer.

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dcm.prompts import ZYX, Click
+
 __all__ = [
     "EDT_DOWNSAMPLE_VOXELS",
     "boxes_from_labels",
@@ -27,8 +29,6 @@ CLICK_SEED = 42
 BOX_SEED = 2025
 #: the box's x / y margin is ``randint(0, BOX_MAX_SHIFT)`` voxels at 256 pixels, scaled to the image size.
 BOX_MAX_SHIFT = 6
-
-ZYX = Tuple[int, int, int]
 
 
 def _bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
@@ -143,7 +143,7 @@ def _component_edt(component: np.ndarray) -> Tuple[np.ndarray, Tuple[slice, ...]
     return distances[inner], box
 
 
-def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray) -> Optional[Tuple[ZYX, str]]:
+def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray) -> Optional[Click]:
     """The organisers' next click for one object.
 
     Args:
@@ -151,9 +151,10 @@ def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray) -> Optional[Tuple[ZYX
         pred_mask: (z, y, x) binary prediction of the object.
 
     Returns:
-        ``((z, y, x), "fg" | "bg")``: the voxel of the largest 26-connected error component farthest from its
-        boundary (voxel units), ties broken by ``np.random.seed(42)`` choice among C-ordered candidates;
-        ``"fg"`` when the ground truth is the object there. None when prediction equals ground truth.
+        The :class:`~dcm.prompts.Click` at the voxel ``(z, y, x)`` of the largest 26-connected error component
+        farthest from its boundary (voxel units), ties broken by ``np.random.seed(42)`` choice among C-ordered
+        candidates; positive (``'fg'``) when the ground truth is the object there. None when prediction equals
+        ground truth.
     """
     gt_mask = np.asarray(gt_mask, dtype=bool)
     pred_mask = np.asarray(pred_mask, dtype=bool)
@@ -175,11 +176,11 @@ def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray) -> Optional[Tuple[ZYX
         edt_box = component_box
     candidates = np.argwhere(edt_box == edt_box.max())
     pick = candidates[np.random.RandomState(CLICK_SEED).choice(len(candidates))]
-    zyx = tuple(int(p + b.start + r.start) for p, b, r in zip(pick, box, region))
-    return zyx, ("fg" if gt_mask[zyx] else "bg")  # type: ignore[return-value]
+    zyx: ZYX = tuple(int(p + b.start + r.start) for p, b, r in zip(pick, box, region))  # type: ignore[assignment]
+    return Click(zyx, bool(gt_mask[zyx]))
 
 
-def next_clicks(gts: np.ndarray, segs: np.ndarray, labels: Sequence[int]) -> List[Optional[Tuple[ZYX, str]]]:
+def next_clicks(gts: np.ndarray, segs: np.ndarray, labels: Sequence[int]) -> List[Optional[Click]]:
     """:func:`next_click` for each label of a multi-object case (None where the object is perfect)."""
     return [next_click(gts == label, segs == label) for label in labels]
 
@@ -191,15 +192,16 @@ def record_next_clicks(
     clicks: List[Dict[str, List[List[int]]]],
     clicks_order: List[List[Optional[str]]],
 ) -> None:
-    """One click step of the protocol: append each object's next click to the case's click lists.
+    """One click step of the protocol on the case file's own click lists (tools writing case files by hand).
 
     ``clicks[i]`` (``{'fg': [...], 'bg': [...]}``) and ``clicks_order[i]`` belong to ``labels[i]``; an object
-    that is already perfect gets no click and ``None`` in its order, as the organisers write it.
+    that is already perfect gets no click and ``None`` in its order, as the organisers write it. The evaluator
+    keeps :class:`~dcm.prompts.ObjectPrompts` instead and writes them with
+    :func:`dcm.data.cases.prompts_to_arrays`.
     """
     for i, click in enumerate(next_clicks(gts, segs, labels)):
         if click is None:
             clicks_order[i].append(None)
         else:
-            zyx, kind = click
-            clicks[i][kind].append(list(zyx))
-            clicks_order[i].append(kind)
+            clicks[i][click.kind].append(list(click.zyx))
+            clicks_order[i].append(click.kind)

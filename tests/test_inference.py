@@ -77,7 +77,7 @@ def test_many_objects_stay_inside_the_budget(reduced):
 
     clicks = []
     for label in range(1, int(gts.max()) + 1):
-        (zyx, _) = next_click(gts == label, np.zeros_like(gts, bool))
+        zyx = next_click(gts == label, np.zeros_like(gts, bool)).zyx
         clicks.append({"fg": [list(zyx)], "bg": []})
     arrays = dict(arrays, clicks=np.array(clicks, dtype=object), prev_pred=np.zeros_like(gts, np.uint8))
     case = case_from_arrays(arrays, name="Microscopy_many")

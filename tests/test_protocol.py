@@ -19,7 +19,7 @@ def test_next_click_matches_organisers(protocol_golden):
             if expected is None:
                 assert g is None, case["name"]
             else:
-                assert g == (tuple(expected["zyx"]), expected["kind"]), case["name"]
+                assert (g.zyx, g.kind) == (tuple(expected["zyx"]), expected["kind"]), case["name"]
             n += 1
     assert n == 11
 
@@ -54,7 +54,8 @@ def test_no_error_gives_none_and_crop_is_invisible():
     assert next_click(gt, gt) is None
     pred = gt.copy()
     pred[8:12, 15:25, 12:20] = False
-    (z, y, x), kind = next_click(gt, pred)
+    click = next_click(gt, pred)
+    (z, y, x), kind = click.zyx, click.kind
     assert kind == "fg" and gt[z, y, x] and not pred[z, y, x]
 
 
@@ -63,8 +64,8 @@ def test_border_is_not_boundary():
     # point of a slab lying on the border is on the border itself.
     gt = np.zeros((10, 10, 10), bool)
     gt[0:3] = True
-    (z, _, _), kind = next_click(gt, np.zeros_like(gt))
-    assert kind == "fg" and z == 1
+    click = next_click(gt, np.zeros_like(gt))
+    assert click.positive and click.zyx[0] == 1
 
 
 def test_downsampled_edt_path(monkeypatch):
@@ -73,9 +74,9 @@ def test_downsampled_edt_path(monkeypatch):
     exact = next_click(gt, np.zeros_like(gt))
     monkeypatch.setattr(protocol, "EDT_DOWNSAMPLE_VOXELS", 100)
     coarse = next_click(gt, np.zeros_like(gt))
-    assert coarse[1] == "fg" and exact[1] == "fg"
+    assert coarse.positive and exact.positive
     # The pooled EDT is coarser (a flatter plateau) but its maximum stays deep inside the object.
-    z, y, x = coarse[0]
+    z, y, x = coarse.zyx
     assert gt[z - 3:z + 4, y - 3:y + 4, x - 3:x + 4].all()
 
 

@@ -59,10 +59,10 @@ def test_corrective_clicks_follow_the_current_prediction(data_dir, tmp_path):
     moved = 0
     for k, object_clicks in enumerate(clicks):
         assert len(object_clicks) == 5
-        assert object_clicks[0] == (next_click(gts[k], np.zeros_like(gts[k]))[0], 1)  # first click: the protocol's
+        assert object_clicks[0] == (next_click(gts[k], np.zeros_like(gts[k])).zyx, 1)  # first click: the protocol's
         for step in range(1, 5):
             expected = next_click(gts[k], preds[step - 1][k])  # from the prediction of the step before
-            want = ((0, 0, 0), -1) if expected is None else (expected[0], 1 if expected[1] == "fg" else 0)
+            want = ((0, 0, 0), -1) if expected is None else (expected.zyx, 1 if expected.positive else 0)
             assert object_clicks[step] == want
         moved += len({zyx for zyx, _ in object_clicks}) > 2
     assert moved >= 1  # not one point repeated (the released bug)

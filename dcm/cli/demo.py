@@ -219,7 +219,8 @@ def _clicks(gt_mask: np.ndarray, step_segs: np.ndarray, label: int) -> List[Opti
     evaluator computed them (click of step s from the output of step s - 1)."""
     from dcm.protocol import next_click
 
-    return [next_click(gt_mask, step_segs[s - 2] == label) for s in range(2, 7)]
+    return [None if c is None else (c.zyx, c.kind) for c in (next_click(gt_mask, step_segs[s - 2] == label)
+                                                              for s in range(2, 7))]
 
 
 def _pick_objects(cases_dir: Path, max_objects: int) -> List[Tuple[Path, int]]:

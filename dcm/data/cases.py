@@ -11,6 +11,10 @@ The challenge file has these keys (see README, "Case format"): ``imgs`` (D, H, W
 optional ``gts``, optional ``boxes`` (list of dicts), and at click steps ``clicks`` (list of
 ``{'fg': [[z, y, x], ...], 'bg': [...]}``), ``clicks_order`` (per object ``'fg'`` / ``'bg'`` / ``None``
 per step) and ``prev_pred`` (D, H, W) uint8.
+
+The prompt types (:class:`Box`, :class:`Click`, :class:`ObjectPrompts`, :data:`BOX_KEYS`, :func:`parse_voxel`)
+live in :mod:`dcm.prompts` and are re-exported here. :func:`case_from_arrays` reads a case's prompts into
+:class:`ObjectPrompts`; :func:`prompts_to_arrays` writes them back in the challenge's layout.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from dcm.atomic import atomic_path
 from dcm.errors import CaseError
+from dcm.prompts import BOX_KEYS, ZYX, Box, Click, ObjectPrompts, parse_voxel
 from dcm.safe_pickle import unpickle_plain
 
 __all__ = [
@@ -43,122 +48,13 @@ __all__ = [
     "atomic_savez",
     "save_segmentation",
     "case_to_arrays",
+    "prompts_to_arrays",
 ]
 
-BOX_KEYS = ("z_min", "z_max", "z_mid", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
 #: ``segs`` is uint8 with label ``i + 1`` for object ``i``.
 MAX_OBJECTS = 255
 
 PathLike = Union[str, os.PathLike]
-ZYX = Tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class Box:
-    """The challenge box of one object (all bounds inclusive voxel indices).
-
-    ``z_min`` / ``z_max`` are the object's extreme slices; the y / x extent is the 2D box drawn on slice
-    ``z_mid`` only (the organisers' rule), so it may not cover the object on other slices.
-    """
-
-    z_min: int
-    z_max: int
-    z_mid: int
-    z_mid_x_min: int
-    z_mid_y_min: int
-    z_mid_x_max: int
-    z_mid_y_max: int
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Box":
-        missing = [k for k in BOX_KEYS if k not in d]
-        if missing:
-            raise ValueError(f"missing keys {missing}")
-        values = {}
-        for k in BOX_KEYS:
-            v = d[k]
-            try:
-                fv = float(v)
-            except (TypeError, ValueError):
-                raise ValueError(f"{k}={v!r} is not a number") from None
-            if not np.isfinite(fv) or fv != int(fv):
-                raise ValueError(f"{k}={v!r} is not an integer")
-            values[k] = int(fv)
-        return cls(**values)
-
-    def to_dict(self) -> Dict[str, int]:
-        return {k: int(getattr(self, k)) for k in BOX_KEYS}
-
-    @property
-    def bounds_zyx(self) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
-        """``((z_min, z_max), (y_min, y_max), (x_min, x_max))``, inclusive."""
-        return (
-            (self.z_min, self.z_max),
-            (self.z_mid_y_min, self.z_mid_y_max),
-            (self.z_mid_x_min, self.z_mid_x_max),
-        )
-
-    @property
-    def center_zyx(self) -> Tuple[float, float, float]:
-        """Mean of min and max per axis, ``(z, y, x)`` (may be a half-integer)."""
-        return tuple((lo + hi) / 2.0 for lo, hi in self.bounds_zyx)  # type: ignore[return-value]
-
-    def problem(self, shape: Sequence[int]) -> Optional[str]:
-        """A one-line description of what is wrong with the box for a volume of ``shape``, or None."""
-        for (lo, hi), n, axis in zip(self.bounds_zyx, shape, "zyx"):
-            if lo > hi:
-                return f"inverted along {axis} ({lo} > {hi})"
-            if lo < 0 or hi >= n:
-                return f"{axis} range [{lo}, {hi}] outside the image (size {n})"
-        if not self.z_min <= self.z_mid <= self.z_max:
-            return f"z_mid={self.z_mid} outside [z_min, z_max]=[{self.z_min}, {self.z_max}]"
-        return None
-
-
-@dataclass(frozen=True)
-class Click:
-    """One click: voxel ``(z, y, x)`` and whether it is a foreground (positive) click."""
-
-    zyx: ZYX
-    positive: bool
-
-    @property
-    def kind(self) -> str:
-        return "fg" if self.positive else "bg"
-
-
-@dataclass
-class ObjectPrompts:
-    """Everything the user gave for one object.
-
-    Attributes:
-        label: the object's label in ``segs`` (object index + 1).
-        box: its box, or None (no-box cases).
-        clicks: all clicks in the order they were given.
-        problem: a one-line reason when this object's prompts are unusable (the object then keeps its
-            previous mask), else None.
-    """
-
-    label: int
-    box: Optional[Box] = None
-    clicks: List[Click] = field(default_factory=list)
-    problem: Optional[str] = None
-
-    @property
-    def fg_clicks(self) -> List[ZYX]:
-        return [c.zyx for c in self.clicks if c.positive]
-
-    @property
-    def bg_clicks(self) -> List[ZYX]:
-        return [c.zyx for c in self.clicks if not c.positive]
-
-    @property
-    def last_click(self) -> Optional[Click]:
-        return self.clicks[-1] if self.clicks else None
-
-    @property
-    def has_prompt(self) -> bool:
-        return self.box is not None or bool(self.clicks)
 
 
 @dataclass
@@ -372,26 +268,6 @@ def validate_spacing(spacing: Any, where: Optional[PathLike] = None, field_name:
     if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise CaseError(where, field_name, f"values must be finite and > 0, got {sp.tolist()}")
     return tuple(float(s) for s in sp)  # type: ignore[return-value]
-
-
-def parse_voxel(p: Any, shape: Sequence[int], what: str = "click") -> ZYX:
-    """An integer (z, y, x) voxel index inside ``shape``.
-
-    Raises:
-        ValueError: not 3 coordinates, not integers, or outside the image (one line).
-    """
-    try:
-        arr = np.asarray(p, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} {p!r} is not 3 numbers (z, y, x)") from None
-    if arr.size != 3:
-        raise ValueError(f"{what} {p!r} must have 3 coordinates (z, y, x)")
-    if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-        raise ValueError(f"{what} {arr.tolist()} is not an integer voxel index")
-    zyx = tuple(int(v) for v in arr)
-    if any(c < 0 or c >= n for c, n in zip(zyx, shape)):
-        raise ValueError(f"{what} {list(zyx)} outside the image of shape {tuple(shape)}")
-    return zyx  # type: ignore[return-value]
 
 
 def _order_rows(clicks_order: Any, n: int) -> List[List[Optional[str]]]:
@@ -668,3 +544,64 @@ def case_to_arrays(
     if prev_pred is not None:
         out["prev_pred"] = np.asarray(prev_pred, dtype=np.uint8)
     return out
+
+
+def prompts_to_arrays(
+    image: np.ndarray,
+    spacing_xyz: Sequence[float],
+    objects: Sequence[ObjectPrompts],
+    with_clicks: bool = True,
+    clicked: Optional[Sequence[Sequence[bool]]] = None,
+    prev_pred: Optional[np.ndarray] = None,
+    gts: Optional[np.ndarray] = None,
+) -> Dict[str, Any]:
+    """The arrays of a challenge case file holding ``objects``' prompts: the mirror of :func:`case_from_arrays`.
+
+    ``case_from_arrays(prompts_to_arrays(image, spacing_xyz, objects, ...)).objects == objects`` for objects
+    labelled ``1..N`` in order, without ``problem``, whose clicks lie inside the image.
+
+    Args:
+        image: (z, y, x) intensities (``imgs``).
+        spacing_xyz: the spacing as the challenge stores it, (x, y, z).
+        objects: one per object, label order (object ``i`` is label ``i + 1``). ``boxes`` is written when
+            any object has a box (then every object must have one).
+        with_clicks: write ``clicks`` and ``clicks_order`` (a click step; the box step has neither).
+        clicked: per object, one entry per click step so far: whether that step gave the object a click
+            (False: it was already perfect; the organisers write None in its ``clicks_order``). The True
+            entries take the object's clicks in order, so each row must hold ``len(obj.clicks)`` of them.
+            Default: one step per click.
+        prev_pred: (z, y, x) previous output (written as uint8), or None.
+        gts: (z, y, x) ground truth, or None.
+
+    Returns:
+        What :func:`case_to_arrays` returns for the same case: ``boxes`` / ``clicks`` object arrays of dicts,
+        ``clicks_order`` a ``<U2`` or object array.
+
+    Raises:
+        ValueError: only some objects have a box, or a row of ``clicked`` disagrees with its object's clicks.
+    """
+    boxes: Optional[List[Dict[str, int]]] = None
+    with_box = [o.box is not None for o in objects]
+    if any(with_box):
+        if not all(with_box):
+            raise ValueError(f"objects {[o.label for o, b in zip(objects, with_box) if not b]} have no box while "
+                             f"others have one: a case file has boxes for every object or for none")
+        boxes = [o.box.to_dict() for o in objects]  # type: ignore[union-attr]
+    clicks: Optional[List[Dict[str, List[List[int]]]]] = None
+    clicks_order: Optional[List[List[Optional[str]]]] = None
+    if with_clicks:
+        clicks = [{"fg": [list(zyx) for zyx in o.fg_clicks], "bg": [list(zyx) for zyx in o.bg_clicks]}
+                  for o in objects]
+        if clicked is None:
+            clicked = [[True] * len(o.clicks) for o in objects]
+        if len(clicked) != len(objects):
+            raise ValueError(f"clicked has {len(clicked)} rows for {len(objects)} objects")
+        clicks_order = []
+        for obj, steps in zip(objects, clicked):
+            if sum(bool(s) for s in steps) != len(obj.clicks):
+                raise ValueError(f"object {obj.label}: {sum(bool(s) for s in steps)} click steps for "
+                                 f"{len(obj.clicks)} clicks")
+            given = iter(obj.clicks)
+            clicks_order.append([next(given).kind if s else None for s in steps])
+    return case_to_arrays(image, spacing_xyz, boxes=boxes, clicks=clicks, clicks_order=clicks_order,
+                          prev_pred=prev_pred, gts=gts)

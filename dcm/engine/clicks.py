@@ -41,9 +41,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dcm.data.cases import ObjectPrompts
 from dcm.engine.fusion import FusedPrediction, component_at, union_region, within
 from dcm.experts.base import RoISlices as Region
+from dcm.prompts import ZYX, ObjectPrompts
 
 __all__ = [
     "CORRECTION_METHODS",
@@ -114,7 +114,7 @@ def promises_of(objects: Sequence[ObjectPrompts], shape: Sequence[int]) -> Dict[
     taken: set = set()
     promises: Dict[int, ClickPromise] = {}
     for obj in objects:
-        owner: Dict[Tuple[int, int, int], Tuple[bool, int]] = {}
+        owner: Dict[ZYX, Tuple[bool, int]] = {}
         for index, click in enumerate(obj.clicks):
             for v in click_neighbourhood(click.zyx, shape):
                 owner[(int(v[0]), int(v[1]), int(v[2]))] = (bool(click.positive), index)

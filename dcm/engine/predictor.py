@@ -37,13 +37,14 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from dcm.data.cases import Case, Click, ObjectPrompts
+from dcm.data.cases import Case
 from dcm.engine.clicks import CORRECTION_DEFAULTS, ClickPromise, ClickProtection, check_click_correction, \
     honour_clicks, promises_of
 from dcm.engine.fusion import FUSION_RULES, OVERLAP_RULES, FusedPrediction, LabelWriter, click_margins, fuse_predictions
 from dcm.engine.policies import GLOBAL, LOCAL, POLICIES, route
 from dcm.errors import ConfigError, DCMError
 from dcm.experts.base import Expert, RoIPrediction
+from dcm.prompts import ObjectPrompts, box_center_click
 
 __all__ = ["ENGINE_DEFAULTS", "CallBudget", "DCMPredictor", "check_engine_config", "predict_object"]
 
@@ -166,11 +167,11 @@ class CallBudget:
 
 
 def _local_view(obj: ObjectPrompts) -> ObjectPrompts:
-    """At the box step the local expert has no click to centre on: it takes the box centre as one."""
+    """At the box step the local expert has no click to centre on: it takes the box centre as one
+    (:func:`dcm.prompts.box_center_click`)."""
     if obj.clicks or obj.box is None:
         return obj
-    center = tuple(int(c) for c in obj.box.center_zyx)  # floor of the half-integer centre
-    return replace(obj, clicks=[Click(center, True)])  # type: ignore[arg-type]
+    return replace(obj, clicks=[box_center_click(obj.box)])
 
 
 def predict_object(

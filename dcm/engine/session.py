@@ -21,12 +21,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from dcm.data.cases import BOX_KEYS, MAX_OBJECTS, Box, Case, Click, ObjectPrompts, parse_voxel, validate_image, validate_spacing
+from dcm.data.cases import MAX_OBJECTS, Case, validate_image, validate_spacing
 from dcm.engine.clicks import ClickPromise, ClickProtection, promises_of
 from dcm.engine.fusion import FusedPrediction, LabelWriter
 from dcm.engine.predictor import check_engine_config, predict_object
 from dcm.errors import CaseError
 from dcm.experts.base import Expert
+from dcm.prompts import BOX_KEYS, Box, Click, ObjectPrompts, parse_voxel
 
 __all__ = ["InteractiveSession"]
 

@@ -5,6 +5,10 @@ the interaction loops only sees the whole mask, where a click's few voxels weigh
 (``train.click_loss_weight``, ``train.click_loss_radius``) adds a binary cross-entropy on the voxels within
 ``radius`` of every click: target 1 around positive clicks, 0 around negative ones.
 
+The trainers carry clicks as :data:`ClickT` ``((z, y, x), label)`` pairs (label 1 fg, 0 bg, -1 padding) and
+hand them to the models as tensors; :func:`click_to_t` / :func:`click_from_t` are the one conversion between
+that form and :class:`dcm.prompts.Click` (None: no click), :func:`click_tensors` builds the model input.
+
 A click is *honoured* by a mask (the engine's promise, :mod:`dcm.engine.clicks`) when its voxel and the 6
 face neighbours of it inside the volume are in the mask (positive click) or all outside it (negative).
 Coordinates are (z, y, x) voxel indices.
@@ -12,15 +16,61 @@ Coordinates are (z, y, x) voxel indices.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dcm.errors import ConfigError
+from dcm.prompts import ZYX, Click
 
-__all__ = ["ClickLoss", "ball_offsets", "click_loss", "clicks_honoured"]
+__all__ = [
+    "ClickT",
+    "PADDING_LABEL",
+    "PADDING_CLICK",
+    "click_to_t",
+    "click_from_t",
+    "click_tensors",
+    "ClickLoss",
+    "ball_offsets",
+    "click_loss",
+    "clicks_honoured",
+]
+
+#: One click as the trainers carry it: ((z, y, x) voxel, label) with label 1 fg, 0 bg, -1 padding.
+ClickT = Tuple[ZYX, int]
+#: The label of a padding click ("not a point"): the point heads and the click loss ignore it.
+PADDING_LABEL = -1
+#: What stands for "no click" where every object needs the same number of clicks (a perfect object).
+PADDING_CLICK: ClickT = ((0, 0, 0), PADDING_LABEL)
+
+
+def click_to_t(click: Optional[Click]) -> ClickT:
+    """The trainers' form of a click: ``((z, y, x), 1 | 0)``; None (no click) gives :data:`PADDING_CLICK`."""
+    if click is None:
+        return PADDING_CLICK
+    return click.zyx, 1 if click.positive else 0
+
+
+def click_from_t(click: ClickT) -> Optional[Click]:
+    """The :class:`~dcm.prompts.Click` of a trainer click (label 1 positive, 0 negative); None for padding
+    (label < 0). Coordinates become Python ints (z, y, x)."""
+    zyx, label = click
+    if int(label) < 0:
+        return None
+    return Click(tuple(int(c) for c in zyx), int(label) == 1)  # type: ignore[arg-type]
+
+
+def click_tensors(clicks: Sequence[Sequence[ClickT]], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The point-head input of K objects with N clicks each (pad with :data:`PADDING_CLICK`).
+
+    Returns:
+        ``coords`` (K, N, 3) float32 (z, y, x) voxels and ``labels`` (K, N) int64 (1 fg, 0 bg, -1 padding).
+    """
+    coords = torch.tensor([[list(zyx) for zyx, _ in obj] for obj in clicks], dtype=torch.float32, device=device)
+    labels = torch.tensor([[lab for _, lab in obj] for obj in clicks], dtype=torch.long, device=device)
+    return coords, labels
 
 
 def ball_offsets(radius: float, device: torch.device = torch.device("cpu")) -> torch.Tensor:

@@ -39,6 +39,7 @@ from torch import nn
 from dcm.config import get
 from dcm.errors import ConfigError
 from dcm.models import SamMed3D, build_sam_med3d, load_model_config
+from dcm.prompts import box_center_in_frame
 from dcm.training.clicks import ClickLoss
 from dcm.training.trainer import EpochAwareDataset, Trainer, sample_seed, warmup_multistep
 
@@ -401,7 +402,9 @@ def run_interaction(sam: SamMed3D, image: torch.Tensor, gt: torch.Tensor, genera
     stride = size // mask_side
 
     embedding = sam.image_encoder(image)
-    coords = torch.full((b, 1, 3), float(size // 2 - 1), device=image.device)
+    # The box-centre click: the crop is the RoI around the box centre (dcm.prompts.box_center_in_frame).
+    center = [float(c) for c in box_center_in_frame(size)]
+    coords = torch.tensor([[center]], device=image.device).repeat(b, 1, 1)
     labels = torch.ones((b, 1), dtype=torch.long, device=image.device)
     mask_prompt = torch.zeros((b, 1) + tuple(sam.prompt_encoder.mask_input_size), device=image.device)
     logits = _decode(sam, embedding, coords, labels, mask_prompt, size)
@@ -476,7 +479,7 @@ def interaction_figure(image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor
     from matplotlib.figure import Figure
 
     size = image.shape[0]
-    z = size // 2 - 1 if z is None else int(z)
+    z = box_center_in_frame(size)[0] if z is None else int(z)
     img = image[z].float().cpu().numpy()
     fig = Figure(figsize=(9, 3.2))
     FigureCanvasAgg(fig)

@@ -42,8 +42,9 @@ from torch import nn
 from dcm.config import get
 from dcm.errors import CaseError, CheckpointError, ConfigError
 from dcm.experts.local_roi import LocalRoIExpert, as_zyx, intensity_percentiles, scale_intensity
+from dcm.prompts import ZYX, Click
 from dcm.protocol import next_click
-from dcm.training.clicks import ClickLoss
+from dcm.training.clicks import ClickLoss, ClickT, click_tensors, click_to_t
 from dcm.training.trainer import EpochAwareDataset, Trainer, sample_seed, warmup_cosine
 
 __all__ = [
@@ -57,10 +58,6 @@ __all__ = [
     "InteractiveVISTA3D",
     "LocalRoITrainer",
 ]
-
-ZYX = Tuple[int, int, int]
-#: One click: ((z, y, x) patch voxel, label) with label 1 fg, 0 bg, -1 padding ("not a point").
-ClickT = Tuple[ZYX, int]
 
 #: Parameters that point-only training never uses: the class head, the encoder's label ("auto") decoder
 #: branch and the point-head tensors that only class prompts / mask prompts would reach. Frozen with
@@ -347,13 +344,6 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * float(np.logical_and(pred, gt).sum()) / denom
 
 
-def _click_tensors(clicks: Sequence[Sequence[ClickT]], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(coords (K, N, 3) float32 (z, y, x), labels (K, N) int64) of K objects with N clicks each."""
-    coords = torch.tensor([[list(zyx) for zyx, _ in obj] for obj in clicks], dtype=torch.float32, device=device)
-    labels = torch.tensor([[lab for _, lab in obj] for obj in clicks], dtype=torch.long, device=device)
-    return coords, labels
-
-
 def split_steps(num_steps: int, parts: int) -> List[Tuple[int, int]]:
     """``num_steps`` click steps cut into ``parts`` consecutive ``(start, stop)`` ranges, the longer first.
 
@@ -449,7 +439,7 @@ class InteractiveVISTA3D(nn.Module):
             gt, clicks = record["gts"], record["clicks"]
             step_losses: List[torch.Tensor] = []
             for step in range(start, stop):
-                coords, labels = _click_tensors(clicks, images.device)
+                coords, labels = click_tensors(clicks, images.device)
                 logits = self.point_head(embeddings[b:b + 1], coords, labels, class_vector=None)  # (K, 1, Z, Y, X)
                 term = self.loss_fn(logits.float(), target.float())
                 extra = self.click_loss(logits, coords, labels)
@@ -462,9 +452,8 @@ class InteractiveVISTA3D(nn.Module):
                 if step == self.num_clicks:
                     break
                 for k in range(len(clicks)):
-                    click = next_click(gt[k], pred[k])
-                    # A perfect object gets a padding point ("not a point") so all K keep N clicks.
-                    clicks[k].append(((0, 0, 0), -1) if click is None else (click[0], 1 if click[1] == "fg" else 0))
+                    # A perfect object (no click) gets a padding point ("not a point") so all K keep N clicks.
+                    clicks[k].append(click_to_t(next_click(gt[k], pred[k])))
             stacked = torch.stack(step_losses)
             patch_losses.append(stacked.mean() if self.step_loss == "mean" else stacked.sum())
             record["dice"] = [_dice(p, g) for p, g in zip(pred, gt)]
@@ -571,13 +560,15 @@ class LocalRoITrainer(Trainer):
         """
         if not mask.any():
             flat = int(torch.randint(mask.size, (1,), generator=generator))
-            return tuple(int(v) for v in np.unravel_index(flat, mask.shape)), 0  # type: ignore[return-value]
+            zyx: ZYX = tuple(int(v) for v in np.unravel_index(flat, mask.shape))  # type: ignore[assignment]
+            return click_to_t(Click(zyx, False))
         if self.icfg["first_click"] == "protocol":
-            zyx, _ = next_click(mask, np.zeros_like(mask))  # type: ignore[misc]
-            return zyx, 1
+            # The object's innermost voxel: the protocol's click on an empty prediction (always positive).
+            return click_to_t(next_click(mask, np.zeros_like(mask)))
         voxels = np.flatnonzero(mask)
         flat = int(voxels[int(torch.randint(len(voxels), (1,), generator=generator))])
-        return tuple(int(v) for v in np.unravel_index(flat, mask.shape)), 1  # type: ignore[return-value]
+        zyx = tuple(int(v) for v in np.unravel_index(flat, mask.shape))  # type: ignore[assignment]
+        return click_to_t(Click(zyx, True))
 
     def training_step(self, model: nn.Module, batch: List[Dict[str, Any]],
                       generator: torch.Generator) -> Dict[str, Any]:
