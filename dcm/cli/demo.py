@@ -28,7 +28,7 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -223,13 +223,20 @@ def _clicks(gt_mask: np.ndarray, step_segs: np.ndarray, label: int) -> List[Opti
                                                               for s in range(2, 7))]
 
 
-def _pick_objects(cases_dir: Path, max_objects: int) -> List[Tuple[Path, int]]:
-    """One object per kind of case (modality; the real MRI apart): the largest object of the first case."""
+def _demo_kind(path: Path) -> str:
+    """The demo's kinds of case: the modality, the real MRI apart."""
     from dcm.data.cases import modality_of
 
+    return "MR (MNI152)" if "_mni" in path.stem else modality_of(path.stem)
+
+
+def _pick_objects(cases_dir: Path, max_objects: int,
+                  kind_of: Callable[[Path], str] = _demo_kind) -> List[Tuple[Path, int]]:
+    """One object per kind of case (``kind_of``; default the modality, the real MRI apart): the largest object
+    of the first case of each kind."""
     picked: Dict[str, Tuple[Path, int]] = {}
     for path in sorted(cases_dir.glob("*.npz")):
-        kind = "MR (MNI152)" if "_mni" in path.stem else modality_of(path.stem)
+        kind = kind_of(path)
         if kind in picked:
             continue
         with np.load(path) as f:  # gts is a plain array: no unpickling needed
@@ -243,9 +250,10 @@ def _pick_objects(cases_dir: Path, max_objects: int) -> List[Tuple[Path, int]]:
 
 
 def make_figure(results: Dict[str, Dict[str, Any]], cases_dir: Path, out_dir: Path, figure: Path,
-                policy: str = "dual", max_objects: int = 6) -> Path:
-    """Rows of panels (image | ground truth | ``policy`` after steps 1, 3, 6 with its clicks) for a few
-    objects, and the mean DSC per step of every policy."""
+                policy: str = "dual", max_objects: int = 6, kind_of: Callable[[Path], str] = _demo_kind,
+                suptitle: str = "DCM demo (bundled small weights): axial slice through each object's last click") -> Path:
+    """Rows of panels (image | ground truth | ``policy`` after steps 1, 3, 6 with its clicks) for one object
+    per kind of case (``kind_of``), and the mean DSC per step of every policy in ``results``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,7 +264,7 @@ def make_figure(results: Dict[str, Dict[str, Any]], cases_dir: Path, out_dir: Pa
     from dcm.data.cases import load_case
     from dcm.metrics import dice
 
-    objects = _pick_objects(cases_dir, max_objects)
+    objects = _pick_objects(cases_dir, max_objects, kind_of)
     n = len(objects)
     steps_shown = (1, 3, 6)
     height = 2.5 * n + 3.6
@@ -323,7 +331,10 @@ def make_figure(results: Dict[str, Dict[str, Any]], cases_dir: Path, out_dir: Pa
             ax.set_yticks([])
             ax.set_title(title, fontsize=9)
             if col == 0:
-                kind = "MR (real, MNI152)" if "_mni" in path.stem else path.stem.split("_")[0]
+                if kind_of is _demo_kind:
+                    kind = "MR (real, MNI152)" if "_mni" in path.stem else path.stem.split("_")[0]
+                else:
+                    kind = kind_of(path)
                 ax.set_ylabel(f"{kind}\n{path.stem}\nobject {label}, z = {z}", fontsize=7.5)
     ax = fig.add_subplot(grid[n, 1:4])
     styles = {"dual": ("tab:orange", "o", "DCM (dual)"), "global_only": ("tab:blue", "s", "global expert only"),
@@ -347,8 +358,7 @@ def make_figure(results: Dict[str, Dict[str, Any]], cases_dir: Path, out_dir: Pa
                Line2D([], [], marker="o", color="red", ls="none", label="bg click")]
     fig.legend(handles=handles, loc="upper center", ncol=5, fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 1.0 - 0.3 / height))
-    fig.suptitle("DCM demo (bundled small weights): axial slice through each object's last click",
-                 y=1.0, fontsize=11)
+    fig.suptitle(suptitle, y=1.0, fontsize=11)
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=110, bbox_inches="tight")
     plt.close(fig)
