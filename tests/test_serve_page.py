@@ -13,9 +13,7 @@ under ``CI=true``. ``python tests/test_serve_page.py --screenshot figs/viewer.pn
 from __future__ import annotations
 
 import gzip
-import io
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -371,6 +369,7 @@ def test_browser_box_clicks_undo_objects_download(server, browser, tmp_path):
     assert [p["kind"] for p in page.prompts()] == ["box"]
     page.click("coronal", (zm + 2, 16, 16))
     page.click("sagittal", (zm, 2, 60), how="right")
+    assert page.prompts()[1]["voxel"] == [zm + 2, 16, 16]  # scrolling moved the cursor, not the point
     assert [(p["kind"], p.get("positive")) for p in page.prompts()] == [("box", None), ("point", True),
                                                                          ("point", False)]
     before = page.voxels()[1]
@@ -425,31 +424,30 @@ def _mni_crop(path: Path) -> Path:
     return path
 
 
+#: the figure's prompts on the 2 mm MNI crop, (z, y, x) = (S, A, R) voxels: a box around the patient's left
+#: lateral ventricle on an axial slice, a positive click in its posterior part and a negative one beside it
+FIG_BOX = ((45, 30, 21), (45, 63, 35))
+FIG_CLICKS = (("axial", (45, 38, 27), "left"), ("axial", (45, 50, 23), "right"))
+
+
 def make_screenshot(out: Path) -> None:
-    """Open the MNI crop, box the left lateral ventricle... on an axial slice, two clicks, save the page."""
+    """The README figure: the MNI crop, :data:`FIG_BOX` and :data:`FIG_CLICKS`."""
     import tempfile
 
     from dcm.serve import session_factory
 
     server = _Server(session_factory("dcm_small"))
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        driver = _start_browser(tmp, size=(1500, 640))
+        driver = _start_browser(Path(tmp), size=(1500, 840))
         try:
-            image = _mni_crop(tmp / "mni152_2mm.nii.gz")
             page = Page(driver, server.url + "/")
-            page.open(image)
-            shape = page.js("return window.dcmPage.state.vol.shape")
-            print("volume (z, y, x):", shape)
-            z, y, x = [int(v) for v in os.environ.get("DCM_FIG_CENTRE", "").split(",")] or [0, 0, 0] \
-                if os.environ.get("DCM_FIG_CENTRE") else (shape[0] // 2, shape[1] // 2, shape[2] // 2)
-            h = [int(v) for v in os.environ.get("DCM_FIG_HALF", "8,10,10").split(",")]
-            page.drag("axial", (z, y - h[1], x - h[2]), (z, y + h[1], x + h[2]))
-            page.click("axial", (z, y + h[1] // 2, x))
-            page.click("coronal", (z + 3, y, x - h[2] // 2))
-            page.show("axial", (z, y, x))
-            page.show("coronal", (z, y, x))
-            page.show("sagittal", (z, y, x))
+            page.open(_mni_crop(Path(tmp) / "mni152_2mm.nii.gz"))
+            page.drag("axial", *FIG_BOX)
+            for view, voxel, how in FIG_CLICKS:
+                page.click(view, voxel, how)
+            page.show("axial", FIG_BOX[0])  # the box's slice, the other views through the positive click
+            for view in ("coronal", "sagittal"):
+                page.show(view, FIG_CLICKS[0][1])
             time.sleep(0.3)
             print(page.message(), page.voxels())
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ class PageImage:
         import nibabel as nib
 
         finite = self.volume[np.isfinite(self.volume)]
-        lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+        lo, hi = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
+        lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)  # the brightest tissue is not clipped to white
         return {"name": self.name, "shape": list(self.volume.shape), "spacing": list(self.spacing_zyx),
                 "dtype": "float32", "axes": "(z, y, x) = (S, A, R): index grows toward Superior, Anterior, "
                 "patient's Right", "file_axcodes": "".join(nib.aff2axcodes(self.affine)),

@@ -173,7 +173,7 @@ function addPoint(view, cell, positive) {
       { coordinates: voxel, include_interaction: positive, run_prediction: true });
     await pull(meta);
     state.prompts.push({ kind: "point", voxel, positive });
-    state.cursor = voxel;
+    state.cursor = [...voxel]; // a copy: scrolling moves the cursor, never the point
     say(`${positive ? "positive" : "negative"} point at (z, y, x) = (${voxel.join(", ")})`);
   });
 }

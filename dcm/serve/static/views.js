@@ -184,17 +184,19 @@ export class SliceView {
 
   drawLetters(ctx, w, h) {
     const [left, right, top, bottom] = this.letters;
-    ctx.fillStyle = "#fbbf24";
     ctx.font = "bold 14px system-ui, sans-serif";
-    ctx.textBaseline = "middle";
-    ctx.textAlign = "left";
-    ctx.fillText(left, 6, h / 2);
-    ctx.textAlign = "right";
-    ctx.fillText(right, w - 6, h / 2);
-    ctx.textAlign = "center";
-    ctx.textBaseline = "top";
-    ctx.fillText(top, w / 2, 6);
-    ctx.textBaseline = "bottom";
-    ctx.fillText(bottom, w / 2, h - 6);
+    ctx.fillStyle = "#fbbf24";
+    ctx.strokeStyle = "rgba(0, 0, 0, 0.8)"; // legible on bright tissue too
+    ctx.lineWidth = 3;
+    const letter = (text, x, y, align, baseline) => {
+      ctx.textAlign = align;
+      ctx.textBaseline = baseline;
+      ctx.strokeText(text, x, y);
+      ctx.fillText(text, x, y);
+    };
+    letter(left, 6, h / 2, "left", "middle");
+    letter(right, w - 6, h / 2, "right", "middle");
+    letter(top, w / 2, 6, "center", "top");
+    letter(bottom, w / 2, h - 6, "center", "bottom");
   }
 }
