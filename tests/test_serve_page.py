@@ -353,6 +353,9 @@ def test_browser_box_clicks_undo_objects_download(server, browser, tmp_path):
     assert page.js("return window.dcmPage.state.vol.shape") == list(SHAPE_ZYX)
     # radiological: the axial view's left column is the patient's right (largest x), top row anterior
     assert page.js("return window.dcmPage.views[0].voxelAt(0, 0)") == [16, 63, 63]
+    page.button("neurological")  # the patient's left on the left
+    assert page.js("return window.dcmPage.views[0].voxelAt(0, 0)") == [16, 63, 0]
+    page.button("neurological")
 
     # wheel: three notches down on the axial view go three slices up
     z0 = page.js("return window.dcmPage.state.cursor[0]")

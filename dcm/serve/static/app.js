@@ -48,19 +48,24 @@ function renderAll() {
   }
 }
 
+function histogram(mask) {
+  const counts = new Array(256).fill(0);
+  for (let i = 0; i < mask.length; i++) counts[mask[i]]++;
+  return counts;
+}
+
 function count(mask, value) {
-  let n = 0;
-  for (let i = 0; i < mask.length; i++) if (mask[i] === value) n++;
-  return n;
+  return histogram(mask)[value];
 }
 
 function renderObjects() {
   const list = $("objects");
   list.replaceChildren();
+  const finished = histogram(state.labels), active = count(state.current, 1);
   for (const { label } of state.objects) {
     const item = document.createElement("li");
     const [r, g, b] = colorOf(label);
-    const voxels = label === state.active ? count(state.current, 1) : count(state.labels, label);
+    const voxels = label === state.active ? active : finished[label];
     item.innerHTML = `<span class="swatch" style="background: rgb(${r}, ${g}, ${b})"></span>` +
       `Object ${label} <span class="voxels" data-label="${label}">${voxels}</span> voxels`;
     if (label === state.active) item.classList.add("active");
