@@ -122,9 +122,11 @@ def read_nifti_bytes(raw: bytes, name: str = "upload", max_bytes: int = 2 << 30)
         warnings.append(f"{name}: voxel sizes {zooms.tolist()} are not positive: 1 mm assumed")
         zooms_ras = np.ones(3)
     volume = np.ascontiguousarray(ras.transpose(2, 1, 0))
-    return PageImage(volume=volume, spacing_zyx=tuple(float(v) for v in zooms_ras[::-1]),  # type: ignore[arg-type]
-                     header=img.header.copy(), affine=np.array(img.affine), ornt=ornt,
-                     file_shape=tuple(int(d) for d in shape[:3]), name=name, warnings=warnings)  # type: ignore[arg-type]
+    spacing = tuple(float(v) for v in zooms_ras[::-1])
+    file_shape = tuple(int(d) for d in shape[:3])
+    return PageImage(volume=volume, spacing_zyx=spacing, header=img.header.copy(),  # type: ignore[arg-type]
+                     affine=np.array(img.affine), ornt=ornt, file_shape=file_shape,  # type: ignore[arg-type]
+                     name=name, warnings=warnings)
 
 
 def labels_to_nifti(labels_zyx: np.ndarray, image: PageImage) -> bytes:
@@ -137,7 +139,7 @@ def labels_to_nifti(labels_zyx: np.ndarray, image: PageImage) -> bytes:
     back = nib.orientations.ornt_transform(_RAS, image.ornt)
     data = np.ascontiguousarray(nib.apply_orientation(labels_zyx.transpose(2, 1, 0), back))
     header = image.header.copy()
-    img = type_of(header)(data, image.affine, header)
+    img = _image_class(header)(data, image.affine, header)
     img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, float(data.max()) if data.size else 0
@@ -148,7 +150,8 @@ def labels_to_nifti(labels_zyx: np.ndarray, image: PageImage) -> bytes:
     return buf.getvalue()
 
 
-def type_of(header: object) -> type:
+def _image_class(header: object) -> type:
+    """Nifti2Image for a NIfTI-2 header, else Nifti1Image."""
     import nibabel as nib
 
     return nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image

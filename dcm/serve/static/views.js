@@ -77,7 +77,10 @@ export class SliceView {
   cellAt(event) {
     const rect = this.canvas.getBoundingClientRect();
     const { ox, oy, cw, ch } = this.layout();
-    return { c: Math.floor((event.clientX - rect.left - ox) / cw), r: Math.floor((event.clientY - rect.top - oy) / ch) };
+    return {
+      c: Math.floor((event.clientX - rect.left - ox) / cw),
+      r: Math.floor((event.clientY - rect.top - oy) / ch),
+    };
   }
 
   inside({ c, r }) {
