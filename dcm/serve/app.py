@@ -9,6 +9,9 @@ Status codes: 400 a bad request (shape, dtype, value, a prompt DCM has no meanin
 API key, 404 an unknown path, 409 a call that does not fit the session's state (no image yet), 410 an unknown
 or reaped lease (the client raises ``SessionExpiredError``), 413 a body or array over the limits, 503 every
 session slot taken (``ServerAtCapacityError``). Every error body is ``{"detail": "<one line>"}``.
+
+The browser page (``/``, files in ``static/``) adds three endpoints of its own, under ``/page/``: open a NIfTI,
+read the current object's buffer as raw bytes, download the label map as NIfTI (:mod:`dcm.serve.page`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import asyncio
 import hmac
 import json
 import logging
+import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Optional
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -30,6 +35,7 @@ from starlette.requests import ClientDisconnect
 from dcm.errors import DCMError
 from dcm.serve import prompts as P
 from dcm.serve import wire
+from dcm.serve.page import NiftiError, PageImage, labels_to_nifti, read_nifti_bytes
 from dcm.serve.sessions import AtCapacity, Change, ServedSession, SessionRegistry, StateError, UnknownLease
 
 __all__ = ["make_app", "ServeError", "capabilities_of", "STATIC_DIR"]
@@ -410,6 +416,84 @@ def make_app(registry: SessionRegistry, api_key: Optional[str] = None, max_body_
         return answer(await locked(served, lambda: served.add_initial_seg(array_of(body, "initial seg"), run)))
 
     # ------------------------------------------------------------------ the browser page
+    # /page/* serve only the page (dcm/serve/static/): NIfTI in and out (nibabel, see dcm.serve.page) and the
+    # current object's buffer as raw bytes; its prompts go through the protocol endpoints above.
+    pages: "weakref.WeakKeyDictionary[ServedSession, PageImage]" = weakref.WeakKeyDictionary()
+
+    def page_image(served: ServedSession) -> PageImage:
+        image = pages.get(served)
+        if image is None:
+            raise ServeError(409, "no NIfTI opened in this session: open a file first")
+        return image
+
+    @app.post("/page/open")
+    async def page_open(request: Request) -> Response:
+        """Body: a .nii / .nii.gz file. Sets the session's image and a uint8 target buffer; answers the volume
+        (float32, (z, y, x) = (S, A, R), C order) with its metadata in X-Meta."""
+        served = lease_of(request)
+        name = unquote(request.headers.get("x-filename", ""))[:200] or "upload"  # the page URI-encodes it
+        body = await body_of(request)
+
+        def work() -> PageImage:
+            try:
+                image = read_nifti_bytes(body, name, max_array_bytes)
+            except NiftiError as e:
+                raise ServeError(400, str(e)) from None
+            if image.volume.nbytes > max_array_bytes:
+                raise ServeError(413, f"{name}: {list(image.volume.shape)} float32 is over the limit of "
+                                      f"{max_array_bytes} bytes")
+            image.warnings += served.set_image(image.volume[None], image.spacing_zyx)
+            served.set_target_buffer(image.volume.shape, np.dtype(np.uint8))
+            pages[served] = image
+            return image
+
+        image = await locked(served, work)
+        return Response(content=image.volume.tobytes(), media_type=OCTET_STREAM,
+                        headers={META_HEADER: json.dumps(image.meta(), separators=(",", ":"))})
+
+    @app.get("/page/mask")
+    async def page_mask(request: Request) -> Response:
+        """The current object's buffer (uint8, C order) on ``?bbox=z0,z1,y0,y1,x0,x1`` (half-open), as the last
+        protocol answer left it: the page fetches the region an answer's X-Meta bbox names."""
+        served = lease_of(request)
+        try:
+            bounds = [int(v) for v in request.query_params.get("bbox", "").split(",")]
+        except ValueError:
+            bounds = []
+        if len(bounds) != 6:
+            raise ServeError(400, "bbox must be z0,z1,y0,y1,x0,x1")
+
+        def work() -> bytes:
+            if served.shown is None:
+                raise StateError("no target buffer yet: open a file first")
+            region = tuple(slice(bounds[2 * a], bounds[2 * a + 1]) for a in range(3))
+            if any(not 0 <= s.start < s.stop <= n for s, n in zip(region, served.shown.shape)):
+                raise P.PromptError(f"bbox {bounds} is outside the image {list(served.shown.shape)}")
+            return np.ascontiguousarray(served.shown[region], dtype=np.uint8).tobytes()
+
+        return Response(content=await locked(served, work), media_type=OCTET_STREAM)
+
+    @app.post("/page/download")
+    async def page_download(request: Request) -> Response:
+        """Body: the label map (uint8, (z, y, x) as /page/open sent the volume). Answers it as .nii.gz on the
+        opened file's grid, with its affine and header."""
+        served = lease_of(request)
+        body = await body_of(request)
+        image = page_image(served)
+        if len(body) != image.volume.size:
+            raise ServeError(400, f"label map has {len(body)} bytes, the image {list(image.volume.shape)} needs "
+                                  f"{image.volume.size} (uint8)")
+        labels = np.frombuffer(body, dtype=np.uint8).reshape(image.volume.shape)
+        data = await run_in_threadpool(labels_to_nifti, labels, image)
+        stem = image.name
+        for suffix in (".nii.gz", ".nii", ".gz"):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        filename = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem or "image") + "_labels.nii.gz"
+        return Response(content=data, media_type="application/gzip",
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
     @app.get("/")
     async def index() -> Response:
         page = STATIC_DIR / "index.html"
