@@ -96,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from dcm.tables import markdown_table
+
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = sorted(Path(args.cases).glob("*.npz"))
@@ -120,11 +122,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{name}: kept {s['kept']}, DSC AUC {s['DSC_AUC']:.3f}, DSC_Final {s['DSC_Final']:.3f}", flush=True)
     header = ["variant", "cases", "clicks kept", "DSC AUC", "NSD AUC", "DSC_Final", "DSC step 2", "DSC step 6",
               "worst drop", "drops > 0.1", "s / case"]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for s in lines:
-        print(f"| {s['variant']} | {s['cases']} | {s['kept']} | {s['DSC_AUC']:.3f} | {s['NSD_AUC']:.3f} | "
-              f"{s['DSC_Final']:.3f} | {s['DSC_2']:.3f} | {s['DSC_6']:.3f} | {s['worst_drop']:.3f} | "
-              f"{s['drops_over_0.1']} | {s['seconds']:.1f} |")
+    keys = ["variant", "cases", "kept", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6", "worst_drop",
+            "drops_over_0.1"]
+    print(markdown_table(header, ([s[k] for k in keys] + [f"{s['seconds']:.1f}"] for s in lines), digits=3))
     write_csv(Path(args.csv), COLUMNS, csv_rows, append=args.append)
     return 0
 

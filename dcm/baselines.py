@@ -18,6 +18,7 @@ import numpy as np
 
 from dcm.data.cases import Case, load_npz
 from dcm.errors import CaseError
+from dcm.regions import union_region
 from dcm.runner import default_io_dirs, predict_folder
 
 __all__ = ["box_fill", "BoxFillPredictor", "OraclePredictor", "main"]
@@ -51,13 +52,13 @@ def box_fill(case: Case, ball_radius: int = 3) -> np.ndarray:
         if obj.problem:
             continue
         # The object's mask lives on the bounding region of its box and click balls only.
-        extents = [] if obj.box is None else [tuple((lo, hi + 1) for lo, hi in obj.box.bounds_zyx)]
-        extents += [tuple((s.start, s.stop) for s in _ball_slices(c.zyx, ball_radius, case.shape)) for c in obj.clicks]
-        if not extents:
+        parts = [] if obj.box is None else [tuple(slice(lo, hi + 1) for lo, hi in obj.box.bounds_zyx)]
+        parts += [_ball_slices(c.zyx, ball_radius, case.shape) for c in obj.clicks]
+        if not parts:
             continue
-        lo = np.min([[e[0] for e in ext] for ext in extents], axis=0)
-        hi = np.max([[e[1] for e in ext] for ext in extents], axis=0)
-        region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        region = union_region(parts)
+        lo = np.array([s.start for s in region])
+        hi = np.array([s.stop for s in region])
         mask = np.zeros(tuple(hi - lo), dtype=bool)
         if obj.box is not None:
             mask[tuple(slice(a - o, b + 1 - o) for (a, b), o in zip(obj.box.bounds_zyx, lo))] = True

@@ -40,6 +40,7 @@ from dcm.engine.clicks import clicks_kept
 from dcm.metrics import case_scores, click_auc
 from dcm.prompts import ObjectPrompts
 from dcm.protocol import next_clicks
+from dcm.tables import markdown_table as _markdown_table
 
 __all__ = [
     "NUM_STEPS",
@@ -408,14 +409,11 @@ def summarise(rows: Sequence[Dict[str, object]],
 
 
 def markdown_table(summary: Sequence[Dict[str, object]]) -> str:
+    """The :func:`summarise` rows as a markdown table (written by :func:`dcm.tables.markdown_table`)."""
     cols = ["Modality", "Cases"] + SUMMARY_METRICS + ["Over_budget"]
     if summary and "Clicks_kept" in summary[0]:
         cols.append("Clicks_kept")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for entry in summary:
-        cells = [f"{entry[c]:.4f}" if isinstance(entry[c], float) else str(entry[c]) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _markdown_table(cols, ([entry[c] for c in cols] for entry in summary))
 
 
 def _write_csv(path: Path, rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> None:

@@ -7,11 +7,13 @@ Values equal the organisers' evaluation code (``tests/fixtures/protocol_golden.*
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["NSD_TOLERANCE_MM", "DSC_THRESHOLD_FOR_NSD", "dice", "nsd", "click_auc", "case_scores",
+from dcm.regions import mask_bbox
+
+__all__ = ["NSD_TOLERANCE_MM", "DSC_THRESHOLD_FOR_NSD", "DICE_BOTH_EMPTY_SCORE", "DICE_BOTH_EMPTY_TRAINING", "dice", "nsd", "click_auc", "case_scores",
            "per_class_scores"]
 
 NSD_TOLERANCE_MM = 2.0
@@ -21,29 +23,31 @@ DSC_THRESHOLD_FOR_NSD = 0.2
 _NSD_MARGIN = 2
 
 
-def dice(gt_mask: np.ndarray, pred_mask: np.ndarray) -> float:
-    """Dice similarity coefficient ``2|A∩B| / (|A| + |B|)`` of two binary (z, y, x) masks.
+#: :func:`dice` of two empty masks for the challenge's scores (the organisers' value).
+DICE_BOTH_EMPTY_SCORE = float("nan")
+#: :func:`dice` of two empty masks in the trainers' logs (an object correctly left empty is perfect).
+DICE_BOTH_EMPTY_TRAINING = 1.0
 
-    Returns NaN when both are empty (as the organisers' code does; a gt label is never empty there).
+
+def dice(gt_mask: np.ndarray, pred_mask: np.ndarray, both_empty: float = DICE_BOTH_EMPTY_SCORE) -> float:
+    """Dice similarity coefficient ``2|A∩B| / (|A| + |B|)`` of two binary (z, y, x) masks (symmetric).
+
+    The empty-mask convention, the one place it is stated: two empty masks score ``both_empty``, which is
+
+    * NaN for the challenge's scores (the default, :data:`DICE_BOTH_EMPTY_SCORE`): the organisers' code gives
+      NaN, and a gt label is never empty there, so a NaN only ever marks a scoring mistake;
+    * 1.0 in the trainers' logs (:data:`DICE_BOTH_EMPTY_TRAINING`): a patch whose object is correctly left
+      empty is a perfect answer and its mean over a batch must stay finite.
+      :func:`dcm.training.global_roi.dice_per_sample` is the batched torch form of that convention.
+
+    One empty mask against a non-empty one scores 0.
     """
     gt_mask = np.asarray(gt_mask, dtype=bool)
     pred_mask = np.asarray(pred_mask, dtype=bool)
     total = int(np.count_nonzero(gt_mask)) + int(np.count_nonzero(pred_mask))
     if total == 0:
-        return float("nan")
+        return float(both_empty)
     return 2.0 * int(np.count_nonzero(gt_mask & pred_mask)) / total
-
-
-def _union_box(a: np.ndarray, b: np.ndarray, margin: int) -> Optional[Tuple[slice, ...]]:
-    both = a | b
-    out = []
-    for axis in range(both.ndim):
-        other = tuple(i for i in range(both.ndim) if i != axis)
-        idx = np.flatnonzero(both.any(axis=other))
-        if idx.size == 0:
-            return None
-        out.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, both.shape[axis])))
-    return tuple(out)
 
 
 def nsd(
@@ -78,7 +82,7 @@ def nsd(
         return 0.0
     # Surface points of both masks lie inside the union's bounding box; distances between them do not
     # depend on anything outside it, so the crop changes nothing but the cost.
-    box = _union_box(gt_mask, pred_mask, _NSD_MARGIN)
+    box = mask_bbox(gt_mask | pred_mask, margin=_NSD_MARGIN)
     gt_crop, pred_crop = gt_mask[box], pred_mask[box]
 
     import torch

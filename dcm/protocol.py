@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.prompts import ZYX, Click
+from dcm.regions import mask_bbox
 
 __all__ = [
     "EDT_DOWNSAMPLE_VOXELS",
@@ -29,18 +30,6 @@ CLICK_SEED = 42
 BOX_SEED = 2025
 #: the box's x / y margin is ``randint(0, BOX_MAX_SHIFT)`` voxels at 256 pixels, scaled to the image size.
 BOX_MAX_SHIFT = 6
-
-
-def _bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
-    """Tight bounding box of the True voxels as slices, or None when empty (cheaper than argwhere)."""
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        proj = np.flatnonzero(mask.any(axis=other))
-        if proj.size == 0:
-            return None
-        out.append(slice(int(proj[0]), int(proj[-1]) + 1))
-    return tuple(out)
 
 
 def box_from_mask(mask: np.ndarray, shift: int = 0) -> Dict[str, int]:
@@ -128,7 +117,7 @@ def _component_edt(component: np.ndarray) -> Tuple[np.ndarray, Tuple[slice, ...]
     The zero padding, not the image border, is what counts as boundary. Returns the distances on the
     (unpadded) bounding box and that box.
     """
-    box = _bbox(component)
+    box = mask_bbox(component)
     crop = component[box]
     size = np.array(crop.shape)
     pad = np.maximum((size * 0.25).astype(int), 1)
@@ -162,7 +151,7 @@ def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray) -> Optional[Click]:
         raise ValueError(f"gt_mask {gt_mask.shape} and pred_mask {pred_mask.shape} differ in shape")
     # Work inside the bounding box of both masks: error components, their EDT and the C-order of tied
     # candidates are unchanged by the crop, and big volumes get much cheaper.
-    region = _bbox(gt_mask | pred_mask)
+    region = mask_bbox(gt_mask | pred_mask)
     if region is None:
         return None
     error = gt_mask[region] != pred_mask[region]

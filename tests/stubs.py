@@ -5,6 +5,7 @@ import time
 import numpy as np
 
 from dcm.experts.base import Expert, RoIPrediction
+from dcm.prompts import box_center
 
 
 class StubExpert(Expert):
@@ -21,7 +22,7 @@ class StubExpert(Expert):
         if self.name == "local" and obj.last_click is not None:
             return obj.last_click.zyx
         if obj.box is not None:
-            return tuple(int(c) for c in obj.box.center_zyx)
+            return box_center(obj.box, to_voxel=True)
         return obj.clicks[0].zyx if obj.clicks else None
 
     def roi_of(self, obj):

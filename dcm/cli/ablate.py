@@ -30,6 +30,7 @@ import yaml
 
 from dcm.atomic import atomic_path
 from dcm.config import apply_overrides, load_config, resolve_config_path
+from dcm.tables import markdown_table
 
 __all__ = ["variant_configs", "run_ablation", "main"]
 
@@ -97,11 +98,8 @@ def run_ablation(ablation: Dict[str, Any], cases: Path, out: Path, weights: Opti
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |")
     with atomic_path(out / "comparison.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text(markdown_table(COLUMNS, ([r[c] for c in COLUMNS] for r in rows)) + "\n")
     return rows
 
 

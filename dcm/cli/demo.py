@@ -24,13 +24,15 @@ The bundled weights are for demonstration only (see ``weights/README.md``), not 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from dcm.data.nifti import NILEARN_REQUIREMENT, find_mni_files
+from dcm.regions import mask_bbox
 
 __all__ = ["find_mni_files", "mni_volume", "write_mni_cases", "MNI_TRAIN_CROPS", "MNI_DEMO_CROPS",
            "run_demo", "main"]
@@ -39,30 +41,6 @@ POLICIES = ("dual", "global_only", "local_only")
 #: the training cases used seed 100 (weights/README.md); the demo draws from another stream.
 DEFAULT_SEED = 2026
 DEFAULT_SHAPE = (48, 96, 96)
-NILEARN_REQUIREMENT = "nilearn==0.14.1"
-
-MNI_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
-
-
-def find_mni_files() -> Optional[Dict[str, Path]]:
-    """The MNI152 2009a T1 template and GM / WM maps shipped in the installed ``nilearn`` package, located
-    without importing it (and so without its dependencies); None when nilearn is not installed."""
-    try:
-        spec = importlib.util.find_spec("nilearn")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        folder = Path(root) / "datasets" / "data"
-        files = {k: folder / v for k, v in MNI_FILES.items()}
-        if all(p.is_file() for p in files.values()):
-            return files
-    return None
 
 
 def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
@@ -86,9 +64,7 @@ def mni_volume(files: Dict[str, Path], factor: int = 2) -> Tuple[np.ndarray, np.
     labels[gm_p > 0.5] = 1
     labels[wm_p > 0.5] = 2
     image = _block_mean(t1, factor)
-    fg = np.argwhere(labels > 0)
-    lo, hi = np.maximum(fg.min(0) - 2, 0), fg.max(0) + 3
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sl = mask_bbox(labels > 0, margin=2)
     spacing_xyz = tuple(float(s) * factor for s in geometry.spacing_xyz)
     return image[sl], labels[sl], spacing_xyz
 
@@ -162,6 +138,7 @@ def run_demo(cases_dir: Path, out_dir: Path, config: str, weights: Optional[str]
     from dcm.engine.predictor import DCMPredictor
     from dcm.evaluate import InProcessPredictor, evaluate_folder, summarise
     from dcm.experts import build_experts
+    from dcm.experts.base import policy_roles
 
     cfg = load_config(str(resolve_repo_path(config)), overrides)
     weights_path = None if random_init else resolve_repo_path(weights or cfg.get("weights"))
@@ -172,8 +149,7 @@ def run_demo(cases_dir: Path, out_dir: Path, config: str, weights: Optional[str]
     results: Dict[str, Dict[str, Any]] = {}
     for policy in policies:
         pcfg = apply_overrides(cfg, [f"engine.policy={policy}"])
-        roles = {"global_only": ("global",), "local_only": ("local",)}.get(policy)
-        used = {r: e for r, e in experts.items() if roles is None or r in roles}
+        used = {r: e for r, e in experts.items() if r in policy_roles(policy)}
         runner = InProcessPredictor(DCMPredictor(used, pcfg["engine"]))
         t0 = time.perf_counter()
         rows, failures = evaluate_folder(cases_dir, out_dir / policy, runner, save_all_segs=True, progress=progress)
@@ -185,14 +161,14 @@ def run_demo(cases_dir: Path, out_dir: Path, config: str, weights: Optional[str]
 def comparison_table(results: Dict[str, Dict[str, Any]]) -> str:
     """One line per policy: means over all cases of the AUCs, finals and the DSC at steps 1, 2 and 6."""
     cols = ["Policy", "Cases", "DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", "DSC_1", "DSC_2", "DSC_6"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    from dcm.tables import markdown_table
+
+    table_rows = []
     for policy, res in results.items():
         rows = res["rows"]
-        if not rows:
-            continue
-        mean = {c: float(np.mean([float(r[c]) for r in rows])) for c in cols[2:]}
-        lines.append("| " + " | ".join([policy, str(len(rows))] + [f"{mean[c]:.4f}" for c in cols[2:]]) + " |")
-    return "\n".join(lines)
+        if rows:
+            table_rows.append([policy, len(rows)] + [float(np.mean([float(r[c]) for r in rows])) for c in cols[2:]])
+    return markdown_table(cols, table_rows)
 
 
 def checks(results: Dict[str, Dict[str, Any]]) -> List[Tuple[str, bool]]:
@@ -288,8 +264,8 @@ def make_figure(results: Dict[str, Dict[str, Any]], cases_dir: Path, out_dir: Pa
         if z is None:
             z = int(np.round(np.argwhere(gt).mean(axis=0)[0]))
         # In-plane view: the object's extent on this slice with a margin, at least 40 voxels.
-        where = np.argwhere(gt[z])
-        lo, hi = where.min(axis=0), where.max(axis=0) + 1
+        in_plane = mask_bbox(gt[z])
+        lo, hi = np.array([s.start for s in in_plane]), np.array([s.stop for s in in_plane])
         centre, half = (lo + hi) / 2.0, np.maximum((hi - lo) * 1.5, 40) / 2.0
         y0, x0 = np.maximum(np.floor(centre - half).astype(int), 0)
         y1, x1 = np.minimum(np.ceil(centre + half).astype(int), gt.shape[1:])

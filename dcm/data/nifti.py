@@ -9,19 +9,20 @@ come from a NIfTI file is rounded to float32 on the first write (and then stays 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from dcm.atomic import atomic_path
 from dcm.errors import CaseError
 
-__all__ = ["Geometry", "read_nifti", "write_nifti", "image_suffix"]
+__all__ = ["Geometry", "read_nifti", "write_nifti", "image_suffix", "NILEARN_REQUIREMENT", "find_mni_files"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -224,3 +225,30 @@ def write_nifti(path: PathLike, array: np.ndarray, geometry: Optional[Geometry] 
     return path
 
 
+# ------------------------------------------------------------ the MNI152 template shipped with nilearn
+
+#: the nilearn release whose bundled MNI152 files the demo and the real-MRI sets read.
+NILEARN_REQUIREMENT = "nilearn==0.14.1"
+
+MNI_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+def find_mni_files() -> Optional[Dict[str, Path]]:
+    """The MNI152 2009a T1 template and GM / WM maps shipped in the installed ``nilearn`` package, located
+    without importing it (and so without its dependencies); None when nilearn is not installed."""
+    try:
+        spec = importlib.util.find_spec("nilearn")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        folder = Path(root) / "datasets" / "data"
+        files = {k: folder / v for k, v in MNI_FILES.items()}
+        if all(p.is_file() for p in files.values()):
+            return files
+    return None

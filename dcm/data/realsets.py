@@ -61,7 +61,7 @@ from scipy import ndimage
 
 from dcm.data.cases import atomic_savez
 from dcm.data.convert import Intensity, convert_arrays
-from dcm.cli.demo import NILEARN_REQUIREMENT, find_mni_files
+from dcm.data.nifti import NILEARN_REQUIREMENT, find_mni_files
 
 __all__ = [
     "SPLITS",

@@ -49,6 +49,7 @@ from scipy import ndimage
 
 from dcm.data.cases import MAX_OBJECTS, atomic_savez, case_to_arrays
 from dcm.protocol import boxes_from_labels
+from dcm.regions import mask_bbox
 
 __all__ = [
     "FLAVOURS",
@@ -718,10 +719,10 @@ def _rich_layout(rng: np.random.Generator, flavour: str, spec: FlavourSpec, shap
     for label in range(1, len(kinds) + 1):
         if kinds[label - 1] in ("branching", "large") or rng.random() >= 0.35:
             continue
-        voxels = np.argwhere(labels == label)
-        if not len(voxels):
+        box = mask_bbox(labels == label)
+        if box is None:
             continue
-        lo, hi = voxels.min(axis=0), voxels.max(axis=0)
+        lo, hi = np.array([s.start for s in box]), np.array([s.stop - 1 for s in box])  # inclusive
         size = np.maximum((hi - lo + 1) / 2.0, 1.5)
         direction = rng.normal(size=3)
         direction /= max(np.linalg.norm(direction), 1e-6)

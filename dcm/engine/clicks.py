@@ -41,9 +41,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dcm.engine.fusion import FusedPrediction, component_at, union_region, within
+from dcm.engine.fusion import FusedPrediction, component_at
 from dcm.experts.base import RoISlices as Region
 from dcm.prompts import ZYX, ObjectPrompts
+from dcm.regions import points_bbox, union_region, within
 
 __all__ = [
     "CORRECTION_METHODS",
@@ -88,10 +89,8 @@ class ClickPromise:
         return len(self.voxels) == 0
 
     def bbox(self) -> Optional[Region]:
-        if self.empty:
-            return None
-        lo, hi = self.voxels.min(axis=0), self.voxels.max(axis=0) + 1
-        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+        """The bounding region of the voxels the clicks own, or None when they own none."""
+        return points_bbox(self.voxels)  # type: ignore[return-value]
 
     def kept(self, mask_at: np.ndarray) -> np.ndarray:
         """(num_clicks,) bool: click i is kept when every voxel it owns has its sign in ``mask_at``.

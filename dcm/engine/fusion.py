@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from dcm.experts.base import RoIPrediction, RoISlices
+from dcm.regions import union_region, within
 
 __all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins", "LabelWriter"]
 
@@ -55,16 +56,6 @@ class FusedPrediction:
     def mask(self, threshold: float = 0.5) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             return self.prob > threshold
-
-
-def union_region(rois: Sequence[RoISlices]) -> RoISlices:
-    """The bounding region of ``rois``."""
-    return tuple(slice(min(r[a].start for r in rois), max(r[a].stop for r in rois)) for a in range(3))  # type: ignore
-
-
-def within(roi: RoISlices, region: RoISlices) -> RoISlices:
-    """``roi`` in the coordinates of the enclosing ``region``."""
-    return tuple(slice(r.start - g.start, r.stop - g.start) for r, g in zip(roi, region))  # type: ignore
 
 
 def fuse_predictions(

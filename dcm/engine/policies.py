@@ -19,11 +19,9 @@ from dataclasses import replace
 from typing import Callable, Dict, List, Optional
 
 from dcm.data.cases import Case, ObjectPrompts
-from dcm.experts.base import Expert, RoISlices
+from dcm.experts.base import GLOBAL, LOCAL, Expert, RoISlices, policy_roles
 
 __all__ = ["POLICIES", "route"]
-
-GLOBAL, LOCAL = "global", "local"
 
 
 def _inside(zyx, roi: Optional[RoISlices]) -> bool:
@@ -57,8 +55,8 @@ POLICIES: Dict[str, Callable[[Case, ObjectPrompts, Dict[str, Expert]], List[str]
     "released": _released,
     "global_then_local": _global_then_local,
     "outside_global_roi": _outside_global_roi,
-    "global_only": lambda case, obj, experts: [GLOBAL],
-    "local_only": lambda case, obj, experts: [LOCAL],
+    "global_only": lambda case, obj, experts: list(policy_roles("global_only")),
+    "local_only": lambda case, obj, experts: list(policy_roles("local_only")),
 }
 
 

@@ -28,6 +28,7 @@ from dcm.engine.predictor import check_engine_config, predict_object
 from dcm.errors import CaseError
 from dcm.experts.base import Expert
 from dcm.prompts import BOX_KEYS, Box, Click, ObjectPrompts, parse_voxel
+from dcm.regions import mask_bbox
 
 __all__ = ["InteractiveSession"]
 
@@ -280,18 +281,13 @@ class InteractiveSession:
         touched = inside | (self.segs == obj)
         fused = None
         if touched.any():
-            region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(touched))
+            region = mask_bbox(touched)
             fused = FusedPrediction(region, inside[region].astype(np.float32), complete=True)  # type: ignore[arg-type]
         promises = {}
         if self.engine_cfg["honour_clicks"]:
             promises = promises_of([p for _, p in sorted(self.objects.items())], self.image.shape)
         write = _Write(obj, prompts, fused, promises)
-        self._log.append(write)
-        self._undoable[obj] = min(self._undoable[obj] + 1, self.max_undo)
-        self._apply(write, self.segs)
-        self._fold()
-        self.last_changed_region = write.region
-        return self.mask(obj)
+        return self._commit(write)
 
     # -------------------------------------------------------------------------------------- core
     def _interact(self, obj: int, prompts: ObjectPrompts) -> np.ndarray:
@@ -304,12 +300,16 @@ class InteractiveSession:
         fused = predict_object(case, prompts, self.experts, self.engine_cfg, promise=promises.get(obj))
         write = _Write(obj, self.objects[obj], fused, promises)
         self.objects[obj] = prompts
+        return self._commit(write)
+
+    def _commit(self, write: _Write) -> np.ndarray:
+        """Log ``write`` (undoable), apply it to the labels and return its object's new mask."""
         self._log.append(write)
-        self._undoable[obj] = min(self._undoable[obj] + 1, self.max_undo)
+        self._undoable[write.label] = min(self._undoable[write.label] + 1, self.max_undo)
         self._apply(write, self.segs)
         self._fold()
         self.last_changed_region = write.region
-        return self.mask(obj)
+        return self.mask(write.label)
 
     def _apply(self, write: _Write, segs: np.ndarray) -> None:
         if write.fused is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from dcm.experts.base import Expert, RoIPrediction, RoISlices
+from dcm.experts.base import Expert, RoIPrediction, RoISlices, policy_roles
 
 __all__ = ["Expert", "RoIPrediction", "RoISlices", "build_experts", "build_experts_from_config", "resolve_device"]
 
@@ -30,7 +30,7 @@ def resolve_device(device: Optional[str]) -> str:
 def needed_roles(cfg: Dict[str, Any]) -> Tuple[str, ...]:
     """The expert roles the config's ``engine.policy`` calls (``global_only`` / ``local_only``: one)."""
     policy = (cfg.get("engine") or {}).get("policy", "dual")
-    return {"global_only": ("global",), "local_only": ("local",)}.get(policy, ("global", "local"))
+    return policy_roles(policy)
 
 
 def build_experts(

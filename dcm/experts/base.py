@@ -8,16 +8,34 @@ written back (``dcm.engine``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
 from dcm.data.cases import ObjectPrompts
 
-__all__ = ["RoISlices", "RoIPrediction", "Expert"]
+__all__ = ["RoISlices", "RoIPrediction", "Expert", "GLOBAL", "LOCAL", "ROLES", "policy_roles", "PointwiseMap"]
 
 #: (z, y, x) slices of a region inside the image; always within bounds, never empty.
 RoISlices = Tuple[slice, slice, slice]
+
+#: A per-voxel map of image values (a per-image normalisation), applied before a frame is cut from the image.
+PointwiseMap = Callable[[np.ndarray], np.ndarray]
+
+#: The two expert roles: the keys of an experts dict and of a combined checkpoint.
+GLOBAL, LOCAL = "global", "local"
+ROLES = (GLOBAL, LOCAL)
+#: Routing policies (:mod:`dcm.engine.policies`) that call one role only; every other policy may call both.
+_ONE_ROLE_POLICIES = {"global_only": (GLOBAL,), "local_only": (LOCAL,)}
+
+
+def policy_roles(policy: str) -> Tuple[str, ...]:
+    """The expert roles the routing ``policy`` may call, in fusion order: the policy -> roles map.
+
+    It lives here, below the engine, because building experts (:func:`dcm.experts.build_experts`) needs it
+    too: only these roles are built for a config.
+    """
+    return _ONE_ROLE_POLICIES.get(policy, ROLES)
 
 
 @dataclass

@@ -28,7 +28,7 @@ crop of the same image only reruns the (cheap) prompt head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,8 +38,9 @@ from dcm.data.cases import Click, ObjectPrompts
 from dcm.data.intensity import intensity_percentiles, scale_intensity
 from dcm.errors import ConfigError
 from dcm.experts.backbones import Backbone, backbone_options, vista3d_frame_factor
-from dcm.experts.base import RoISlices
+from dcm.experts.base import PointwiseMap, RoISlices
 from dcm.experts.pipeline import BackboneExpert
+from dcm.prompts import ZYX, box_center
 
 __all__ = [
     "LOCAL_ROI_DEFAULTS",
@@ -86,7 +87,6 @@ LOCAL_ROI_DEFAULTS: Dict[str, Any] = {
     "init_partial": False,
 }
 
-ZYX = Tuple[int, int, int]
 _WHO = "local expert"
 
 
@@ -149,12 +149,7 @@ class LocalWindow:
         offset = np.array([before - s.start for s, (before, _) in zip(self.roi, self.pad)], dtype=np.int64)
         return np.asarray(zyx, dtype=np.int64).reshape(-1, 3) + offset
 
-    def crop(
-        self,
-        image: np.ndarray,
-        pointwise: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-        mode: str = "trilinear",
-    ) -> np.ndarray:
+    def crop(self, image: np.ndarray, pointwise: Optional[PointwiseMap] = None, mode: str = "trilinear") -> np.ndarray:
         """The window's image region zero-padded to (*size) float32, at native resolution (``mode`` unused).
 
         ``pointwise`` (a per-image normalisation) maps the image values before padding, so the padding stays
@@ -339,7 +334,7 @@ class LocalRoIExpert(BackboneExpert):
         if obj.clicks:
             return tuple(int(v) for v in obj.clicks[-1].zyx)  # type: ignore[return-value]
         if obj.box is not None and self.cfg["box_center_as_click"]:
-            return tuple((lo + hi) // 2 for lo, hi in obj.box.bounds_zyx)  # type: ignore[return-value]
+            return box_center(obj.box, to_voxel=True)  # type: ignore[return-value]
         return None
 
     def window_of(self, obj: ObjectPrompts) -> Optional[LocalWindow]:
@@ -372,7 +367,7 @@ class LocalRoIExpert(BackboneExpert):
     def prompts_of(self, obj: ObjectPrompts, window: LocalWindow) -> Tuple[np.ndarray, np.ndarray]:
         """(coords (N, 3), labels (N,)) in window coordinates for ``obj``; see :func:`window_clicks`."""
         clicks = list(obj.clicks)
-        if not clicks:  # the box centre stands in for the first click
+        if not clicks:  # the box-centre click stands in for the first click (window_center put the window there)
             clicks = [Click(window.center, True)]
         return window_clicks(clicks, window, self.cfg["clicks"])
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,11 +33,11 @@ except ImportError:  # pragma: no cover - Python < 3.8
 from dcm.data.cases import ObjectPrompts
 from dcm.errors import ConfigError
 from dcm.experts.backbones import Backbone, build_backbone_model, load_backbone_weights
-from dcm.experts.base import Expert, RoIPrediction, RoISlices
+from dcm.experts.base import Expert, PointwiseMap, RoIPrediction, RoISlices
+from dcm.prompts import ZYX
 
 __all__ = ["BackboneExpert", "EmbeddingCache", "Frame", "MASK_PROMPT_SOURCES"]
 
-ZYX = Tuple[int, int, int]
 
 #: What :meth:`BackboneExpert.mask_prompt_source` may answer.
 MASK_PROMPT_SOURCES = ("none", "zeros", "previous")
@@ -62,12 +62,7 @@ class Frame(Protocol):
     def image_region(self, image_shape: Sequence[int]) -> RoISlices:
         """(z, y, x) slices of the image the frame covers, clipped to the image (never empty)."""
 
-    def crop(
-        self,
-        image: np.ndarray,
-        pointwise: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-        mode: str = "trilinear",
-    ) -> np.ndarray:
+    def crop(self, image: np.ndarray, pointwise: Optional[PointwiseMap] = None, mode: str = "trilinear") -> np.ndarray:
         """The (z, y, x) image on the frame: shape :attr:`frame_shape`, zero where the frame leaves the image.
 
         ``pointwise`` (a per-image normalisation) is applied to image values before padding / resampling, so

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from dcm.data.cases import Box
+from dcm.experts.base import PointwiseMap
+from dcm.prompts import ZYX
 
 __all__ = [
     "GlobalRoI",
@@ -48,7 +50,6 @@ __all__ = [
     "ZNORM_MODES",
 ]
 
-ZYX = Tuple[int, int, int]
 ZYXf = Tuple[float, float, float]
 Bounds = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -197,12 +198,7 @@ class GlobalRoI:
         """(z, y, x) slices of the image the RoI covers, clipped to the image (:meth:`slices`)."""
         return self.slices(image_shape)
 
-    def crop(
-        self,
-        image: np.ndarray,
-        pointwise: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-        mode: str = "trilinear",
-    ) -> np.ndarray:
+    def crop(self, image: np.ndarray, pointwise: Optional[PointwiseMap] = None, mode: str = "trilinear") -> np.ndarray:
         """The RoI of a (z, y, x) image resampled onto the (out, out, out) frame, zero outside the image.
 
         Args:

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from dcm.regions import mask_bbox
+
 __all__ = ["PromptError", "box_from_half_open", "box_from_mask", "point_voxel", "scribble_clicks",
            "fill_lasso", "thickness_of_flat_axis", "SCRIBBLE_MM_PER_CLICK", "SCRIBBLE_MAX_CLICKS"]
 
@@ -175,8 +177,7 @@ def fill_lasso(region: np.ndarray) -> np.ndarray:
     region = region != 0
     if not region.any():
         raise PromptError("the lasso is empty")
-    extents = [int(np.ptp(np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != axis))))) + 1
-               for axis in range(3)]
+    extents = [s.stop - s.start for s in mask_bbox(region)]  # type: ignore[union-attr]
     axis = int(np.argmin(extents))
     moved = np.moveaxis(region, axis, 0)
     filled = np.stack([ndimage.binary_fill_holes(plane) for plane in moved])

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from dcm.regions import mask_bbox
 from dcm.serve import prompts as P
 
 __all__ = ["Change", "ServedSession", "SessionRegistry", "AtCapacity", "UnknownLease", "StateError",
@@ -87,14 +88,8 @@ def clone_experts(experts: Dict[str, Any]) -> Dict[str, Any]:
 
 def _changed_bbox(before: np.ndarray, after: np.ndarray) -> Optional[List[List[int]]]:
     """Half-open bounding box of the voxels where ``before`` and ``after`` differ, or None."""
-    diff = before != after
-    bbox = []
-    for axis in range(diff.ndim):
-        hit = np.flatnonzero(diff.any(axis=tuple(a for a in range(diff.ndim) if a != axis)))
-        if not len(hit):
-            return None
-        bbox.append([int(hit[0]), int(hit[-1]) + 1])
-    return bbox
+    region = mask_bbox(before != after)
+    return None if region is None else [[s.start, s.stop] for s in region]
 
 
 class ServedSession:

@@ -44,7 +44,8 @@ def _tally(table: Dict[int, List[float]], step: int, honoured: np.ndarray, newes
 
 def honour_local(cfg: dict, weights: str, data: str, passes: int = 1) -> Dict[int, List[int]]:
     """Per click step: [honoured, clicks, newest honoured, newest] over every object of every patch."""
-    from dcm.training.local_roi import LocalRoITrainer, _dice
+    from dcm.metrics import DICE_BOTH_EMPTY_TRAINING, dice
+    from dcm.training.local_roi import LocalRoITrainer
 
     cfg["data"].update(data_dir=data, crop_background_ratio=0.0, augment={
         "scale_intensity": {"factors": 0.0, "prob": 0.0}, "shift_intensity": {"offsets": 0.0, "prob": 0.0},
@@ -68,7 +69,7 @@ def honour_local(cfg: dict, weights: str, data: str, passes: int = 1) -> Dict[in
                     for k, clicks in enumerate(record["clicks"]):
                         given = [(zyx, lab) for zyx, lab in clicks[:step + 1] if lab >= 0]
                         honoured = clicks_honoured(pred[k], [c for c, _ in given], [lab for _, lab in given])
-                        _tally(table, step, honoured, clicks[step][1] >= 0, _dice(pred[k], record["gts"][k]))
+                        _tally(table, step, honoured, clicks[step][1] >= 0, dice(record["gts"][k], pred[k], DICE_BOTH_EMPTY_TRAINING))
     return table
 
 

@@ -357,7 +357,8 @@ def sample_candidate_clicks(region: torch.Tensor, gt: torch.Tensor, k: int, gene
 
 
 def dice_per_sample(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Dice of binary masks (B, 1, ...) per sample -> (B,); 1 where both are empty."""
+    """Dice of binary masks (B, 1, ...) per sample -> (B,): :func:`dcm.metrics.dice` batched in torch, with the
+    trainers' empty-mask convention (:data:`dcm.metrics.DICE_BOTH_EMPTY_TRAINING`: 1 where both are empty)."""
     p, g = pred.bool().flatten(1), gt.bool().flatten(1)
     inter = (p & g).sum(1).float()
     total = (p.sum(1) + g.sum(1)).float()

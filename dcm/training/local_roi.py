@@ -43,6 +43,7 @@ from dcm.config import get
 from dcm.errors import CaseError, CheckpointError, ConfigError
 from dcm.experts.local_roi import LocalRoIExpert, as_zyx, intensity_percentiles, scale_intensity
 from dcm.prompts import ZYX, Click
+from dcm.metrics import DICE_BOTH_EMPTY_TRAINING, dice
 from dcm.protocol import next_click
 from dcm.training.clicks import ClickLoss, ClickT, click_tensors, click_to_t
 from dcm.training.trainer import EpochAwareDataset, Trainer, sample_seed, warmup_cosine
@@ -338,12 +339,6 @@ class LocalRoIDataset(EpochAwareDataset):
 # ----------------------------------------------------------------------------------------------- model
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two binary masks (1 when both are empty)."""
-    denom = int(pred.sum()) + int(gt.sum())
-    return 1.0 if denom == 0 else 2.0 * float(np.logical_and(pred, gt).sum()) / denom
-
-
 def split_steps(num_steps: int, parts: int) -> List[Tuple[int, int]]:
     """``num_steps`` click steps cut into ``parts`` consecutive ``(start, stop)`` ranges, the longer first.
 
@@ -446,7 +441,7 @@ class InteractiveVISTA3D(nn.Module):
                 step_losses.append(term if extra is None else term + extra)
                 pred = (torch.sigmoid(logits.detach().float()) > 0.5)[:, 0].cpu().numpy()
                 if step == 0:
-                    record["dice_first"] = [_dice(p, g) for p, g in zip(pred, gt)]
+                    record["dice_first"] = [dice(g, p, DICE_BOTH_EMPTY_TRAINING) for p, g in zip(pred, gt)]
                 if self.record:
                     record["preds"].append(pred)
                 if step == self.num_clicks:
@@ -456,7 +451,7 @@ class InteractiveVISTA3D(nn.Module):
                     clicks[k].append(click_to_t(next_click(gt[k], pred[k])))
             stacked = torch.stack(step_losses)
             patch_losses.append(stacked.mean() if self.step_loss == "mean" else stacked.sum())
-            record["dice"] = [_dice(p, g) for p, g in zip(pred, gt)]
+            record["dice"] = [dice(g, p, DICE_BOTH_EMPTY_TRAINING) for p, g in zip(pred, gt)]
             dices += record["dice"]
             first_dices += record["dice_first"]
         loss = torch.stack(patch_losses).mean()

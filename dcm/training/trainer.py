@@ -60,8 +60,9 @@ def sample_seed(*parts: int) -> int:
 class EpochAwareDataset(Dataset):
     """A dataset whose random augmentation depends on ``(seed, epoch, index)`` only.
 
-    Subclasses implement ``load(index, rng)`` with ``rng`` a ``numpy.random.Generator`` seeded for that
-    sample; :meth:`set_epoch` is called by the trainer before each epoch's loader is created.
+    Subclasses implement ``__getitem__(index)`` and draw every random choice of that sample from
+    ``rng_for(index)``, a ``numpy.random.Generator`` seeded from ``(seed, epoch, index)``; :meth:`set_epoch` is
+    called by the trainer before each epoch's loader is created.
     """
 
     seed: int = 0
@@ -71,6 +72,7 @@ class EpochAwareDataset(Dataset):
         self.epoch = epoch
 
     def rng_for(self, index: int):
+        """The generator of sample ``index`` this epoch (:func:`sample_seed` of seed, epoch and index)."""
         import numpy as np
 
         return np.random.default_rng(sample_seed(self.seed, self.epoch, index))

@@ -26,7 +26,7 @@ from typing import Any
 
 # The private names too: tests and older code import them from here.
 from dcm.data.intensity import _integer_percentiles, _percentiles, intensity_percentiles, scale_intensity  # noqa: F401
-from dcm.experts.backbones.base import ZYX, Backbone, _amp_dtype  # noqa: F401
+from dcm.experts.backbones.base import Backbone, _amp_dtype  # noqa: F401
 from dcm.experts.backbones.registry import (
     BACKBONES,
     DEFAULT_MODELS,

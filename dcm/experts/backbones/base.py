@@ -8,16 +8,15 @@ builds the normalised frame, keeps the encoder outputs and calls :meth:`Backbone
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from dcm.errors import ConfigError
+from dcm.prompts import ZYX
 
-__all__ = ["Backbone", "ZYX"]
-
-ZYX = Tuple[int, int, int]
+__all__ = ["Backbone"]
 
 
 def _amp_dtype(name: Any, who: str) -> torch.dtype:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from dcm.errors import ConfigError
-from dcm.experts.backbones.base import ZYX, Backbone
+from dcm.experts.backbones.base import Backbone
+from dcm.prompts import ZYX
 from dcm.experts.roi import ZNORM_MODES, znorm_positive
 
 __all__ = ["SamMed3DBackbone"]

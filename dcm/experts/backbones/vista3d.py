@@ -16,7 +16,8 @@ import torch
 
 from dcm.data.intensity import _percentiles, intensity_percentiles, scale_intensity
 from dcm.errors import ConfigError
-from dcm.experts.backbones.base import ZYX, Backbone
+from dcm.experts.backbones.base import Backbone
+from dcm.prompts import ZYX
 
 __all__ = ["Vista3DBackbone", "vista3d_frame_factor"]
 
