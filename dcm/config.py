@@ -1,26 +1,64 @@
-"""YAML experiment configs with inheritance and command-line overrides.
+"""DCM's one config layer: find, read and check every config (inference, training, model presets).
 
-A config file may name a parent with ``_base_: relative/or/absolute.yaml``; its keys are merged over the
-parent's (dicts recursively, everything else replaced). Overrides are ``dotted.key=value`` strings with YAML
-values (``train.lr=1e-4``, ``model.global_attn_indexes=[2,5]``); they must name an existing key, so a typo
-fails loudly, unless written ``+new.key=value``.
+A config is given as a YAML path, a preset name (``dcm_small``: ``configs/dcm_small.yaml``) or a plain dict;
+:func:`load_config` returns plain nested dicts (``cfg["engine"]["policy"]``). A file may name a parent with
+``_base_: relative/or/absolute.yaml``; its keys are merged over the parent's (dicts recursively, everything
+else replaced). Overrides are ``dotted.key=value`` strings with YAML values (``train.lr=1e-4``,
+``engine.fusion=average``); they must name an existing key, so a typo fails loudly, unless written
+``+new.key=value`` (a key the schema does not know still fails for an inference config).
+
+Inference configs (those with an ``engine`` / ``global_expert`` / ``local_expert`` / ``session`` section,
+or only ``weights`` / ``device``) are checked against :mod:`dcm.config_schema`, which holds every default:
+the loaded dict has every key, the YAML files only what they change. Training configs are checked by their
+trainers; model presets (``configs/models``) by :func:`load_model_config` and their builders.
+
+Where a relative path is looked up: the caller's working folder first, then the repository
+(``configs/dcm_small.yaml`` works from any folder), then ``configs/`` (a preset name); a ``_base_`` first
+next to the file naming it.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import yaml
 
 from dcm.errors import ConfigError
 
-__all__ = ["CONFIG_DIR", "REPO_ROOT", "load_config", "apply_overrides", "merge", "resolve_config_path", "resolve_repo_path", "get"]
+__all__ = [
+    "CONFIG_DIR",
+    "MODEL_CONFIG_DIR",
+    "REPO_ROOT",
+    "DEFAULT_CONFIG",
+    "SMALL_CONFIG",
+    "ConfigSource",
+    "load_config",
+    "load_model_config",
+    "list_model_configs",
+    "apply_overrides",
+    "merge",
+    "pick_config",
+    "resolve_config_path",
+    "resolve_repo_path",
+    "get",
+]
 
-#: the repository's ``configs/`` folder (next to the package).
+#: A config as callers give it: a YAML path, a preset name, or a plain dict.
+ConfigSource = Union[str, Path, Mapping[str, Any]]
+
+#: The repository root (next to the package) and its ``configs/`` folder: the one place presets are found.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+#: The model presets (``configs/models``).
+MODEL_CONFIG_DIR = CONFIG_DIR / "models"
+
+#: The full-size inference config (SAM-Med3D-64 + VISTA3D; weights to be given).
+DEFAULT_CONFIG = "dcm"
+#: The small CPU preset with bundled weights: what runs when neither a config nor weights are given.
+SMALL_CONFIG = "dcm_small"
 
 
 def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -34,17 +72,29 @@ def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def resolve_config_path(name: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
-    """A config path as given, relative to ``relative_to``, or relative to ``configs/``."""
+def resolve_config_path(name: Union[str, Path], relative_to: Optional[Path] = None,
+                        presets: Path = CONFIG_DIR) -> Path:
+    """The file a config path or preset name means.
+
+    Looked up in order: next to ``relative_to`` (the file whose ``_base_`` names it), the working folder,
+    the repository root, then ``presets`` (``configs/``; a name may omit ``.yaml``).
+
+    Raises:
+        ConfigError: no such file (every place looked at is named).
+    """
     path = Path(name)
-    candidates = [path]
-    if relative_to is not None:
+    candidates: List[Path] = []
+    if relative_to is not None and not path.is_absolute():
         candidates.append(relative_to / path)
-    candidates += [CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
-    for candidate in candidates:
+    candidates.append(path)
+    if not path.is_absolute():
+        candidates += [REPO_ROOT / path, presets / path]
+        if path.suffix not in (".yaml", ".yml"):
+            candidates.append(presets / f"{path}.yaml")
+    for candidate in dict.fromkeys(candidates):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"{name}: config file not found (looked in {', '.join(str(c) for c in candidates)})")
+    raise ConfigError(f"{name}: config file not found (looked in {', '.join(str(c) for c in dict.fromkeys(candidates))})")
 
 
 def resolve_repo_path(path: Union[None, str, Path]) -> Optional[Path]:
@@ -59,10 +109,13 @@ def resolve_repo_path(path: Union[None, str, Path]) -> Optional[Path]:
 
 
 def _load_file(path: Path, seen: tuple = ()) -> Dict[str, Any]:
+    """A YAML mapping with its ``_base_`` chain merged in (the one reader of every config file)."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: _base_ cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(data, dict):
@@ -106,9 +159,75 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
     return cfg
 
 
-def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """Load a YAML config (following ``_base_``) and apply overrides."""
-    return apply_overrides(_load_file(resolve_config_path(path)), overrides)
+def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Load a config (path, preset name or dict; ``_base_`` followed), apply overrides, check it.
+
+    An inference config (:func:`dcm.config_schema.is_dcm_config`) comes back complete: every section and key
+    of :class:`dcm.config_schema.DCMConfig`, defaults filled in, every value checked, so an override may name
+    any key of the schema. Other configs (training) come back as read, overrides applied.
+
+    Raises:
+        ConfigError: one line naming the file, the override or the key (``engine.policy must be ...``).
+    """
+    from dcm.config_schema import check_dcm_config, is_dcm_config
+
+    if isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    else:
+        raw = _load_file(resolve_config_path(source))
+    overrides = tuple(overrides)
+    if not is_dcm_config(raw):
+        return apply_overrides(raw, overrides)
+    cfg = check_dcm_config(raw)
+    return check_dcm_config(apply_overrides(cfg, overrides)) if overrides else cfg
+
+
+def list_model_configs() -> List[str]:
+    """Names of the model presets in :data:`MODEL_CONFIG_DIR` (file stems)."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml")) if MODEL_CONFIG_DIR.is_dir() else []
+
+
+def load_model_config(name_or_path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a model preset: a YAML path, or a name in ``configs/models`` with or without ``.yaml``.
+
+    Same reader as :func:`load_config` (``_base_`` followed), looked up in :data:`MODEL_CONFIG_DIR`.
+
+    Raises:
+        ConfigError: unknown preset (the presets are listed), unreadable file, or not a mapping.
+    """
+    try:
+        path = resolve_config_path(name_or_path, presets=MODEL_CONFIG_DIR)
+    except ConfigError:
+        raise ConfigError(f"{name_or_path}: no such model config "
+                          f"(presets: {', '.join(list_model_configs()) or 'none'})") from None
+    return _load_file(path)
+
+
+def pick_config(config: Optional[ConfigSource], weights: Optional[Union[str, Path]], random_init: bool = False,
+                how_to_pass: str = "--config configs/dcm.yaml --weights FILE") -> ConfigSource:
+    """The config to load when a caller may give none ("defaults that work").
+
+    ``config`` when given; the full-size :data:`DEFAULT_CONFIG` when only weights (or a random init) are;
+    with neither, the small CPU preset :data:`SMALL_CONFIG` with its bundled weights, announced in one
+    stderr line that says how to pass real weights (``how_to_pass``).
+    """
+    if config is not None:
+        return config
+    if weights is not None or random_init:
+        return DEFAULT_CONFIG
+    small = resolve_config_path(SMALL_CONFIG)
+    bundled = _load_file(small).get("weights")
+    print(f"dcm: no config or weights given: using the small CPU preset {_shown(small)} with {bundled} "
+          f"(a demonstration model); for real weights pass {how_to_pass}", file=sys.stderr, flush=True)
+    return SMALL_CONFIG
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (as users type it), else as is."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def get(cfg: Dict[str, Any], dotted: str, default: Any = None) -> Any:

@@ -6,7 +6,8 @@
 Each ``inputs/*.npz`` becomes ``outputs/<same name>.npz`` (``segs``). Nothing is kept between calls: every
 input carries its whole state (boxes, clicks, previous prediction). Environment variables ``DCM_INPUT_DIR``,
 ``DCM_OUTPUT_DIR``, ``DCM_CONFIG``, ``DCM_WEIGHTS``, ``DCM_DEVICE``, ``DCM_SEED``, ``DCM_TIMINGS`` supply defaults for
-the flags.
+the flags. With neither a config nor weights the small CPU preset runs (configs/dcm_small.yaml with the bundled
+weights/dcm_small.pt; one stderr line says so); --config configs/dcm.yaml --weights FILE for the full size.
 
 Exit status: 0 when every case was written; 1 when a case failed (one line on stderr names the file and the
 field; the other cases are still written, and a failed case has no output file); 2 when nothing could run
@@ -29,7 +30,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", help="input folder (default /workspace/inputs if it exists, else ./inputs)")
     parser.add_argument("--outputs", help="output folder (default /workspace/outputs or ./outputs)")
-    parser.add_argument("--config", default=os.environ.get("DCM_CONFIG"), help="YAML config (default configs/dcm.yaml)")
+    parser.add_argument("--config", default=os.environ.get("DCM_CONFIG"),
+                        help="YAML config path or preset name (default: configs/dcm.yaml with --weights, else the "
+                             "small CPU preset configs/dcm_small.yaml)")
     parser.add_argument("--weights", default=os.environ.get("DCM_WEIGHTS"), help="combined checkpoint of both experts")
     parser.add_argument("--device", default=os.environ.get("DCM_DEVICE"), help="auto (default), cpu or cuda")
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in --weights")
@@ -51,9 +54,9 @@ def main(argv=None) -> int:
 
     import_monai_networks()  # ~4 s less start-up per call (DCM_LEAN_IMPORTS=0: the plain import)
     from dcm.cli import check_device, parse_seed
-    from dcm.config import load_config, resolve_repo_path
+    from dcm.config import load_config, pick_config, resolve_repo_path
     from dcm.engine.predictor import DCMPredictor
-    from dcm.experts import build_experts_from_config
+    from dcm.experts import build_experts
     from dcm.runner import check_io_dirs, default_io_dirs, predict_folder
 
     imported = time.perf_counter()
@@ -62,19 +65,21 @@ def main(argv=None) -> int:
     try:  # every setting is checked before the models are built and loaded
         seed = parse_seed(args.seed)
         check_io_dirs(inputs, outputs)
-        cfg = load_config(args.config or "dcm", tuple(args.overrides))
+        config = pick_config(args.config, args.weights, args.random_init,
+                             "--config configs/dcm.yaml --weights FILE (or DCM_CONFIG / DCM_WEIGHTS)")
+        cfg = load_config(config, tuple(args.overrides))  # every section checked here
         check_device(args.device or cfg.get("device"), "--device / DCM_DEVICE" if args.device else "device")
         weights = None if args.random_init else resolve_repo_path(args.weights or cfg.get("weights"))
         torch.manual_seed(seed)
-        cfg, experts = build_experts_from_config(cfg, args.weights, args.device, (),
-                                                 trusted=args.trust_checkpoint, random_init=args.random_init)
+        experts = build_experts(cfg, args.weights, args.device, trusted=args.trust_checkpoint,
+                                random_init=args.random_init, config_name=str(config))
     except CheckpointError as e:
         print(f"predict: {e.naming(weights)}", file=sys.stderr)
         return 2
     except DCMError as e:
         print(" ".join(f"predict: {e}".split()), file=sys.stderr)
         return 2
-    predictor = DCMPredictor(experts, cfg.get("engine"), process_start=PROCESS_START)
+    predictor = DCMPredictor(experts, cfg["engine"], process_start=PROCESS_START)
     if args.timings:
         print(f"timing start-up: imports {imported - PROCESS_START:.2f} s, models "
               f"{time.perf_counter() - imported:.2f} s", file=sys.stderr, flush=True)

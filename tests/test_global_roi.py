@@ -230,7 +230,7 @@ def test_znorm_equals_monai_normalize_intensity_nonzero():
 
 def test_is_an_expert_and_rejects_unknown_keys(model):
     assert isinstance(make_expert(model), Expert)
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"_expert: unknown key\(s\)"):
         GlobalRoIExpert(model, {"box_scal": 2.0})
     with pytest.raises(ConfigError, match="outside_clicks"):
         GlobalRoIExpert(model, {"outside_clicks": "keep"})
@@ -399,7 +399,7 @@ def test_from_config_strict_refuses_missing_tensor_and_partial_reports(model, re
     assert "missing" in out and pe_key in out and str(path) in out
     name = "mask_decoder.output_upscaling.0.weight"
     assert torch.equal(ex.model.state_dict()[name], sd[name])
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"_expert: unknown key\(s\)"):
         GlobalRoIExpert.from_config({"model": reduced_cfg, "checkpoint": "x"})
 
 

@@ -462,7 +462,7 @@ def test_window_uses_whole_image_percentiles(model):
 def test_expert_config_validation(model):
     with pytest.raises(ConfigError, match="divisible"):
         LocalRoIExpert(model, {"window_size": 36})
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"_expert: unknown key\(s\)"):
         LocalRoIExpert(model, {"windowsize": 32})
     with pytest.raises(ConfigError, match="clicks"):
         LocalRoIExpert(model, {"window_size": 32, "clicks": "all"})

@@ -3,6 +3,8 @@
     python -m dcm.segment IMAGE.nii.gz --box z0 z1 y0 y1 x0 x1 --point z y x [--negative z y x] \\
         --out MASK.nii.gz [--config FILE] [--weights FILE] [key=value ...]
 
+Without --config and --weights the small CPU preset (configs/dcm_small.yaml with the bundled
+weights/dcm_small.pt) runs, and one line says so; --config configs/dcm.yaml --weights FILE for the full size.
 Coordinates are voxel indices in (z, y, x) array order (SimpleITK / the challenge's convention), bounds
 inclusive. Prompts are applied in order: the box, then the positive and negative clicks as given on the
 command line.
@@ -41,7 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="positive click (repeatable)")
     parser.add_argument("--negative", type=int, nargs=3, action=_OrderedClick, metavar=("Z", "Y", "X"),
                         help="negative click (repeatable)")
-    parser.add_argument("--config", help="YAML config (default configs/dcm.yaml)")
+    parser.add_argument("--config", help="YAML config path or preset name (default: configs/dcm.yaml with "
+                                         "--weights, else the small CPU preset configs/dcm_small.yaml)")
     parser.add_argument("--weights", help="combined checkpoint of both experts")
     parser.add_argument("--device", help="auto (default), cpu or cuda")
     parser.add_argument("--trust-checkpoint", action="store_true")
@@ -54,18 +57,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from dcm.atomic import check_writable
     from dcm.cli import check_device
-    from dcm.config import load_config, resolve_repo_path
+    from dcm.config import load_config, pick_config, resolve_repo_path
     from dcm.engine.session import InteractiveSession
-    from dcm.experts import build_experts_from_config
+    from dcm.experts import build_experts
 
     weights = args.weights
     try:  # settings and the output path first: a bad one must not cost the whole segmentation
         check_writable(args.out)
-        cfg = load_config(args.config or "dcm", tuple(args.overrides))
+        config = pick_config(args.config, args.weights, args.random_init)
+        cfg = load_config(config, tuple(args.overrides))  # every section checked here
         check_device(args.device or cfg.get("device"), "--device" if args.device else "device")
         weights = None if args.random_init else resolve_repo_path(args.weights or cfg.get("weights"))
-        cfg, experts = build_experts_from_config(cfg, args.weights, args.device, (),
-                                                 trusted=args.trust_checkpoint, random_init=args.random_init)
+        experts = build_experts(cfg, args.weights, args.device, trusted=args.trust_checkpoint,
+                                random_init=args.random_init, config_name=str(config))
         session = InteractiveSession(config=cfg, experts=experts)
         session.set_image(args.image)
         obj = session.new_object()

@@ -41,6 +41,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dcm.config_schema import CORRECTION_METHODS, ClickCorrectionConfig
 from dcm.engine.fusion import FusedPrediction, component_at
 from dcm.experts.base import RoISlices as Region
 from dcm.prompts import ZYX, ObjectPrompts
@@ -57,7 +58,6 @@ __all__ = [
     "clicks_kept",
 ]
 
-CORRECTION_METHODS = ("probability", "random_walker")
 _FACE_OFFSETS = np.array([[0, 0, 0], [-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]])
 
 
@@ -142,46 +142,14 @@ def clicks_kept(labels: np.ndarray, objects: Sequence[ObjectPrompts]) -> Tuple[i
 
 
 # ------------------------------------------------------------------------------------------ engine side
-CORRECTION_DEFAULTS: Dict[str, Any] = {
-    "methods": ["random_walker"],
-    "radius_mm": 10.0,
-    "radius_object_factor": 1.0,
-    "probability_levels": [0.3, 0.15, 0.05],
-    "random_walker_beta": 130.0,
-    "random_walker_depth_factor": 2.0,
-}
+#: ``engine.click_correction`` defaults: :class:`dcm.config_schema.ClickCorrectionConfig`, where they are written.
+CORRECTION_DEFAULTS: Dict[str, Any] = ClickCorrectionConfig().to_dict()
 
 
 def check_click_correction(cfg: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The ``engine.click_correction`` section with defaults filled in; ValueError naming the key otherwise."""
-    merged = {**CORRECTION_DEFAULTS, **dict(cfg or {})}
-    unknown = sorted(set(merged) - set(CORRECTION_DEFAULTS))
-    if unknown:
-        raise ValueError(f"click_correction: unknown key(s) {unknown}; known: {sorted(CORRECTION_DEFAULTS)}")
-    methods = merged["methods"]
-    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or \
-            any(m not in CORRECTION_METHODS for m in methods):
-        raise ValueError(f"click_correction.methods must be a list drawn from {list(CORRECTION_METHODS)}, "
-                         f"got {methods!r}")
-    radius = merged["radius_mm"]
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < float(radius) <= 200:
-        raise ValueError(f"click_correction.radius_mm must be a number in (0, 200], got {radius!r}")
-    object_factor = merged["radius_object_factor"]
-    if isinstance(object_factor, bool) or not isinstance(object_factor, (int, float)) or not float(object_factor) > 0:
-        raise ValueError(f"click_correction.radius_object_factor must be a number > 0, got {object_factor!r}")
-    levels = merged["probability_levels"]
-    if not isinstance(levels, (list, tuple)) or not levels or \
-            any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.5 for v in levels):
-        raise ValueError(f"click_correction.probability_levels must be numbers in (0, 0.5), got {levels!r}")
-    beta = merged["random_walker_beta"]
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not float(beta) > 0:
-        raise ValueError(f"click_correction.random_walker_beta must be a number > 0, got {beta!r}")
-    factor = merged["random_walker_depth_factor"]
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not float(factor) >= 1:
-        raise ValueError(f"click_correction.random_walker_depth_factor must be a number >= 1, got {factor!r}")
-    return {"methods": list(methods), "radius_mm": float(radius), "radius_object_factor": float(object_factor),
-            "probability_levels": sorted((float(v) for v in levels), reverse=True),
-            "random_walker_beta": float(beta), "random_walker_depth_factor": float(factor)}
+    """The ``engine.click_correction`` section with defaults filled in, checked by
+    :class:`dcm.config_schema.ClickCorrectionConfig`; ConfigError (a ValueError) naming the key otherwise."""
+    return ClickCorrectionConfig.from_mapping(cfg, "click_correction").to_dict()
 
 
 @dataclass

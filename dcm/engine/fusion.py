@@ -27,12 +27,11 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from dcm.experts.base import RoIPrediction, RoISlices
+from dcm.config_schema import FUSION_RULES, OVERLAP_RULES, click_margins
 from dcm.regions import union_region, within
 
 __all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins", "LabelWriter"]
 
-FUSION_RULES = ("local_overrides", "average", "confidence", "click_region")
-OVERLAP_RULES = ("later_wins", "highest_prob", "keep_others")
 
 
 @dataclass
@@ -126,20 +125,6 @@ def fuse_predictions(
     covered = weight_sum > 0
     prob[covered] = acc[covered] / weight_sum[covered]
     return FusedPrediction(region, prob, complete)
-
-
-def click_margins(margin: Union[float, Sequence[float]]) -> Tuple[float, float]:
-    """``(add, remove)`` margins of ``click_region`` from one number (both) or a pair; ValueError otherwise."""
-    if isinstance(margin, (int, float)):
-        pair = (float(margin), float(margin))
-    else:
-        values = list(margin)
-        if len(values) != 2:
-            raise ValueError(f"local_margin must be a number or a pair [add, remove], got {margin!r}")
-        pair = (float(values[0]), float(values[1]))
-    if not all(0.0 <= m < 0.5 for m in pair):
-        raise ValueError(f"local_margin values must lie in [0, 0.5), got {margin!r}")
-    return pair
 
 
 def _click_component(

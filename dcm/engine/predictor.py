@@ -3,29 +3,10 @@
 ``DCMPredictor(cfg, experts)`` is a callable ``case -> segs`` (what ``predict.sh`` and the evaluator's
 in-process mode call); :class:`dcm.engine.session.InteractiveSession` drives the same per-object step.
 
-Engine config (section ``engine``)::
-
-    policy: dual                     # see dcm.engine.policies
-    fusion: local_overrides          # local_overrides | average | confidence | click_region
-    local_margin: 0.0                # click_region: the local change counts where |prob - threshold| > margin;
-                                     # or [add, remove]: margins of foreground / background clicks
-    without_box: policy              # objects without a box (no-box cases): policy (its experts) | local | global
-    overlap: later_wins              # later_wins | highest_prob | keep_others
-    local_at_box_step: box_center    # box_center | skip
-    threshold: 0.5
-    honour_clicks: true              # keep every click (dcm.engine.clicks); false: the experts' answer as it is
-    click_correction:                # for a click no expert kept (dcm.engine.clicks)
-      methods: [random_walker]
-      radius_mm: 10.0
-      radius_object_factor: 1.0
-      probability_levels: [0.3, 0.15, 0.05]
-      random_walker_beta: 130.0
-      random_walker_depth_factor: 2.0
-    budget:
-      seconds_per_object: 90         # the challenge budget, summed over the calls of a case
-      calls_per_case: 6
-      safety: 0.85                   # fraction of the call's share we allow ourselves
-      expected_seconds: {global: 1.0, local: 5.0}   # cost priors until a call is measured
+Engine config (section ``engine``): keys, defaults and checks in :class:`dcm.config_schema.EngineConfig`
+(policy, fusion, local_margin, without_box, overlap, local_at_box_step, threshold, honour_clicks,
+click_correction, budget). ``DCMPredictor`` checks it at construction; the interactive session builds one
+``DCMPredictor`` and uses its checked config, so both refuse the same bad config in the same words.
 """
 
 from __future__ import annotations
@@ -38,92 +19,28 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from dcm.data.cases import Case
-from dcm.engine.clicks import CORRECTION_DEFAULTS, ClickPromise, ClickProtection, check_click_correction, \
-    honour_clicks, promises_of
-from dcm.engine.fusion import FUSION_RULES, OVERLAP_RULES, FusedPrediction, LabelWriter, click_margins, fuse_predictions
-from dcm.engine.policies import GLOBAL, LOCAL, POLICIES, route
-from dcm.errors import ConfigError, DCMError
+from dcm.config_schema import EngineConfig
+from dcm.engine.clicks import ClickPromise, ClickProtection, honour_clicks, promises_of
+from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions
+from dcm.engine.policies import LOCAL, route
+from dcm.errors import DCMError
 from dcm.experts.base import Expert, RoIPrediction
 from dcm.prompts import ObjectPrompts, box_center_click
 
 __all__ = ["ENGINE_DEFAULTS", "CallBudget", "DCMPredictor", "check_engine_config", "predict_object"]
 
-ENGINE_DEFAULTS: Dict[str, Any] = {
-    "policy": "dual",
-    "fusion": "local_overrides",
-    "local_margin": 0.0,
-    "without_box": "policy",
-    "overlap": "later_wins",
-    "local_at_box_step": "box_center",
-    "threshold": 0.5,
-    "honour_clicks": True,
-    "click_correction": CORRECTION_DEFAULTS,
-    "budget": {
-        "seconds_per_object": 90.0,
-        "calls_per_case": 6,
-        "safety": 0.85,
-        "expected_seconds": {GLOBAL: 1.0, LOCAL: 5.0},
-    },
-}
-
-
-def _number(value: Any, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float in the range; ConfigError naming ``engine.<key>`` otherwise (bools refused)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ConfigError(f"engine.{key} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
-    return float(value)
+#: The ``engine`` defaults as a dict: :class:`dcm.config_schema.EngineConfig`, where they are written.
+ENGINE_DEFAULTS: Dict[str, Any] = EngineConfig().to_dict()
 
 
 def check_engine_config(engine_cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The ``engine`` section with :data:`ENGINE_DEFAULTS` filled in, every key checked.
+    """The ``engine`` section with its defaults filled in, every key checked (:class:`EngineConfig`).
 
     Raises:
         ConfigError: one line naming the first wrong key (``engine.policy must be one of ...``), before any
             object is predicted.
     """
-    given = dict(engine_cfg or {})
-    unknown = sorted(set(given) - set(ENGINE_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"engine: unknown key(s) {unknown}; known: {sorted(ENGINE_DEFAULTS)}")
-    cfg = {**ENGINE_DEFAULTS, **given}
-    budget = given.get("budget") or {}
-    if not isinstance(budget, dict):
-        raise ConfigError(f"engine.budget must be a mapping, got {budget!r}")
-    unknown = sorted(set(budget) - set(ENGINE_DEFAULTS["budget"]))
-    if unknown:
-        raise ConfigError(f"engine.budget: unknown key(s) {unknown}; known: {sorted(ENGINE_DEFAULTS['budget'])}")
-    cfg["budget"] = b = {**ENGINE_DEFAULTS["budget"], **budget}
-    choices = {"policy": tuple(POLICIES), "fusion": FUSION_RULES, "overlap": OVERLAP_RULES,
-               "without_box": ("policy", GLOBAL, LOCAL), "local_at_box_step": ("box_center", "skip")}
-    for key, allowed in choices.items():
-        if not isinstance(cfg[key], str) or cfg[key] not in allowed:
-            raise ConfigError(f"engine.{key} must be one of {list(allowed)}, got {cfg[key]!r}")
-    try:
-        click_margins(cfg["local_margin"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"engine.{e}") from None
-    cfg["threshold"] = _number(cfg["threshold"], "threshold", 0.0, 1.0, low_open=True, high_open=True)
-    if not isinstance(cfg["honour_clicks"], bool):
-        raise ConfigError(f"engine.honour_clicks must be true or false, got {cfg['honour_clicks']!r}")
-    try:
-        cfg["click_correction"] = check_click_correction(cfg["click_correction"])
-    except ValueError as e:
-        raise ConfigError(f"engine.{e}") from None
-    _number(b["seconds_per_object"], "budget.seconds_per_object", 0.0, 1e6, low_open=True)
-    _number(b["safety"], "budget.safety", 0.0, 1.0, low_open=True)
-    calls = b["calls_per_case"]
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
-        raise ConfigError(f"engine.budget.calls_per_case must be an integer >= 1, got {calls!r}")
-    expected = b["expected_seconds"]
-    if not isinstance(expected, dict):
-        raise ConfigError(f"engine.budget.expected_seconds must be a mapping, got {expected!r}")
-    for name, value in expected.items():
-        _number(value, f"budget.expected_seconds.{name}", 0.0, 1e6)
-    return cfg
+    return EngineConfig.from_mapping(engine_cfg, "engine").to_dict()
 
 
 def _say(line: str) -> None:
@@ -231,15 +148,15 @@ class DCMPredictor:
 
     Args:
         experts: built experts by role (``'global'``, ``'local'``).
-        engine_cfg: the ``engine`` config section (missing keys take :data:`ENGINE_DEFAULTS`).
+        engine_cfg: the ``engine`` config section (missing keys take :data:`ENGINE_DEFAULTS`); checked here.
         process_start: ``time.perf_counter()`` at process start, so the first case's budget counts model
             loading; each later case of the same process (a folder of several cases) starts its own clock.
     """
 
     def __init__(self, experts: Dict[str, Expert], engine_cfg: Optional[Dict[str, Any]] = None,
                  process_start: Optional[float] = None):
-        cfg = check_engine_config(engine_cfg)
-        self.cfg = cfg
+        #: the checked ``engine`` section, every key present (shared with the session that built this)
+        self.cfg: Dict[str, Any] = check_engine_config(engine_cfg)
         self.experts = experts
         self.process_start = process_start
         self._first_call = True

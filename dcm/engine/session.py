@@ -24,7 +24,7 @@ import numpy as np
 from dcm.data.cases import MAX_OBJECTS, Case, validate_image, validate_spacing
 from dcm.engine.clicks import ClickPromise, ClickProtection, promises_of
 from dcm.engine.fusion import FusedPrediction, LabelWriter
-from dcm.engine.predictor import check_engine_config, predict_object
+from dcm.engine.predictor import DCMPredictor, predict_object
 from dcm.errors import CaseError
 from dcm.experts.base import Expert
 from dcm.prompts import BOX_KEYS, Box, Click, ObjectPrompts, parse_voxel
@@ -60,10 +60,15 @@ class InteractiveSession:
 
     Args:
         config: a YAML path / preset name or a config dict (sections ``engine``, ``global_expert``,
-            ``local_expert``), or None for ``configs/dcm.yaml``.
+            ``local_expert``, ``session``; :mod:`dcm.config_schema`). None: ``configs/dcm.yaml`` when
+            ``weights`` are given; with no weights either, the small CPU preset ``configs/dcm_small.yaml`` and
+            its bundled ``weights/dcm_small.pt`` (one stderr line says so).
         weights: a combined DCM checkpoint (both experts), or None to use the paths in the config.
-        experts: already built experts (bypasses ``config`` / ``weights``; used by tests and tools).
+        experts: already built experts (bypasses the model part of ``config`` and ``weights``; tests, tools).
         max_undo: undo levels kept per object.
+
+    The whole config is checked before any model is built; the engine section once, by the session's
+    :class:`~dcm.engine.predictor.DCMPredictor` (:attr:`predictor`), whose checked config the session uses.
     """
 
     def __init__(
@@ -75,15 +80,22 @@ class InteractiveSession:
         max_undo: int = 20,
     ):
         if experts is None:
+            from dcm.config import pick_config
             from dcm.experts import build_experts_from_config
 
+            config = pick_config(config, weights, how_to_pass="config='dcm', weights='FILE'")
             cfg, experts = build_experts_from_config(config, weights, device)
         else:
-            cfg = config if isinstance(config, dict) else {}
-        engine = check_engine_config(cfg.get("engine"))
-        if (cfg.get("session") or {}).get("no_overlap", False):
+            from dcm.config import load_config
+            from dcm.config_schema import check_dcm_config
+
+            cfg = check_dcm_config(load_config(config if config is not None else {}))
+        engine = dict(cfg["engine"])
+        if cfg["session"]["no_overlap"]:
             engine["overlap"] = "keep_others"
-        self.engine_cfg = engine
+        #: the engine step the session shares with predict.sh; its ``cfg`` is the one checked engine config
+        self.predictor = DCMPredictor(experts, engine)
+        self.engine_cfg: Dict[str, Any] = self.predictor.cfg
         self.experts = experts
         self.max_undo = max_undo
         self.image: Optional[np.ndarray] = None

@@ -39,8 +39,12 @@ def build_experts(
     device: Optional[str] = None,
     trusted: bool = False,
     random_init: bool = False,
+    config_name: Optional[str] = None,
 ) -> Dict[str, Expert]:
     """Build the experts the config's policy needs and load their weights from one combined file.
+
+    Every section of the config, the experts' model presets and their frame / window sizes are checked
+    first (:mod:`dcm.config_schema`): a bad setting costs no model build.
 
     Args:
         cfg: the whole DCM config.
@@ -48,14 +52,19 @@ def build_experts(
         device: overrides ``cfg['device']`` (``auto`` picks CUDA when available).
         trusted: allow full unpickling of the checkpoint (only for files you trust).
         random_init: build without weights (tests, benchmarks); otherwise missing weights are an error.
+        config_name: where ``cfg`` came from (a path or preset name), for the missing-weights error.
     """
+    from dcm.config import resolve_repo_path
+    from dcm.config_schema import check_dcm_config
+    from dcm.experts.backbones.registry import check_expert_models
     from dcm.errors import CheckpointError
 
-    from dcm.config import resolve_repo_path
-
+    cfg = check_dcm_config(cfg)
+    roles = needed_roles(cfg)
+    check_expert_models(cfg, roles)
     weights = None if random_init else resolve_repo_path(weights or cfg.get("weights"))
     if weights is None and not random_init:
-        raise CheckpointError("no weights given: pass --weights FILE (or DCM_WEIGHTS=FILE), or --random-init for a test run")
+        raise CheckpointError(_no_weights(config_name))
     checkpoint = None
     if weights is not None:
         from dcm.checkpoints import load_checkpoint
@@ -63,21 +72,33 @@ def build_experts(
         checkpoint = load_checkpoint(weights, trusted=trusted)
     dev = resolve_device(device or cfg.get("device"))
     experts: Dict[str, Expert] = {}
-    roles = needed_roles(cfg)
     try:
         if "global" in roles:
             from dcm.experts.global_roi import GlobalRoIExpert
 
-            experts["global"] = GlobalRoIExpert.from_config(cfg.get("global_expert") or {}, weights=checkpoint,
-                                                            device=dev)
+            experts["global"] = GlobalRoIExpert.from_config(cfg["global_expert"], weights=checkpoint, device=dev)
         if "local" in roles:
             from dcm.experts.local_roi import LocalRoIExpert
 
-            experts["local"] = LocalRoIExpert.from_config(cfg.get("local_expert") or {}, weights=checkpoint,
-                                                          device=dev)
+            experts["local"] = LocalRoIExpert.from_config(cfg["local_expert"], weights=checkpoint, device=dev)
     except CheckpointError as e:  # raised about the loaded dict: every caller's message names the file
         raise CheckpointError(e.naming(weights), path=weights) from None
     return experts
+
+
+def _no_weights(config_name: Optional[str]) -> str:
+    """The missing-weights error: which config has no ``weights`` and how to give them."""
+    where = ""
+    if config_name is not None:
+        from dcm.config import resolve_config_path
+        from dcm.errors import ConfigError
+
+        try:
+            where = f" ({resolve_config_path(config_name)} has weights: null)"
+        except ConfigError:
+            where = f" ({config_name} has weights: null)"
+    return (f"no weights given{where}: pass --weights FILE (or DCM_WEIGHTS=FILE), or --random-init for a test "
+            f"run; with neither a config nor weights DCM runs the small CPU preset (configs/dcm_small.yaml)")
 
 
 def build_experts_from_config(
@@ -89,14 +110,13 @@ def build_experts_from_config(
 ) -> Tuple[Dict[str, Any], Dict[str, Expert]]:
     """Load a config (path, preset name or dict; None = ``configs/dcm.yaml``) and build its experts.
 
-    The ``engine`` section is checked (and completed with its defaults) before any model is built.
+    Returns the checked config (every section complete, :mod:`dcm.config_schema`) and the experts; every
+    section is checked before any model is built.
     """
-    from dcm.config import apply_overrides, load_config
-    from dcm.engine.predictor import check_engine_config
+    from dcm.config import DEFAULT_CONFIG, load_config
+    from dcm.config_schema import check_dcm_config
 
-    if isinstance(config, dict):
-        cfg = apply_overrides(config, overrides)
-    else:
-        cfg = load_config(config or "dcm", overrides)
-    cfg["engine"] = check_engine_config(cfg.get("engine"))
+    source = DEFAULT_CONFIG if config is None else config
+    cfg = check_dcm_config(load_config(source, overrides))
+    kwargs.setdefault("config_name", None if isinstance(source, dict) else str(source))
     return cfg, build_experts(cfg, weights, device, **kwargs)

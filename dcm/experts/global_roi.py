@@ -37,102 +37,24 @@ import numpy as np
 import torch
 
 from dcm.data.cases import ObjectPrompts
+from dcm.config_schema import GlobalExpertConfig
 from dcm.errors import ConfigError
 from dcm.experts.backbones import Backbone, backbone_options
 from dcm.experts.pipeline import BackboneExpert
-from dcm.experts.roi import ZNORM_MODES, GlobalRoI, grow_to_include, roi_from_box, roi_from_clicks
+from dcm.experts.roi import GlobalRoI, grow_to_include, roi_from_box, roi_from_clicks
 
 __all__ = ["GLOBAL_ROI_DEFAULTS", "GlobalRoIExpert"]
 
-#: Expert settings (``cfg`` of :class:`GlobalRoIExpert`) and their defaults.
-GLOBAL_ROI_DEFAULTS: Dict[str, Any] = {
-    # The network on the frame: 'sam_med3d' (DCM's released pairing) or 'vista3d' (the design card's).
-    "backbone": "sam_med3d",
-    # Side of the cubic frame the RoI is resampled to. None: the backbone's own (SAM-Med3D: its img_size,
-    # the only size it takes; VISTA3D: 128). VISTA3D takes any multiple of its factor (16 full, 8 reduced).
-    "frame_size": None,
-    # Box rule: RoI extent = round((max - min + 1) * box_scale), at least min_size voxels per axis.
-    "box_scale": 1.8,
-    "min_size": 8,
-    # Objects without a box: RoI of this many mm per axis around the first positive click (64 / spacing * 1.5).
-    "noboxes_size_mm": 96.0,
-    # Grow the RoI to take in positive clicks outside it; margin around such a click = ceil(grow_margin *
-    # RoI extent) voxels on that axis (clipped to the image).
-    "grow": True,
-    "grow_margin": 0.1,
-    # The box centre as the first positive click (DCM). Ignored for objects without a box.
-    "box_center_click": True,
-    # Negative clicks outside the RoI: 'drop' them, or 'clip' them onto the frame's border.
-    "outside_clicks": "drop",
-    # Mask prompt at the box step (object without clicks): 'zeros' (DCM training's step 0) or 'none'.
-    # Only for a backbone that takes a mask prompt (SAM-Med3D).
-    "mask_prompt_at_box_step": "zeros",
-    # Resampling of the image into the frame and of the probabilities back ('trilinear' | 'nearest').
-    "image_interpolation": "trilinear",
-    "prob_interpolation": "trilinear",
-    # SAM-Med3D's z-normalisation over voxels > 0: 'monai' (NormalizeIntensity(nonzero=True)) or 'torchio'.
-    "znorm": "torchio",
-    # VISTA3D's normalisation: these percentiles of the whole image mapped to [0, 1].
-    "percentiles": (1.0, 99.0),
-    # Image embeddings kept (one per RoI; several objects in a session).
-    "cache_size": 4,
-    "device": "cpu",
-    # Autocast (CUDA only) and its dtype.
-    "amp": False,
-    "amp_dtype": "float16",
-    # torch.compile the image encoder (the first pass per input shape compiles; for long GPU sessions).
-    "compile": False,
-    # Model config (dict, preset name or YAML path; None: sam_med3d_64 / vista3d132 by backbone), checkpoint
-    # key (by role, whatever the backbone) and name+shape partial loading (SAM-Med3D only, e.g. turbo -> 64/8,
-    # with a printed report), used by ``from_config``.
-    "model": None,
-    "checkpoint_key": "model_state_dict",
-    "init_partial": False,
-}
+#: Expert settings (``cfg`` of :class:`GlobalRoIExpert`) and their defaults: the ``global_expert`` section,
+#: written (with what each key means) in :class:`dcm.config_schema.GlobalExpertConfig`.
+GLOBAL_ROI_DEFAULTS: Dict[str, Any] = GlobalExpertConfig().to_dict()
 
-_INTERPOLATIONS = ("trilinear", "nearest")
 _WHO = "global expert"
 
 
 def _validate(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    unknown = sorted(set(cfg) - set(GLOBAL_ROI_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"global expert: unknown keys {unknown} (known: {sorted(GLOBAL_ROI_DEFAULTS)})")
-    c = {**GLOBAL_ROI_DEFAULTS, **cfg}
-
-    def bad(key: str, what: str) -> ConfigError:
-        return ConfigError(f"global expert: {key} must be {what}, got {c[key]!r}")
-
-    try:
-        if not float(c["box_scale"]) > 0:
-            raise bad("box_scale", "> 0")
-        if float(c["noboxes_size_mm"]) <= 0:
-            raise bad("noboxes_size_mm", "> 0")
-        if float(c["grow_margin"]) < 0:
-            raise bad("grow_margin", ">= 0")
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"global expert: box_scale, noboxes_size_mm and grow_margin must be numbers ({e})") from None
-    if not isinstance(c["min_size"], (int, np.integer)) or c["min_size"] < 1:
-        raise bad("min_size", "an int >= 1")
-    if not isinstance(c["cache_size"], (int, np.integer)) or c["cache_size"] < 1:
-        raise bad("cache_size", "an int >= 1")
-    if c["frame_size"] is not None and (not isinstance(c["frame_size"], (int, np.integer)) or c["frame_size"] < 1):
-        raise bad("frame_size", "None or an int >= 1")
-    if c["outside_clicks"] not in ("drop", "clip"):
-        raise bad("outside_clicks", "'drop' or 'clip'")
-    if c["mask_prompt_at_box_step"] not in ("zeros", "none", None):
-        raise bad("mask_prompt_at_box_step", "'zeros' or 'none'")
-    for key in ("image_interpolation", "prob_interpolation"):
-        if c[key] not in _INTERPOLATIONS:
-            raise bad(key, f"one of {_INTERPOLATIONS}")
-    if c["znorm"] not in ZNORM_MODES:
-        raise bad("znorm", f"one of {ZNORM_MODES}")
-    if str(c["amp_dtype"]) not in ("float16", "bfloat16"):
-        raise bad("amp_dtype", "'float16' or 'bfloat16'")
-    backbone_options(c, _WHO)
-    return c
+    """The settings with defaults filled in; ConfigError naming ``global_expert.<key>`` otherwise."""
+    return GlobalExpertConfig.from_mapping(cfg, GlobalExpertConfig.role).to_dict()
 
 
 class GlobalRoIExpert(BackboneExpert):
@@ -172,10 +94,11 @@ class GlobalRoIExpert(BackboneExpert):
         self.prob_interpolation = self.cfg["prob_interpolation"]
         frame = self.cfg["frame_size"]
         self.frame_size = int(self.backbone.default_frame_size() if frame is None else frame)
-        self.backbone.check_frame((self.frame_size,) * 3, "global expert: frame_size")
+        self.backbone.check_frame((self.frame_size,) * 3, "global_expert.frame_size")
         self.mask_size: Optional[int] = self.backbone.mask_size
         if self.mask_size is not None and self.frame_size % self.mask_size:
-            raise ConfigError(f"global expert: frame {self.frame_size} is not a multiple of the mask size {self.mask_size}")
+            raise ConfigError(f"global_expert.frame_size {self.frame_size} is not a multiple of the mask size "
+                              f"{self.mask_size}")
         self.reset()
 
     # ------------------------------------------------------------------ the frame and its prompts

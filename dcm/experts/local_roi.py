@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from dcm.data.cases import Click, ObjectPrompts
 from dcm.data.intensity import intensity_percentiles, scale_intensity
+from dcm.config_schema import LocalExpertConfig, as_zyx
 from dcm.errors import ConfigError
 from dcm.experts.backbones import Backbone, backbone_options, vista3d_frame_factor
 from dcm.experts.base import PointwiseMap, RoISlices
@@ -52,40 +53,9 @@ __all__ = [
     "window_clicks",
 ]
 
-#: Expert settings (``cfg`` of :class:`LocalRoIExpert`) and their defaults.
-LOCAL_ROI_DEFAULTS: Dict[str, Any] = {
-    # The network on the window: 'vista3d' (DCM's released pairing) or 'sam_med3d' (the design card's).
-    "backbone": "vista3d",
-    # (z, y, x) window size, or one int for a cube; None: the backbone's own (VISTA3D: 128; SAM-Med3D: its
-    # img_size, the only size it takes). VISTA3D needs multiples of 16 (vista3d132) / 8 (reduced).
-    "window_size": None,
-    # Clicks given to the backbone: all of the object's clicks inside the window, or only the last one.
-    "clicks": "inside_window",
-    # Use the box centre as a positive click for an object that has a box but no click yet.
-    "box_center_as_click": False,
-    # None: every window is centred at the last click (DCM). An int m: keep the previous window of the same
-    # image (and its cached encoder output) while the last click lies >= m voxels inside its inner edges.
-    "reuse_window_margin": None,
-    # VISTA3D's normalisation: these percentiles of the whole image mapped to 0 and 1.
-    "percentiles": (1.0, 99.0),
-    # SAM-Med3D's z-normalisation over voxels > 0 of the window: 'torchio' or 'monai'.
-    "znorm": "torchio",
-    # SAM-Med3D's mask prompt: 'previous' (prev_pred == label in the window; zeros without prev_pred) or
-    # 'none' (no_mask_embed). VISTA3D takes none.
-    "mask_prompt": "previous",
-    "device": "cpu",
-    # Autocast (CUDA only) and its dtype.
-    "amp": False,
-    "amp_dtype": "float16",
-    # torch.compile the image encoder (the first pass per input shape compiles; for long GPU sessions).
-    "compile": False,
-    # Model config (dict, preset name or YAML path; None: vista3d132 / sam_med3d_64 by backbone), checkpoint
-    # key (by role, whatever the backbone) and name+shape partial loading (SAM-Med3D only), used by
-    # ``from_config``.
-    "model": None,
-    "checkpoint_key": "model",
-    "init_partial": False,
-}
+#: Expert settings (``cfg`` of :class:`LocalRoIExpert`) and their defaults: the ``local_expert`` section,
+#: written (with what each key means) in :class:`dcm.config_schema.LocalExpertConfig`.
+LOCAL_ROI_DEFAULTS: Dict[str, Any] = LocalExpertConfig().to_dict()
 
 _WHO = "local expert"
 
@@ -254,19 +224,6 @@ def window_clicks(
 # ------------------------------------------------------------------------------------------------- expert
 
 
-def as_zyx(value: Union[int, Sequence[int]], what: str) -> ZYX:
-    """A (z, y, x) size from one int (a cube) or 3 ints; ``ConfigError`` naming ``what`` otherwise."""
-    if isinstance(value, (int, np.integer)):
-        value = (int(value),) * 3
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be an int or 3 ints (z, y, x), got {value!r}") from None
-    if len(out) != 3 or min(out) <= 0:
-        raise ConfigError(f"{what} must be positive, one int or 3 ints (z, y, x), got {value!r}")
-    return out  # type: ignore[return-value]
-
-
 class LocalRoIExpert(BackboneExpert):
     """DCM's local-RoI expert: a native-resolution window (a :class:`LocalWindow`) at the last click over a
     backbone (VISTA3D's point head by default).
@@ -289,27 +246,20 @@ class LocalRoIExpert(BackboneExpert):
     who = _WHO
     defaults = LOCAL_ROI_DEFAULTS
 
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        LocalExpertConfig.from_mapping(cfg, LocalExpertConfig.role)
+
     def __init__(self, model: Union[torch.nn.Module, Backbone], cfg: Optional[Mapping[str, Any]] = None):
         cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(LOCAL_ROI_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"local expert: unknown keys {unknown} (known: {sorted(LOCAL_ROI_DEFAULTS)})")
-        self.cfg: Dict[str, Any] = {**LOCAL_ROI_DEFAULTS, **cfg}
+        self.cfg: Dict[str, Any] = LocalExpertConfig.from_mapping(cfg, LocalExpertConfig.role).to_dict()
         options = backbone_options(self.cfg, _WHO, cache_size=1)
         self._build_backbone(model, cfg.get("backbone"), options)
         size = self.cfg["window_size"]
-        self.window_size: ZYX = as_zyx(self.backbone.default_frame_size() if size is None else size, "local expert: window_size")
-        self.backbone.check_frame(self.window_size, "local expert: window_size")
-        if self.cfg["clicks"] not in ("inside_window", "last"):
-            raise ConfigError(f"local expert: clicks must be 'inside_window' or 'last', got {self.cfg['clicks']!r}")
-        if self.cfg["mask_prompt"] not in ("previous", "none", None):
-            raise ConfigError(
-                f"local expert: mask_prompt must be 'previous' or 'none', got {self.cfg['mask_prompt']!r}"
-            )
+        self.window_size: ZYX = as_zyx(self.backbone.default_frame_size() if size is None else size,
+                                       "local_expert.window_size")
+        self.backbone.check_frame(self.window_size, "local_expert.window_size")
         self.percentiles = tuple(options["percentiles"])
-        margin = self.cfg["reuse_window_margin"]
-        if margin is not None and (not isinstance(margin, (int, np.integer)) or margin < 0):
-            raise ConfigError(f"local expert: reuse_window_margin must be None or an int >= 0, got {margin!r}")
         self.reset()
 
     @property

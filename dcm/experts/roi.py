@@ -35,6 +35,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from dcm.config_schema import ZNORM_MODES
 from dcm.data.cases import Box
 from dcm.experts.base import PointwiseMap
 from dcm.prompts import ZYX
@@ -56,7 +57,6 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 #: ``monai``: MONAI ``NormalizeIntensity(nonzero=True)`` (only voxels > 0 change; population std);
 #: ``torchio``: torchio ``ZNormalization(masking_method=x > 0)`` (every voxel shifted; sample std).
-ZNORM_MODES = ("monai", "torchio")
 
 
 def _round_half_up(x: float) -> int:

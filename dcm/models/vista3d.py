@@ -25,7 +25,8 @@ from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMapp
 from dcm.errors import ConfigError
 from dcm.models.onednn import use_onednn_conv3d
 
-__all__ = ["VISTA3D_DEFAULTS", "build_vista3d", "load_vista3d_config", "vista3d_shape_factor", "count_parameters"]
+__all__ = ["VISTA3D_DEFAULTS", "build_vista3d", "check_vista3d_config", "load_vista3d_config", "vista3d_shape_factor",
+           "count_parameters"]
 
 #: Every key ``build_vista3d`` understands, with the value the full model uses.
 VISTA3D_DEFAULTS: Dict[str, Any] = {
@@ -44,10 +45,8 @@ VISTA3D_DEFAULTS: Dict[str, Any] = {
 
 _FULL_ONLY = ("encoder_embed_dim", "blocks_down", "norm", "n_classes", "last_supported", "class_head_mlp")
 
-_PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
-
-
-def _check_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+def check_vista3d_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """A VISTA3D model config with :data:`VISTA3D_DEFAULTS` filled in; ConfigError naming the key otherwise."""
     unknown = sorted(set(cfg) - set(VISTA3D_DEFAULTS))
     if unknown:
         raise ConfigError(f"vista3d config: unknown keys {unknown} (known: {sorted(VISTA3D_DEFAULTS)})")
@@ -85,7 +84,7 @@ def build_vista3d(cfg: Optional[Mapping[str, Any]] = None) -> VISTA3D:
     Raises:
         ConfigError: unknown keys, an invalid value, or a ``full`` config that changes the architecture.
     """
-    cfg = _check_config(cfg or {})
+    cfg = check_vista3d_config(cfg or {})
     if cfg["variant"] == "full":
         changed = [k for k in _FULL_ONLY if cfg[k] != VISTA3D_DEFAULTS[k]]
         if changed:
@@ -109,19 +108,14 @@ def build_vista3d(cfg: Optional[Mapping[str, Any]] = None) -> VISTA3D:
 
 
 def load_vista3d_config(name_or_path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a model config: a YAML file path, or a preset name from ``configs/models`` (``vista3d132``)."""
-    import yaml
+    """Read and check a model config: a YAML file path, or a preset name from ``configs/models`` (``vista3d132``).
 
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = _PRESETS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such model config")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: a model config must be a mapping, got {type(cfg).__name__}")
-    _check_config(cfg)
+    Read by :func:`dcm.config.load_model_config`, the one config reader.
+    """
+    from dcm.config import load_model_config
+
+    cfg = load_model_config(name_or_path)
+    check_vista3d_config(cfg)
     return cfg
 
 

@@ -7,18 +7,19 @@ released pairing); ``model`` names a preset (``configs/models``) of that backbon
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
 from dcm.data.intensity import _percentiles
+from dcm.config_schema import ZNORM_MODES, as_zyx
 from dcm.errors import CheckpointError, ConfigError
 from dcm.experts.backbones.base import Backbone, _amp_dtype
 from dcm.experts.backbones.sam_med3d import SamMed3DBackbone
 from dcm.experts.backbones.vista3d import Vista3DBackbone
-from dcm.experts.roi import ZNORM_MODES
 
 __all__ = [
     "BACKBONES",
@@ -26,6 +27,8 @@ __all__ = [
     "backbone_kind_of",
     "backbone_options",
     "build_backbone_model",
+    "check_expert_models",
+    "check_model_preset",
     "load_backbone_weights",
     "make_backbone",
     "preset_kind",
@@ -185,3 +188,77 @@ def load_backbone_weights(
         if path is not None:
             report.source = str(path)
         print(report.format(), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ model presets
+
+
+def check_model_preset(kind: str, model: Any, where: str) -> Dict[str, Any]:
+    """The model preset an expert section names (name, YAML path, dict or None), loaded and checked.
+
+    Args:
+        kind: the section's backbone, ``sam_med3d`` or ``vista3d``.
+        model: the section's ``model`` (None: the backbone's full-size preset).
+        where: the section's key (``local_expert``), for errors.
+
+    Raises:
+        ConfigError: unknown preset, a preset of the other backbone, or a bad preset key.
+    """
+    from dcm.models import load_model_config
+
+    model_cfg = dict(model) if isinstance(model, Mapping) else load_model_config(model or DEFAULT_MODELS[kind])
+    found = preset_kind(model_cfg)
+    if found is not None and found != kind:
+        name = model_cfg.get("name", model)
+        raise ConfigError(f"{where}.model: {name!r} is a {found} preset but the backbone is {kind!r}; "
+                          f"set {where}.model to a {kind} preset (e.g. {DEFAULT_MODELS[kind]})")
+    try:
+        if kind == "sam_med3d":
+            from dcm.models.sam_med3d.build import resolve_config
+
+            return resolve_config(model_cfg)
+        from dcm.models.vista3d import check_vista3d_config
+
+        return check_vista3d_config(model_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.model: {e}") from None
+
+
+def _frame_rule(kind: str, preset: Mapping[str, Any]) -> Tuple[Optional[int], int]:
+    """(the only side a frame may have or None, what each side must be divisible by) for a checked preset."""
+    if kind == "sam_med3d":
+        return int(preset["img_size"]), 1
+    if preset["variant"] == "full":
+        levels = 5  # vista3d132's SegResNetDS2 encoder
+    else:
+        levels = len(preset["blocks_down"])
+    factor = 2 ** (levels - 1)
+    return None, factor * 2 // math.gcd(factor, 2)  # the point head halves and doubles once more
+
+
+def check_expert_models(cfg: Mapping[str, Any], roles: Tuple[str, ...] = ("global", "local")) -> None:
+    """Before any network is built: each needed expert's model preset and its frame / window size.
+
+    Args:
+        cfg: a checked inference config (:func:`check_dcm_config`).
+        roles: the experts that will be built (``global`` / ``local``).
+
+    Raises:
+        ConfigError: naming the key (``local_expert.window_size (100, 100, 100) must be divisible by ...``).
+    """
+    for role in roles:
+        where = f"{role}_expert"
+        section = cfg[where]
+        kind = section["backbone"]
+        preset = check_model_preset(kind, section["model"], where)
+        only, factor = _frame_rule(kind, preset)
+        key = "frame_size" if role == "global" else "window_size"
+        value = section[key]
+        if value is None:
+            continue
+        size = (int(value),) * 3 if role == "global" else as_zyx(value, f"{where}.{key}")
+        if only is not None and size != (only,) * 3:
+            raise ConfigError(f"{where}.{key} {size} must be the SAM-Med3D model's input size "
+                              f"({only},) * 3 (its img_size)")
+        if any(s % factor for s in size):
+            raise ConfigError(f"{where}.{key} {size} must be divisible by {factor} for this model")
