@@ -8,11 +8,21 @@ a working folder holding ``inputs/<case>.npz`` and ``outputs/``.
     python -m dcm.evaluate --cases DIR --out DIR --predict-cmd "sh predict.sh"
     python -m dcm.evaluate --cases DIR --out DIR --predictor box-fill        # in-process, fast
     python -m dcm.evaluate --cases DIR --out DIR --predictor my.module:predict
+    python -m dcm.evaluate --cases DIR --out DIR --predictor dcm --config dcm_small --weights W --workers 2
+    python -m dcm.evaluate --cases DIR --out DIR --predictor dcm --ray ADDRESS --workers 8 --resume
+    python -m dcm.evaluate --cases DIR --out PART_I --predict-cmd "sh predict.sh" --num-parts K --part-id I
+    python -m dcm.evaluate merge PART_0 PART_1 ... --out DIR
 
-Writes ``metrics.csv`` (official columns and order), ``summary.csv`` / ``summary.md`` (per-modality means),
+Each case's result is written as it finishes (``cases/<case>.json``, atomically): ``--resume`` skips the cases
+finished before. ``--workers N`` / ``--ray`` run cases in parallel (``dcm.parallel``); ``metrics.csv`` is the same
+as a sequential run's, apart from the time columns.
+
+Writes ``metrics.csv`` (official columns and order; ``CaseName`` is the file name with ``.npz``, as the
+organisers' evaluator writes it), ``summary.csv`` / ``summary.md`` (per-modality means),
 ``clicks.csv`` (per case and click step: the clicks given so far and how many the output keeps, see
 ``dcm.engine.clicks``),
-``failures.csv`` (cases that could not be evaluated), and with ``--save-all-segs`` ``all_segs/<case>.npz``.
+``failures.csv`` (cases that could not be evaluated), ``notes.txt`` (per-step problems, with the last lines a
+failing predict command printed), and with ``--save-all-segs`` ``all_segs/<case>.npz``.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import json
 import os
 import shlex
 import signal
@@ -29,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -46,9 +57,17 @@ __all__ = [
     "SECONDS_PER_CLASS",
     "METRIC_COLUMNS",
     "CaseResult",
+    "CaseRecord",
     "CommandPredictor",
+    "InProcessPredictor",
+    "PredictorSpec",
+    "build_step_runner",
     "evaluate_case",
+    "evaluate_file",
     "evaluate_folder",
+    "select_case_files",
+    "load_records",
+    "write_results",
     "summarise",
     "main",
 ]
@@ -132,9 +151,11 @@ class CommandPredictor:
     The command runs through ``sh -c`` (shell syntax works) with that folder as its working directory (as
     ``/workspace`` in the organisers' container); relative paths in the command that name existing files
     where the evaluator was started (``predict.sh``) are made absolute. ``DCM_INPUT_DIR`` /
-    ``DCM_OUTPUT_DIR`` are set too, and the folder holding the ``dcm`` package is put on ``PYTHONPATH``. The
-    command runs in its own process group: at a timeout, and when it ends, every process it started is
-    killed.
+    ``DCM_OUTPUT_DIR`` are set too, the folder holding the ``dcm`` package is put on ``PYTHONPATH``, and
+    ``PYTHON`` (the interpreter ``predict.sh`` runs) is this evaluator's own (``sys.executable``) unless it is
+    set already. The command runs in its own process group: at a timeout, and when it ends, every process it
+    started is killed. The log it returns is the command's stdout, then its stderr, then ``[exit status N]``
+    when it failed.
     """
 
     def __init__(self, command: str, timeout: Optional[float] = None, verbose: bool = False):
@@ -148,19 +169,20 @@ class CommandPredictor:
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["DCM_INPUT_DIR"] = str(workdir / "inputs")
         env["DCM_OUTPUT_DIR"] = str(workdir / "outputs")
+        env.setdefault("PYTHON", sys.executable)
         start = time.perf_counter()
         # Its own session (process group): a timeout, or the end of the step, ends every process it started.
         proc = subprocess.Popen(["sh", "-c", self.command], cwd=workdir, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
         try:
-            log, _ = proc.communicate(timeout=self.timeout)
-            log = log or ""
+            out, err = proc.communicate(timeout=self.timeout)
+            log = (out or "") + ("\n" if out and not out.endswith("\n") and err else "") + (err or "")
             if proc.returncode != 0:
-                log += f"\n[exit status {proc.returncode}]"
+                log += f"\n{_COMMAND_FAILED} {proc.returncode}]"
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid)
             proc.communicate()
-            log = f"[timed out after {self.timeout} s]"
+            log = f"{_COMMAND_TIMED_OUT} {self.timeout} s]"
         except BaseException:  # Ctrl-C: leave nothing running
             _kill_group(proc.pid)
             proc.wait()
@@ -171,6 +193,23 @@ class CommandPredictor:
         if self.verbose and log.strip():
             print(log, file=sys.stderr)
         return seconds, log
+
+
+#: how a step's log says that the command failed (then its last lines go to ``notes.txt``).
+_COMMAND_FAILED = "[exit status"
+_COMMAND_TIMED_OUT = "[timed out after"
+#: how many of a failed command's last output lines go to ``notes.txt``.
+LOG_TAIL_LINES = 8
+
+
+def _log_tail(log: str, lines: int = LOG_TAIL_LINES) -> List[str]:
+    """The last ``lines`` non-empty lines of a step's log (a failing command's stderr ends it)."""
+    return [line.rstrip() for line in log.splitlines() if line.strip()][-lines:]
+
+
+def case_file_name(name: str) -> str:
+    """A case's ``CaseName`` as the organisers' evaluator writes it: the file name, with ``.npz``."""
+    return name if name.endswith(".npz") else f"{name}.npz"
 
 
 def _kill_group(pgid: int) -> None:
@@ -272,7 +311,8 @@ class InProcessPredictor:
 
 
 def resolve_predictor(spec: str, cases_dir: Path) -> Callable[[Case], np.ndarray]:
-    """``oracle``, ``box-fill`` or ``module:callable`` (a callable, or a class / factory taking no args)."""
+    """``oracle``, ``box-fill`` or ``module:callable`` (a callable, or a class / factory taking no args);
+    ``dcm`` (which needs a config) is built by :func:`build_step_runner`."""
     from dcm.baselines import BoxFillPredictor, OraclePredictor
 
     if spec == "oracle":
@@ -281,11 +321,126 @@ def resolve_predictor(spec: str, cases_dir: Path) -> Callable[[Case], np.ndarray
         return BoxFillPredictor()
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise SystemExit(f"--predictor {spec!r}: expected 'oracle', 'box-fill' or 'module:callable'")
+        raise ConfigError(f"--predictor {spec!r}: expected 'oracle', 'box-fill', 'dcm' or 'module:callable'")
     obj = getattr(importlib.import_module(module_name), attr)
     if isinstance(obj, type):
         obj = obj()
     return obj
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """What a worker needs to build its step runner: picklable, so that worker processes and Ray actors build
+    their own (the experts load once per worker, at its first case).
+
+    Exactly one of ``command`` (``--predict-cmd``), ``predictor`` (``oracle``, ``box-fill``, ``dcm`` or
+    ``module:callable``) or ``variant_config`` (one variant of ``dcm.ablate``: a whole config dict) is set.
+    """
+
+    command: Optional[str] = None
+    timeout: Optional[float] = None
+    verbose: bool = False
+    predictor: Optional[str] = None
+    cases_dir: Optional[str] = None  # for the oracle
+    config: Optional[str] = None  # --predictor dcm: config file or preset name (default configs/dcm.yaml)
+    overrides: Tuple[str, ...] = ()
+    weights: Optional[str] = None
+    device: Optional[str] = None
+    random_init: bool = False
+    trusted: bool = False
+    seed: int = 0
+    variant_config: Optional[Dict[str, Any]] = field(default=None, hash=False, compare=False)
+
+    def key(self) -> str:
+        """A string naming the predictor: workers keep one built runner per key."""
+        return json.dumps({k: v for k, v in self.__dict__.items()}, sort_keys=True, default=str)
+
+
+def dcm_predictor(spec: PredictorSpec) -> Callable[[Case], np.ndarray]:
+    """DCM's predictor built as ``predict.sh`` builds it (same config, overrides, seed, weights): the same
+    outputs, bit for bit. The torch random state right after building is restored before every call, as
+    each ``predict.sh`` call starts from it.
+
+    Raises:
+        DCMError: a bad config, device, seed or weights file (one line).
+    """
+    import torch
+
+    from dcm.cli import check_device
+    from dcm.config import load_config
+    from dcm.engine.predictor import DCMPredictor
+    from dcm.experts import build_experts_from_config
+
+    cfg = load_config(spec.config or "dcm", tuple(spec.overrides))
+    check_device(spec.device or cfg.get("device"), "--device" if spec.device else "device")
+    torch.manual_seed(spec.seed)
+    cfg, experts = build_experts_from_config(cfg, spec.weights, spec.device, (), trusted=spec.trusted,
+                                             random_init=spec.random_init)
+    return _FixedRandomState(DCMPredictor(experts, cfg.get("engine")), torch.get_rng_state())
+
+
+class _FixedRandomState:
+    """Calls ``predict_fn`` with torch's random state reset to ``state`` each time (a fresh process's)."""
+
+    def __init__(self, predict_fn: Callable[[Case], np.ndarray], state: Any):
+        self.predict_fn, self.state = predict_fn, state
+
+    def __call__(self, case: Case) -> np.ndarray:
+        import torch
+
+        torch.set_rng_state(self.state)
+        return self.predict_fn(case)
+
+
+def check_predictor_spec(spec: PredictorSpec) -> None:
+    """The checks that can be made before any worker starts, so that a bad setting is one line at once.
+
+    Raises:
+        DCMError: a bad command, config, device, seed or weights path.
+    """
+    from dcm.errors import CheckpointError
+
+    if spec.command is not None:
+        absolutise_command(spec.command)
+    elif spec.predictor not in (None, "dcm", "oracle", "box-fill"):
+        module_name, _, attr = str(spec.predictor).partition(":")
+        if not attr:
+            raise ConfigError(f"--predictor {spec.predictor!r}: expected 'oracle', 'box-fill', 'dcm' or "
+                              f"'module:callable'")
+        try:
+            getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"--predictor {spec.predictor}: {type(e).__name__}: {e}") from None
+    elif spec.predictor == "dcm":
+        from dcm.cli import check_device
+        from dcm.config import load_config, resolve_repo_path
+        from dcm.engine.predictor import check_engine_config
+
+        cfg = load_config(spec.config or "dcm", tuple(spec.overrides))
+        check_engine_config(cfg.get("engine"))
+        check_device(spec.device or cfg.get("device"), "--device" if spec.device else "device")
+        if not spec.random_init:
+            weights = resolve_repo_path(spec.weights or cfg.get("weights"))
+            if weights is None:
+                raise CheckpointError("no weights given: pass --weights FILE, or --random-init for a test run")
+            if not Path(weights).is_file():
+                raise CheckpointError(f"{weights}: weights file not found")
+
+
+def build_step_runner(spec: PredictorSpec, cache: Optional[Dict[str, Any]] = None) -> StepRunner:
+    """The step runner ``spec`` describes. ``cache`` (one per worker) keeps the experts that ablation
+    variants share (see ``dcm.cli.ablate.variant_predictor``)."""
+    if spec.command is not None:
+        return CommandPredictor(spec.command, timeout=spec.timeout, verbose=spec.verbose)
+    if spec.variant_config is not None:
+        from dcm.cli.ablate import variant_predictor
+
+        built = (cache if cache is not None else {}).setdefault("ablation_experts", {})
+        return InProcessPredictor(variant_predictor(spec.variant_config, spec.weights, built, spec.device,
+                                                    spec.random_init))
+    if spec.predictor == "dcm":
+        return InProcessPredictor(dcm_predictor(spec))
+    return InProcessPredictor(resolve_predictor(str(spec.predictor), Path(spec.cases_dir or ".")))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -338,7 +493,7 @@ def evaluate_case(
     if has_boxes and len(case.objects) != len(labels):
         raise CaseError(case.path or case.name, "boxes", f"{len(case.objects)} boxes for {len(labels)} labels")
     spacing = case.spacing_xyz if nsd_spacing == "stored" else case.spacing_zyx
-    result = CaseResult(name=case.name, num_class=len(labels))
+    result = CaseResult(name=case_file_name(case.name), num_class=len(labels))
 
     in_dir, out_dir = workdir / "inputs", workdir / "outputs"
     in_dir.mkdir(parents=True, exist_ok=True)
@@ -370,8 +525,11 @@ def evaluate_case(
         seconds, log = run_step(in_file, workdir)
         segs, problem = _read_segs(out_file, case.shape)
         result.seconds[step - 1] = seconds
-        if problem:
-            result.notes.append(f"step {step}: {problem}" + (f" [{log.strip().splitlines()[-1]}]" if log.strip() else ""))
+        failed = _COMMAND_FAILED in log or _COMMAND_TIMED_OUT in log
+        if problem or failed:
+            note = f"step {step}: {problem or 'the predictor failed'}"
+            tail = _log_tail(log) if failed or problem else []
+            result.notes.append(note + "".join(f"\n    {line}" for line in tail))
         dsc, nsd_value = case_scores(gts, segs, spacing)
         result.dsc[step - 1], result.nsd[step - 1] = dsc, nsd_value
         if step > 1:
@@ -426,53 +584,144 @@ def _write_csv(path: Path, rows: Sequence[Dict[str, object]], columns: Sequence[
             writer.writerow(row)
 
 
-def evaluate_folder(
-    cases_dir: Path,
-    out_dir: Path,
-    run_step: StepRunner,
-    nsd_spacing: str = "stored",
-    save_all_segs: bool = False,
-    limit: Optional[int] = None,
-    progress: bool = True,
-) -> Tuple[List[Dict[str, object]], List[Tuple[str, str]]]:
-    """Evaluate every ``*.npz`` of ``cases_dir`` (sorted by name) and write the result files to ``out_dir``.
+@dataclass
+class CaseRecord:
+    """The outcome of one case file: what ``cases/<case>.json`` holds.
+
+    ``status``: ``ok`` (scored), ``error`` (the case cannot be evaluated: bad input, a wrong output shape; the
+    same again on a rerun) or ``crash`` (the worker running it died, or an unexpected error, ``retries`` times
+    over; ``--resume`` tries it again).
+    """
+
+    case: str  # file name, with .npz
+    status: str
+    row: Optional[Dict[str, object]] = None
+    clicks_row: Optional[Dict[str, object]] = None
+    notes: List[str] = field(default_factory=list)
+    error: str = ""
+    attempts: int = 1
+    all_segs: Optional[np.ndarray] = None  # (6, z, y, x) with save_all_segs; not part of the JSON
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``--resume`` keeps this result instead of evaluating the case again."""
+        return self.status in ("ok", "error")
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in self.__dict__.items() if k != "all_segs"}
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CaseRecord":
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in ("case", "status", "row", "clicks_row", "notes", "error", "attempts")
+                      if k in data})
+
+
+RECORDS_DIR = "cases"
+
+
+def record_path(out_dir: Path, case: str) -> Path:
+    """Where the record of ``case`` (a file name) lives in a run folder."""
+    return Path(out_dir) / RECORDS_DIR / f"{case_file_name(case)}.json"
+
+
+def save_record(out_dir: Path, record: CaseRecord) -> None:
+    """Write a finished case (``all_segs`` first, then its record, each atomically): a record on disk means
+    the case is done, whatever stops the run afterwards."""
+    if record.all_segs is not None:
+        atomic_savez(Path(out_dir) / "all_segs" / record.case, all_segs=record.all_segs)
+    with atomic_path(record_path(out_dir, record.case)) as tmp:
+        tmp.write_text(record.to_json() + "\n")
+    record.all_segs = None  # on disk now: a long run must not keep every case's arrays in memory
+
+
+def load_records(out_dir: Path, cases: Optional[Sequence[str]] = None,
+                 need_all_segs: bool = False) -> Dict[str, CaseRecord]:
+    """The records of a run folder (only those of ``cases`` when given), by case file name. A record that
+    cannot be read, or (``need_all_segs``) whose ``all_segs`` file is missing, is left out: that case runs
+    again."""
+    records: Dict[str, CaseRecord] = {}
+    folder = Path(out_dir) / RECORDS_DIR
+    wanted = None if cases is None else {case_file_name(c) for c in cases}
+    if not folder.is_dir():
+        return records
+    for path in sorted(folder.glob("*.npz.json")):
+        try:
+            record = CaseRecord.from_json(path.read_text())
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if wanted is not None and record.case not in wanted:
+            continue
+        if need_all_segs and record.status == "ok" and not (Path(out_dir) / "all_segs" / record.case).is_file():
+            continue
+        records[record.case] = record
+    return records
+
+
+def evaluate_file(path: Path, run_step: StepRunner, nsd_spacing: str = "stored",
+                  save_all_segs: bool = False) -> CaseRecord:
+    """The whole 6-step protocol on one case file, in a temporary working folder: the unit of work of the
+    sequential run and of every worker (``dcm.parallel``). A case that cannot be evaluated (bad input, a
+    wrong output shape) is an ``error`` record; other exceptions propagate."""
+    steps: Optional[List[np.ndarray]] = [] if save_all_segs else None
+    name = case_file_name(Path(path).name)
+    with tempfile.TemporaryDirectory(prefix="dcm-eval-") as tmp:
+        try:
+            case = load_case(Path(path), strict=True)
+            result = evaluate_case(case, run_step, Path(tmp), nsd_spacing, steps)
+        except (DCMError, ValueError) as e:
+            # ShapeError: the organisers would abort the whole run here; we record it and go on.
+            return CaseRecord(name, "error", error=" ".join(str(e).split()))
+    notes = list(result.notes)
+    if result.over_budget:
+        notes.append(f"OVER BUDGET {result.total_seconds:.1f} s > {result.runtime_upperbound:.0f} s")
+    return CaseRecord(name, "ok", row=result.row(), clicks_row=result.clicks_row(), notes=notes,
+                      all_segs=np.stack(steps) if steps is not None else None)
+
+
+def select_case_files(cases_dir: Path, limit: Optional[int] = None, num_parts: int = 1,
+                      part_id: int = 0) -> List[Path]:
+    """The case files a run evaluates: ``*.npz`` of ``cases_dir`` sorted by name, the first ``limit``, and of
+    those part ``part_id`` of ``num_parts`` (every ``num_parts``-th file from the ``part_id``-th: a
+    deterministic split that mixes modalities evenly).
+
+    Raises:
+        ConfigError: no such folder, or a bad part.
+    """
+    cases_dir = Path(cases_dir)
+    if not cases_dir.is_dir():
+        raise ConfigError(f"{cases_dir}: no such folder")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ConfigError(f"--num-parts {num_parts} --part-id {part_id}: need num-parts >= 1 and "
+                          f"0 <= part-id < num-parts")
+    files = sorted(p for p in cases_dir.iterdir() if p.suffix == ".npz")[:limit]
+    return files[part_id::num_parts]
+
+
+def report_record(record: CaseRecord, write: Callable[..., None] = print) -> None:
+    """The lines a finished case prints: ``FAILED <case>: <error>``, or its over-budget note."""
+    if not record.status == "ok":
+        write(f"FAILED {record.case}: {record.error}", file=sys.stderr)
+    for note in record.notes:
+        if note.startswith("OVER BUDGET"):
+            write(f"{record.case}: {note}")
+
+
+def write_results(out_dir: Path, records: Sequence[CaseRecord]) -> Tuple[List[Dict[str, object]], List[Tuple[str, str]]]:
+    """Write ``metrics.csv``, ``clicks.csv``, ``summary.csv`` / ``summary.md``, ``failures.csv`` and
+    ``notes.txt`` from the records, in case-name order (whatever order they finished in).
 
     Returns:
-        ``(metric_rows, failures)``; a case that cannot be evaluated is listed in ``failures`` and the run
-        goes on.
+        ``(metric_rows, failures)``.
     """
-    from tqdm import tqdm
-
-    cases_dir, out_dir = Path(cases_dir), Path(out_dir)
-    if not cases_dir.is_dir():
-        raise SystemExit(f"{cases_dir}: no such folder")
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = sorted(p for p in cases_dir.iterdir() if p.suffix == ".npz")[:limit]
-    rows: List[Dict[str, object]] = []
-    click_rows: List[Dict[str, object]] = []
-    failures: List[Tuple[str, str]] = []
-    notes: List[str] = []
-    bar = tqdm(files, desc="evaluate", unit="case", disable=not progress)
-    for path in bar:
-        bar.set_postfix_str(path.stem)
-        steps: Optional[List[np.ndarray]] = [] if save_all_segs else None
-        with tempfile.TemporaryDirectory(prefix="dcm-eval-") as tmp:
-            try:
-                case = load_case(path, strict=True)
-                result = evaluate_case(case, run_step, Path(tmp), nsd_spacing, steps)
-            except (DCMError, ValueError) as e:
-                # ShapeError: the organisers would abort the whole run here; we record it and go on.
-                failures.append((path.stem, " ".join(str(e).split())))
-                tqdm.write(f"FAILED {path.name}: {failures[-1][1]}", file=sys.stderr)
-                continue
-        rows.append(result.row())
-        click_rows.append(result.clicks_row())
-        notes += [f"{result.name}: {n}" for n in result.notes]
-        if result.over_budget:
-            notes.append(f"{result.name}: OVER BUDGET {result.total_seconds:.1f} s > {result.runtime_upperbound:.0f} s")
-            tqdm.write(notes[-1])
-        if steps is not None:
-            atomic_savez(out_dir / "all_segs" / f"{path.stem}.npz", all_segs=np.stack(steps))
+    ordered = sorted(records, key=lambda r: r.case)
+    rows = [dict(r.row) for r in ordered if r.status == "ok" and r.row is not None]
+    click_rows = [dict(r.clicks_row) for r in ordered if r.status == "ok" and r.clicks_row is not None]
+    failures = [(r.case, r.error) for r in ordered if r.status != "ok"]
+    notes = [f"{r.case}: {n}" for r in ordered for n in r.notes]
     _write_csv(out_dir / "metrics.csv", rows, METRIC_COLUMNS)
     _write_csv(out_dir / "clicks.csv", click_rows, list(CaseResult("", 0).clicks_row()))
     summary = summarise(rows, click_rows)
@@ -486,35 +735,203 @@ def evaluate_folder(
     return rows, failures
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def evaluate_folder(
+    cases_dir: Path,
+    out_dir: Path,
+    run_step: StepRunner,
+    nsd_spacing: str = "stored",
+    save_all_segs: bool = False,
+    limit: Optional[int] = None,
+    progress: bool = True,
+    resume: bool = False,
+    files: Optional[Sequence[Path]] = None,
+) -> Tuple[List[Dict[str, object]], List[Tuple[str, str]]]:
+    """Evaluate every ``*.npz`` of ``cases_dir`` (sorted by name) one after another in this process and
+    write the result files to ``out_dir``; each case's record is written as it finishes.
+
+    Args:
+        resume: keep the records of cases finished by an earlier run into ``out_dir``.
+        files: the case files to evaluate (default: :func:`select_case_files` of ``cases_dir``, ``limit``).
+
+    Returns:
+        ``(metric_rows, failures)``; a case that cannot be evaluated is listed in ``failures`` and the run
+        goes on.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    try:
+        files = list(files) if files is not None else select_case_files(Path(cases_dir), limit)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [case_file_name(p.name) for p in files]
+    done = {k: r for k, r in load_records(out_dir, names, save_all_segs).items() if r.finished} if resume else {}
+    records = list(done.values())
+    bar = tqdm([p for p in files if case_file_name(p.name) not in done], desc="evaluate", unit="case",
+               disable=not progress, total=len(files), initial=len(done))
+    for path in bar:
+        bar.set_postfix_str(path.stem)
+        record = evaluate_file(path, run_step, nsd_spacing, save_all_segs)
+        save_record(out_dir, record)
+        report_record(record, tqdm.write)
+        records.append(record)
+    return write_results(out_dir, records)
+
+
+MANIFEST = "run.json"
+
+
+def write_manifest(out_dir: Path, files: Sequence[Path], num_parts: int = 1, part_id: int = 0) -> None:
+    """``run.json``: the cases a run (or part of a split run) evaluates, for ``merge`` to check coverage."""
+    data = {"cases": [case_file_name(p.name) for p in files], "num_parts": num_parts, "part_id": part_id}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(out_dir) / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def load_manifest(out_dir: Path) -> Dict[str, Any]:
+    """A run folder's ``run.json`` (empty if it has none)."""
+    try:
+        return json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The evaluator's command line (``merge`` is a subcommand of its own: :func:`merge_main`)."""
     parser = argparse.ArgumentParser(prog="python -m dcm.evaluate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog="python -m dcm.evaluate merge PART_DIR... --out DIR: merge the "
+                                            "folders of a run split with --num-parts / --part-id")
     parser.add_argument("--cases", required=True, help="folder of source cases (.npz with gts)")
     parser.add_argument("--out", required=True, help="folder for metrics.csv, summary.md, ...")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--predict-cmd", help='external command run per step, e.g. "sh predict.sh"')
-    who.add_argument("--predictor", help="in-process: oracle, box-fill or module:callable")
+    who.add_argument("--predictor", help="in-process: oracle, box-fill, dcm or module:callable")
+    dcm_args = parser.add_argument_group("--predictor dcm (built as predict.sh builds it)")
+    dcm_args.add_argument("--config", help="config file or preset name (default configs/dcm.yaml)")
+    dcm_args.add_argument("--weights", help="combined checkpoint (default: the config's)")
+    dcm_args.add_argument("--random-init", action="store_true", help="random models (pipeline checks only)")
+    dcm_args.add_argument("--device", help="auto (default), cpu or cuda")
+    dcm_args.add_argument("--seed", type=int, default=0, help="torch seed, as predict.sh's --seed")
+    dcm_args.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in --weights")
+    dcm_args.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="config override (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per external call")
     parser.add_argument("--nsd-spacing", choices=["stored", "physical"], default="stored",
                         help="stored = organisers' x-y-z spacing on z-y-x axes (official numbers); physical = z-y-x")
     parser.add_argument("--save-all-segs", action="store_true", help="write all_segs/<case>.npz (6, z, y, x)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
     parser.add_argument("--verbose", action="store_true", help="print the external command's output")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run = parser.add_argument_group("parallel and resumable runs")
+    run.add_argument("--resume", action="store_true", help="keep the cases an earlier run into --out finished")
+    run.add_argument("--workers", type=int, default=1, help="cases evaluated at once (worker processes or actors)")
+    run.add_argument("--ray", nargs="?", const="default", metavar="ADDRESS|local",
+                     help="workers as Ray actors: a cluster address, 'local' (a Ray of this machine's own), or "
+                          "nothing (RAY_ADDRESS / a Ray running here)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads per worker (default: the CPUs shared evenly between workers)")
+    run.add_argument("--retries", type=int, default=2, help="tries again for a case whose worker died")
+    run.add_argument("--num-parts", type=int, default=1, help="split the sorted cases into K parts ...")
+    run.add_argument("--part-id", type=int, default=0, help="... and evaluate part I (0-based), then merge")
+    return parser
+
+
+def _spec_from_args(args: argparse.Namespace) -> PredictorSpec:
+    """The predictor the arguments name, with paths made absolute (workers may run elsewhere)."""
+    def absolute(path: Optional[str]) -> Optional[str]:
+        return str(Path(path).resolve()) if path and _exists(path) else path
 
     if args.predict_cmd:
-        try:
-            runner: StepRunner = CommandPredictor(args.predict_cmd, timeout=args.timeout, verbose=args.verbose)
-        except ConfigError as e:
-            print(f"evaluate: {e}", file=sys.stderr)
-            return 2
-    else:
-        runner = InProcessPredictor(resolve_predictor(args.predictor, Path(args.cases)))
-    rows, failures = evaluate_folder(Path(args.cases), Path(args.out), runner, args.nsd_spacing,
-                                     args.save_all_segs, args.limit)
-    print((Path(args.out) / "summary.md").read_text(), end="")
-    print(f"\n{len(rows)} cases evaluated, {len(failures)} failed; results in {args.out}")
+        return PredictorSpec(command=absolutise_command(args.predict_cmd), timeout=args.timeout,
+                             verbose=args.verbose)
+    return PredictorSpec(predictor=args.predictor, cases_dir=str(Path(args.cases).resolve()),
+                         config=absolute(args.config), overrides=tuple(args.overrides),
+                         weights=absolute(args.weights), device=args.device, random_init=args.random_init,
+                         trusted=args.trust_checkpoint, seed=args.seed)
+
+
+def _check_run_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers before anything runs (one line)."""
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: need at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: need at least 1")
+    if args.retries < 0:
+        raise ConfigError(f"--retries {args.retries}: need 0 or more")
+    if args.predictor != "dcm" and (args.config or args.weights or args.random_init or args.overrides):
+        raise ConfigError("--config / --weights / --random-init / --set go with --predictor dcm")
+
+
+def _finish(out: Path, rows: Sequence[Dict[str, object]], failures: Sequence[Tuple[str, str]]) -> int:
+    print((out / "summary.md").read_text(), end="")
+    print(f"\n{len(rows)} cases evaluated, {len(failures)} failed; results in {out}")
     return 1 if failures or not rows else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        _check_run_args(args)
+        spec = _spec_from_args(args)
+        files = select_case_files(Path(args.cases), args.limit, args.num_parts, args.part_id)
+        names = [case_file_name(p.name) for p in files]
+        done = ({k for k, r in load_records(out, names, args.save_all_segs).items() if r.finished}
+                if args.resume else set())
+        if len(done) == len(files) and files:  # nothing left: no predictor built, no worker started
+            write_manifest(out, files, args.num_parts, args.part_id)
+            return _finish(out, *write_results(out, list(load_records(out, names).values())))
+        check_predictor_spec(spec)
+        write_manifest(out, files, args.num_parts, args.part_id)
+        if args.workers > 1 or args.ray is not None:
+            from dcm.parallel import evaluate_parallel
+
+            rows, failures = evaluate_parallel(files, out, spec, args.nsd_spacing, args.save_all_segs,
+                                               args.workers, args.ray, args.threads, args.retries, args.resume,
+                                               progress=not args.no_progress)
+        else:
+            if args.threads is not None:
+                from dcm.parallel import configure_threads
+
+                configure_threads(args.threads)
+            runner = build_step_runner(spec)
+            if args.threads is not None:
+                configure_threads(args.threads)
+            rows, failures = evaluate_folder(Path(args.cases), out, runner, args.nsd_spacing, args.save_all_segs,
+                                             progress=not args.no_progress, resume=args.resume, files=files)
+    except DCMError as e:
+        print(" ".join(f"evaluate: {e}".split()), file=sys.stderr)
+        return 2
+    except (ImportError, AttributeError) as e:  # --predictor module:callable that is not there
+        print(f"evaluate: --predictor {args.predictor}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return _finish(out, rows, failures)
+
+
+def merge_main(argv: Sequence[str]) -> int:
+    """``python -m dcm.evaluate merge PART_DIR... --out DIR``."""
+    parser = argparse.ArgumentParser(prog="python -m dcm.evaluate merge",
+                                     description="Merge the run folders of a split run (--num-parts / --part-id) "
+                                                 "into one, as a single run writes it.")
+    parser.add_argument("parts", nargs="+", help="run folders of the parts")
+    parser.add_argument("--out", required=True, help="folder for the merged results")
+    args = parser.parse_args(argv)
+    from dcm.parallel import merge_runs
+
+    try:
+        rows, failures, warnings = merge_runs([Path(p) for p in args.parts], Path(args.out))
+    except DCMError as e:
+        print(" ".join(f"evaluate merge: {e}".split()), file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f"evaluate merge: {warning}", file=sys.stderr)
+    code = _finish(Path(args.out), rows, failures)
+    return code or (1 if warnings else 0)
 
 
 if __name__ == "__main__":
