@@ -189,3 +189,31 @@ def test_bad_settings_are_one_line_errors_before_any_worker(cases_dir, tmp_path,
     assert _run(cases_dir, tmp_path, "--predictor", "no_such_module:f", "--workers", 2) == 2
     assert _run(cases_dir, tmp_path, "--predictor", "box-fill", "--num-parts", 2, "--part-id", 2) == 2
     assert "evaluate: " in capsys.readouterr().err
+
+
+def test_ablation_on_two_workers_equals_sequential_and_resumes(cases_dir, tmp_path, monkeypatch):
+    import torch
+
+    import dcm.parallel
+    from dcm.cli.ablate import run_ablation
+
+    two = tmp_path / "cases"
+    two.mkdir()
+    for p in sorted(cases_dir.glob("*.npz"))[:2]:
+        (two / p.name).write_bytes(p.read_bytes())
+    ablation = {"base": "dcm_reduced", "variants": {"global": ["engine.policy=global_only"], "dual": []}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = run_ablation(ablation, two, tmp_path / "seq", random_init=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    par = run_ablation(ablation, two, tmp_path / "par", random_init=True, progress=False, workers=2, threads=1)
+    untimed = [{k: v for k, v in r.items() if k != "Seconds_per_case"} for r in seq]
+    assert [{k: v for k, v in r.items() if k != "Seconds_per_case"} for r in par] == untimed
+    for variant in ("global", "dual"):
+        assert (_table(tmp_path / "par" / variant, columns=NOT_TIMES)
+                == _table(tmp_path / "seq" / variant, columns=NOT_TIMES))
+    monkeypatch.setattr(dcm.parallel, "make_backend", lambda *a, **k: pytest.fail("a worker was started"))
+    again = run_ablation(ablation, two, tmp_path / "par", random_init=True, progress=False, workers=2, resume=True)
+    assert [{k: v for k, v in r.items() if k != "Seconds_per_case"} for r in again] == untimed
