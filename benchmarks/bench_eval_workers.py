@@ -67,7 +67,6 @@ def main(argv: Sequence[str] = None) -> int:
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     from dcm.evaluate import main as evaluate_main
     from dcm.parallel import cpu_count, default_threads
 

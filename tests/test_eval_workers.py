@@ -217,3 +217,22 @@ def test_ablation_on_two_workers_equals_sequential_and_resumes(cases_dir, tmp_pa
     monkeypatch.setattr(dcm.parallel, "make_backend", lambda *a, **k: pytest.fail("a worker was started"))
     again = run_ablation(ablation, two, tmp_path / "par", random_init=True, progress=False, workers=2, resume=True)
     assert [{k: v for k, v in r.items() if k != "Seconds_per_case"} for r in again] == untimed
+
+
+def test_a_predictor_workers_cannot_build_stops_the_run_in_one_line_and_keeps_finished_cases(
+        cases_dir, sequential_box_fill, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(sequential_box_fill, out)
+    first = sorted(cases_dir.glob("*.npz"))[0].name
+    (out / "cases" / f"{first}.json").unlink()
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    capsys.readouterr()
+    assert _run(cases_dir, out, "--predictor", "dcm", "--config", "dcm_reduced", "--weights", bad,
+                "--workers", 2, "--resume") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate: ")]
+    assert len(err) == 1 and str(bad) in err[0]
+    kept = _table(out, columns=NOT_TIMES)
+    assert kept == [r for r in _table(sequential_box_fill, columns=NOT_TIMES) if r["CaseName"] != first]
