@@ -61,9 +61,9 @@ def test_predict_sh_through_the_evaluator(cases_dir, tmp_path):
     assert code == 0
     with open(tmp_path / "metrics.csv") as f:
         rows = {r["CaseName"]: r for r in csv.DictReader(f)}
-    assert float(rows["CT_case_0"]["RunningTime_1"]) > 0  # box step ran
-    assert float(rows["Microscopy_case_1"]["RunningTime_1"]) == 0  # no boxes: starts at step 2
-    assert all(float(rows["Microscopy_case_1"][f"RunningTime_{i}"]) > 0 for i in range(2, 7))
+    assert float(rows["CT_case_0.npz"]["RunningTime_1"]) > 0  # box step ran
+    assert float(rows["Microscopy_case_1.npz"]["RunningTime_1"]) == 0  # no boxes: starts at step 2
+    assert all(float(rows["Microscopy_case_1.npz"][f"RunningTime_{i}"]) > 0 for i in range(2, 7))
     assert "no output file" not in (tmp_path / "notes.txt").read_text()
 
 

@@ -16,7 +16,7 @@ DCM = Path(__file__).resolve().parents[1] / "dcm"
 LAYERS = [
     # foundation: the vocabulary everything speaks (no models, no torch at import)
     {"dcm.errors", "dcm.prompts", "dcm.regions", "dcm.tables", "dcm.atomic", "dcm.safe_pickle", "dcm.config",
-     "dcm.config_schema", "dcm.startup"},
+     "dcm.config_schema", "dcm.checks", "dcm.startup"},
     # the challenge's rules, case files and stored weights / networks
     {"dcm.protocol", "dcm.metrics", "dcm.data", "dcm.checkpoints", "dcm.models"},
     # one object's prediction in its own frame

@@ -362,13 +362,13 @@ def test_evaluator_lists_each_bad_case_and_scores_the_others(tmp_path, capsys):
         failures = {row["CaseName"]: row["Error"] for row in csv.DictReader(f)}
     with open(tmp_path / "out" / "metrics.csv") as f:
         rows = {row["CaseName"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"CT_good", "CT_one_slice", "CT_constant"}
-    assert float(rows["CT_one_slice"]["DSC_Final"]) == 1.0  # box-fill fills the one-slice boxes exactly
-    assert set(failures) == set(bad) | {"CT_truncated"}
+    assert set(rows) == {"CT_good.npz", "CT_one_slice.npz", "CT_constant.npz"}  # CaseName: the file name
+    assert float(rows["CT_one_slice.npz"]["DSC_Final"]) == 1.0  # box-fill fills the one-slice boxes exactly
+    assert set(failures) == {f"{name}.npz" for name in bad} | {"CT_truncated.npz"}
     for name, (field, _) in bad.items():
-        assert failures[name].startswith(f"{cases / name}.npz: {field}: ")
+        assert failures[f"{name}.npz"].startswith(f"{cases / name}.npz: {field}: ")
         assert [line for line in err.splitlines() if line.startswith(f"FAILED {name}.npz: ")], name
-    assert failures["CT_truncated"].startswith(f"{cases / 'CT_truncated.npz'}: not a readable .npz file")
+    assert failures["CT_truncated.npz"].startswith(f"{cases / 'CT_truncated.npz'}: not a readable .npz file")
 
 
 # ------------------------------------------------------------------------------------------- session

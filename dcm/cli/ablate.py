@@ -1,7 +1,7 @@
 """Run several variants of a DCM config through the evaluator and write one comparison table.
 
     python -m dcm.ablate --ablation configs/ablations/policies.yaml --cases CASES_DIR --out RESULTS_DIR \\
-        [--base CONFIG] [--weights FILE | --random-init] [key=value ...]
+        [--base CONFIG] [--weights FILE | --random-init] [--workers N] [--ray [ADDRESS]] [--resume] [key=value ...]
 
 An ablation file names a base config and its variants, each a list of overrides of the base, or a
 mapping naming its own config (and optionally overrides and a weights file)::
@@ -15,13 +15,17 @@ mapping naming its own config (and optionally overrides and a weights file)::
 Experts are built once and reused by every variant whose expert sections are unchanged (policies and
 fusion rules only change the engine), so weights load once. Results: ``RESULTS_DIR/<variant>/`` as
 written by ``dcm.evaluate`` and ``RESULTS_DIR/comparison.md`` / ``comparison.csv``.
+
+With ``--workers N`` (local processes) or ``--ray``, every (variant, case) pair is one task of the evaluator's
+worker pool (``dcm.evaluate.parallel``): each worker builds a variant's experts once and shares them with the variants
+that have the same expert sections. ``--resume`` keeps the cases each variant finished before. The results
+are the same as a sequential run's, apart from the time columns.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -30,6 +34,9 @@ import yaml
 
 from dcm.atomic import atomic_path
 from dcm.config import apply_overrides, load_config, resolve_config_path
+from dcm.engine.predictor import variant_predictor
+from dcm.errors import DCMError
+from dcm.evaluate import summarise
 from dcm.tables import markdown_table
 
 __all__ = ["variant_configs", "run_ablation", "main"]
@@ -54,39 +61,44 @@ def variant_configs(ablation: Dict[str, Any], overrides: Sequence[str] = (),
     return out
 
 
-def variant_predictor(cfg: Dict[str, Any], weights: Optional[str], built: Dict[str, Any],
-                      device: Optional[str] = None, random_init: bool = False) -> Any:
-    """A ``DCMPredictor`` for one variant's config, over the experts its policy calls.
-
-    Experts are built once per distinct expert config and weights and kept in ``built`` for the next
-    variants; a role an earlier variant did not need (``global_only`` before ``dual``) is built then.
-    """
-    from dcm.engine.predictor import DCMPredictor
-    from dcm.experts import build_experts, needed_roles
-
-    key = json.dumps({k: cfg.get(k) for k in ("global_expert", "local_expert", "weights", "device")},
-                     sort_keys=True, default=str) + str(weights)
-    experts = built.setdefault(key, {})
-    roles = needed_roles(cfg)
-    missing = [r for r in roles if r not in experts]
-    if missing:
-        fresh = build_experts(cfg, weights, device, random_init=random_init)
-        experts.update({r: fresh[r] for r in missing})
-    return DCMPredictor({r: experts[r] for r in roles}, cfg["engine"])
-
-
 def run_ablation(ablation: Dict[str, Any], cases: Path, out: Path, weights: Optional[str] = None,
                  random_init: bool = False, overrides: Sequence[str] = (), device: Optional[str] = None,
-                 progress: bool = True) -> List[Dict[str, Any]]:
-    """Evaluate every variant; returns the comparison rows (means over all cases)."""
-    from dcm.evaluate import InProcessPredictor, evaluate_folder, summarise
+                 progress: bool = True, workers: int = 1, ray_address: Optional[str] = None,
+                 threads: Optional[int] = None, retries: int = 2, resume: bool = False) -> List[Dict[str, Any]]:
+    """Evaluate every variant (in this process, or with ``workers`` / ``ray_address`` on the evaluator's
+    worker pool, one task per variant and case); returns the comparison rows (means over all cases)."""
+    from dcm.evaluate import (InProcessPredictor, PredictorSpec, case_file_name, evaluate_folder, load_records,
+                              select_case_files, write_results)
 
+    variants = variant_configs(ablation, overrides, weights)
+    files = select_case_files(Path(cases))
+    names = [case_file_name(p.name) for p in files]
+    finished = {name: ({k for k, r in load_records(out / name, names).items() if r.finished} if resume else set())
+                for name in variants}
+    if workers > 1 or ray_address is not None:
+        from dcm.evaluate.parallel import CaseTask, execute
+
+        tasks = [CaseTask(str(p.resolve()), str(out / name), PredictorSpec(variant_config=cfg, weights=w,
+                                                                             device=device, random_init=random_init))
+                 for name, (cfg, w) in variants.items() for p in files if case_file_name(p.name) not in finished[name]]
+        try:
+            execute(tasks, workers, ray_address, threads, retries, len(files) * len(variants),
+                    sum(map(len, finished.values())), progress, desc="ablate")
+        finally:
+            for name in variants:
+                write_results(out / name, list(load_records(out / name, names).values()))
+    else:
+        built: Dict[str, Any] = {}
+        for name, (cfg, variant_weights) in variants.items():
+            if len(finished[name]) == len(files):  # nothing left: no experts built
+                write_results(out / name, list(load_records(out / name, names).values()))
+                continue
+            runner = InProcessPredictor(variant_predictor(cfg, variant_weights, built, device, random_init))
+            evaluate_folder(cases, out / name, runner, progress=progress, resume=resume, files=files)
     rows: List[Dict[str, Any]] = []
-    built: Dict[str, Any] = {}
-    for name, (cfg, variant_weights) in variant_configs(ablation, overrides, weights).items():
-        predictor = variant_predictor(cfg, variant_weights, built, device, random_init)
-        runner = InProcessPredictor(predictor)
-        metric_rows, _ = evaluate_folder(cases, out / name, runner, progress=progress)
+    for name in variants:
+        with open(out / name / "metrics.csv", newline="") as f:
+            metric_rows = list(csv.DictReader(f))
         with open(out / name / "clicks.csv", newline="") as f:
             click_rows = list(csv.DictReader(f))
         overall = summarise(metric_rows, click_rows)[-1] if metric_rows else {}
@@ -112,13 +124,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--weights", help="combined checkpoint")
     parser.add_argument("--random-init", action="store_true", help="random models (pipeline checks only)")
     parser.add_argument("--device")
+    parser.add_argument("--workers", type=int, default=1, help="(variant, case) tasks run at once")
+    parser.add_argument("--ray", nargs="?", const="default", metavar="ADDRESS|local",
+                        help="workers as Ray actors (see python -m dcm.evaluate --help)")
+    parser.add_argument("--threads", type=int, help="CPU threads per worker (default: CPUs / workers)")
+    parser.add_argument("--retries", type=int, default=2, help="tries again for a case whose worker died")
+    parser.add_argument("--resume", action="store_true", help="keep the cases each variant finished before")
+    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="overrides applied to the base config")
     args = parser.parse_args(argv)
+    if args.workers < 1 or (args.threads is not None and args.threads < 1) or args.retries < 0:
+        print("ablate: --workers and --threads need at least 1, --retries 0 or more", file=sys.stderr)
+        return 2
     ablation = yaml.safe_load(resolve_config_path(args.ablation).read_text())
     if args.base:
         ablation["base"] = args.base
-    rows = run_ablation(ablation, Path(args.cases), Path(args.out), args.weights, args.random_init,
-                        args.overrides, args.device)
+    try:
+        rows = run_ablation(ablation, Path(args.cases), Path(args.out), args.weights, args.random_init,
+                            args.overrides, args.device, not args.no_progress, args.workers, args.ray, args.threads,
+                            args.retries, args.resume)
+    except DCMError as e:
+        print(" ".join(f"ablate: {e}".split()), file=sys.stderr)
+        return 2
     print((Path(args.out) / "comparison.md").read_text())
     return 0 if rows else 1
 

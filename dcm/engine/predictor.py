@@ -11,6 +11,7 @@ click_correction, budget). ``DCMPredictor`` checks it at construction; the inter
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -215,3 +216,28 @@ def _restore(segs: np.ndarray, prev_pred: np.ndarray, labels: List[int]) -> None
         if box is None:
             continue
         segs[box][prev_pred[box] == label] = label
+
+
+def variant_predictor(cfg: Dict[str, Any], weights: Optional[str], built: Dict[str, Any],
+                      device: Optional[str] = None, random_init: bool = False, seed: int = 0) -> Any:
+    """A ``DCMPredictor`` for one variant's config, over the experts its policy calls.
+
+    Experts are built once per distinct expert config and weights and kept in ``built`` for the next
+    variants; a role an earlier variant did not need (``global_only`` before ``dual``) is built then. Each
+    role is built on its own after ``torch.manual_seed(seed)``, so a random-init expert is the same whichever
+    variant builds it first (a worker of a parallel run sees the variants in another order).
+    """
+    import torch
+
+    from dcm.experts import build_experts, needed_roles
+
+    key = json.dumps({k: cfg.get(k) for k in ("global_expert", "local_expert", "weights", "device")},
+                     sort_keys=True, default=str) + str(weights)
+    experts = built.setdefault(key, {})
+    roles = needed_roles(cfg)
+    for role in roles:
+        if role not in experts:
+            one_role = dict(cfg, engine=dict(cfg.get("engine") or {}, policy=f"{role}_only"))
+            torch.manual_seed(seed)
+            experts[role] = build_experts(one_role, weights, device, random_init=random_init)[role]
+    return DCMPredictor({r: experts[r] for r in roles}, cfg["engine"])
