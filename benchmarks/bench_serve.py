@@ -81,6 +81,22 @@ def _client(url: str, index: int, interactions: int, shape, timings: Dict[str, L
                       lambda: session.add_point_interaction([int(v) for v in point], positive))
 
 
+def _factory_from(config: str, overrides: List[str], weights, device, random_init: bool):
+    """Like :func:`dcm.serve.session_factory`, for a config with overrides and optionally random models."""
+    from dcm.config import apply_overrides, load_config
+    from dcm.engine.session import InteractiveSession
+    from dcm.experts import build_experts
+    from dcm.serve import clone_experts
+
+    cfg = load_config(config, overrides)
+    if random_init:
+        cfg = apply_overrides(cfg, ["weights=null"])
+    template = InteractiveSession(config=cfg, experts=build_experts(cfg, weights, device, random_init=random_init))
+    engine = dict(template.engine_cfg)
+    return lambda: InteractiveSession(config={"engine": dict(engine)}, experts=clone_experts(template.experts),
+                                      max_undo=40)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="dcm_small")
@@ -89,14 +105,27 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--interactions", type=int, default=20)
     p.add_argument("--size", type=int, nargs=3, default=[32, 64, 64], metavar=("Z", "Y", "X"))
+    p.add_argument("--random-init", action="store_true",
+                   help="random models (timing only): e.g. the full-size presets, whose weights are not shipped")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeat), e.g. --set engine.policy=global_only")
+    p.add_argument("--threads", type=int, help="torch threads of the server")
     args = p.parse_args(argv)
 
     import uvicorn
 
     from dcm.serve import SessionRegistry, make_app, session_factory
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    registry = SessionRegistry(session_factory(args.config, args.weights, args.device), args.sessions, 600, 600)
+    if args.random_init or args.set:
+        factory = _factory_from(args.config, args.set, args.weights, args.device, args.random_init)
+    else:
+        factory = session_factory(args.config, args.weights, args.device)
+    registry = SessionRegistry(factory, args.sessions, 600, 600)
     print(f"models loaded in {time.perf_counter() - t:.1f} s")
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(make_app(registry), host="127.0.0.1", port=port, log_level="warning"))
@@ -121,7 +150,7 @@ def main(argv=None) -> int:
     thread.join(30)
 
     print(f"{args.sessions} sessions x {args.interactions} interactions on {'x'.join(map(str, args.size))}, "
-          f"{args.config}: {wall:.1f} s wall, {len(errors)} errors")
+          f"{args.config} {' '.join(args.set)}{' (random init)' if args.random_init else ''}: {wall:.1f} s wall, {len(errors)} errors")
     print(f"| {'interaction':<11} | {'n':>4} | {'p50 (s)':>8} | {'p95 (s)':>8} | {'max (s)':>8} |")
     print(f"|{'-' * 13}|{'-' * 6}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
     for kind in ("set_image", "bbox", "point+", "point-", "scribble", "undo"):
