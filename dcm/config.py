@@ -10,7 +10,7 @@ else replaced). Overrides are ``dotted.key=value`` strings with YAML values (``t
 Inference configs (those with an ``engine`` / ``global_expert`` / ``local_expert`` / ``session`` section,
 or only ``weights`` / ``device``) are checked against :mod:`dcm.config_schema`, which holds every default:
 the loaded dict has every key, the YAML files only what they change. Training configs are checked by their
-trainers; model presets (``configs/models``) by :func:`load_model_config` and their builders.
+trainers against :mod:`dcm.training.config_schema` (before any model is built or data read); model presets (``configs/models``) by :func:`load_model_config` and their builders.
 
 Where a relative path is looked up: the caller's working folder first, then the repository
 (``configs/dcm_small.yaml`` works from any folder), then ``configs/`` (a preset name); a ``_base_`` first

@@ -17,9 +17,9 @@ defaults, typed and next to their checks.
       local_expert: LocalExpertConfig
       session: SessionConfig
 
-Training configs (``configs/train_*.yaml``) keep their sections' schemas next to their trainers
-(``dcm.training.local_roi`` ``DATA_DEFAULTS`` / ``INTERACTION_DEFAULTS``, ``dcm.training.global_roi``
-``InteractionConfig``); they are read by the same :func:`dcm.config.load_config`.
+Training configs (``configs/train_*.yaml``) have their sections' schemas in the training package
+(:mod:`dcm.training.config_schema`, built on :class:`Section`), checked by each trainer when it is constructed;
+they are read by the same :func:`dcm.config.load_config`.
 
 Model presets (``configs/models/*.yaml``) are checked by :func:`dcm.experts.backbones.registry.check_model_preset` against their builders'
 own schemas (SAM-Med3D: ``dcm.models.sam_med3d.build.REQUIRED`` / ``DEFAULTS``; VISTA3D:

@@ -16,7 +16,7 @@ Coordinates are (z, y, x) voxel indices.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 from dcm.errors import ConfigError
 from dcm.prompts import ZYX, Click
+
+if TYPE_CHECKING:
+    from dcm.training.config_schema import TrainConfig
 
 __all__ = [
     "ClickT",
@@ -119,8 +122,9 @@ class ClickLoss:
                               f"{self.weight} and {self.radius}")
 
     @classmethod
-    def from_cfg(cls, train: Mapping[str, Any]) -> "ClickLoss":
-        return cls(float(train.get("click_loss_weight", 0.0) or 0.0), float(train.get("click_loss_radius", 1.0)))
+    def from_cfg(cls, train: "TrainConfig") -> "ClickLoss":
+        """From the checked ``train`` section (:class:`dcm.training.config_schema.TrainConfig`)."""
+        return cls(train.click_loss_weight, train.click_loss_radius)
 
     def __call__(self, logits: torch.Tensor, points: torch.Tensor, labels: torch.Tensor):
         if self.weight == 0:

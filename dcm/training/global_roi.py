@@ -19,12 +19,12 @@ backward (gradient synchronisation and ``no_sync`` rely on that).
 Config sections read here: ``model`` (``preset``, ``overrides``), ``data`` (``data_dir``, ``pattern``,
 ``min_foreground``, ``max_retries``, ``augment``), ``interaction`` and the extra ``train`` keys
 ``lr_encoder``, ``lr_decoder``, ``warmup_steps``, ``milestones``, ``gamma``, ``click_loss_weight``,
-``click_loss_radius`` (see ``configs/train_global_roi.yaml``).
+``click_loss_radius`` (see ``configs/train_global_roi.yaml``); their schemas (keys, defaults, checks) are
+:mod:`dcm.training.config_schema`'s ``Global*Config``, checked when the trainer is constructed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 import zipfile
@@ -41,6 +41,12 @@ from dcm.errors import ConfigError
 from dcm.models import SamMed3D, build_sam_med3d, load_model_config
 from dcm.prompts import box_center_in_frame
 from dcm.training.clicks import ClickLoss
+from dcm.training.config_schema import (
+    GlobalAugmentConfig,
+    GlobalDataConfig,
+    GlobalInteractionConfig,
+    GlobalTrainConfig,
+)
 from dcm.training.trainer import EpochAwareDataset, Trainer, sample_seed, warmup_multistep
 
 __all__ = [
@@ -89,7 +95,7 @@ class ZNormPositived:
         return d
 
 
-def build_augmentation(acfg: Mapping[str, Any], size: int):
+def build_augmentation(acfg: Union[Mapping[str, Any], GlobalAugmentConfig], size: int):
     """The released augmentation as a MONAI ``Compose`` over ``{'image', 'label'}`` (1, S, S, S) tensors.
 
     Axes are (z, y, x) in every per-axis setting. Image resampling is bilinear, label resampling nearest.
@@ -111,7 +117,8 @@ def build_augmentation(acfg: Mapping[str, Any], size: int):
     * ``znorm``: :class:`ZNormPositived` (mean / std of the voxels > 0, applied to all voxels, as released).
 
     Args:
-        acfg: the ``data.augment`` section (see ``configs/train_global_roi.yaml``).
+        acfg: the ``data.augment`` section, checked (:class:`~dcm.training.config_schema.GlobalAugmentConfig`) or
+            a mapping (checked here; missing keys take the schema's released defaults).
         size: the crop side S (64).
 
     Returns:
@@ -129,43 +136,40 @@ def build_augmentation(acfg: Mapping[str, Any], size: int):
 
     from dcm.training.spatial import RandBSplineElasticd, RandZoomTranslated
 
+    a = acfg if isinstance(acfg, GlobalAugmentConfig) else GlobalAugmentConfig.from_mapping(acfg, "data.augment")
     keys = ["image", "label"]
     transforms: List[Any] = []
-    flip = acfg.get("flip") or {}
-    if flip.get("enabled", True):
+    flip, elastic, affine, intensity, znorm = a.flip, a.elastic, a.affine, a.intensity, a.znorm
+    if flip.enabled:
         for axis in range(3):
-            transforms.append(RandFlipd(keys=keys, spatial_axis=axis, prob=float(flip["prob"])))
-    elastic = acfg.get("elastic") or {}
-    if elastic.get("enabled", True):
+            transforms.append(RandFlipd(keys=keys, spatial_axis=axis, prob=float(flip.prob)))
+    if elastic.enabled:
         transforms.append(RandBSplineElasticd(
-            keys, size, prob=float(elastic["prob"]), control_points=int(elastic["control_points"]),
-            locked_borders=int(elastic["locked_borders"]), locked_axes=[int(a) for a in elastic["locked_axes"]],
-            max_displacement=float(elastic["max_displacement"]), padding_mode=str(elastic["padding_mode"]),
-            min_jacobian=float(elastic["min_jacobian"]), shrink=float(elastic["shrink"])))
-    affine = acfg.get("affine") or {}
-    if affine.get("enabled", True):
+            keys, size, prob=float(elastic.prob), control_points=elastic.control_points,
+            locked_borders=elastic.locked_borders, locked_axes=[int(x) for x in elastic.locked_axes],
+            max_displacement=float(elastic.max_displacement), padding_mode=elastic.padding_mode,
+            min_jacobian=float(elastic.min_jacobian), shrink=float(elastic.shrink)))
+    if affine.enabled:
         transforms.append(RandZoomTranslated(
-            keys, prob=float(affine["prob"]), scales=[float(v) for v in affine["scales"]],
-            translation=[float(t) for t in affine["translation"]], zoom_draw=str(affine["zoom_draw"]),
-            padding_mode=str(affine["padding_mode"])))
-    intensity = acfg.get("intensity") or {}
-    if intensity.get("enabled", True):
-        log_gamma = float(intensity["gamma"]["log_gamma"])
-        sigma = tuple(float(s) for s in intensity["blur"]["sigma"])
+            keys, prob=float(affine.prob), scales=[float(v) for v in affine.scales],
+            translation=[float(t) for t in affine.translation], zoom_draw=affine.zoom_draw,
+            padding_mode=affine.padding_mode))
+    if intensity.enabled:
+        log_gamma = float(intensity.gamma.log_gamma)
+        sigma = tuple(float(s) for s in intensity.blur.sigma)
         options: List[Any] = [
             RandAdjustContrastd(keys="image", prob=1.0, gamma=(math.exp(-log_gamma), math.exp(log_gamma))),
             RandGaussianSmoothd(keys="image", prob=1.0, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma),
-            RandGaussianNoised(keys="image", prob=1.0, mean=0.0, std=float(intensity["noise"]["std"])),
+            RandGaussianNoised(keys="image", prob=1.0, mean=0.0, std=float(intensity.noise.std)),
         ]
-        weights = [float(w) for w in intensity["weights"]]
-        identity = float(intensity.get("identity_weight", 0.0) or 0.0)
+        weights = [float(w) for w in intensity.weights]
+        identity = float(intensity.identity_weight)
         if identity > 0:
             options.append(Identityd(keys="image"))
             weights.append(identity)
         transforms.append(OneOf(options, weights=weights))
-    znorm = acfg.get("znorm") or {}
-    if znorm.get("enabled", True):
-        transforms.append(ZNormPositived(keys=["image"], mode=str(znorm.get("mode", "torchio"))))
+    if znorm.enabled:
+        transforms.append(ZNormPositived(keys=["image"], mode=znorm.mode))
     return Compose(transforms)
 
 
@@ -189,7 +193,8 @@ class GlobalRoICropDataset(EpochAwareDataset):
     chosen by the same generator (deterministic), up to ``max_retries`` times.
     """
 
-    def __init__(self, data_dir: Union[str, Path], size: int = 64, augment: Optional[Mapping[str, Any]] = None,
+    def __init__(self, data_dir: Union[str, Path], size: int = 64,
+                 augment: Union[None, Mapping[str, Any], GlobalAugmentConfig] = None,
                  seed: int = 0, pattern: str = "*.npz", min_foreground: int = 0, max_retries: int = 10) -> None:
         self.data_dir = Path(data_dir)
         if not self.data_dir.is_dir():
@@ -260,41 +265,8 @@ class GlobalRoICropDataset(EpochAwareDataset):
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class InteractionConfig:
-    """The ``interaction`` config section (released values as defaults).
-
-    ``candidate_weight``: the factor on each correction step's loss (DiceCE averaged over its B * K
-    candidates). None means K, as released: a correction step adds K times its mean candidate loss, i.e. the
-    sum over its K candidates (per sample), while the centre-click step adds its loss once; the total is
-    divided by ``num_steps + 1``. With 5 steps and K = 6 the correction steps carry 30 / 31 of the gradient.
-    ``record_masks``: also keep every step's candidate region, previous mask and candidate masks in
-    ``last_clicks`` (tests, debugging; costs memory).
-    """
-
-    num_steps: int = 5
-    num_candidates: int = 6
-    error_sigma: float = 1.0
-    error_truncated: float = 5.0
-    top_n: int = 64
-    min_threshold: float = 0.3
-    candidate_weight: Optional[float] = None
-    lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
-    record_masks: bool = False
-
-    @classmethod
-    def from_cfg(cls, section: Optional[Mapping[str, Any]]) -> "InteractionConfig":
-        section = dict(section or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise ConfigError(f"interaction: unknown key(s) {', '.join(unknown)}")
-        return cls(**section)
-
-    @property
-    def step_weight(self) -> float:
-        return float(self.num_candidates if self.candidate_weight is None else self.candidate_weight)
+#: The ``interaction`` section's schema (kept under its former name).
+InteractionConfig = GlobalInteractionConfig
 
 
 @torch.no_grad()
@@ -513,14 +485,18 @@ def interaction_figure(image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor
 class GlobalRoITrainer(Trainer):
     """The global-RoI expert's trainer (see the module docstring and ``configs/train_global_roi.yaml``)."""
 
+    train_schema = GlobalTrainConfig
+
     def __init__(self, cfg: Dict[str, Any]) -> None:
         super().__init__(cfg)
-        self.interaction = InteractionConfig.from_cfg(cfg.get("interaction"))
+        #: the checked ``interaction`` and ``data`` sections (``train``: :attr:`train`).
+        self.interaction = GlobalInteractionConfig.from_mapping(cfg.get("interaction"), "interaction")
+        self.data = GlobalDataConfig.from_mapping(cfg.get("data"), "data")
         from monai.losses import DiceCELoss
 
         self.loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean",
                                   lambda_dice=self.interaction.lambda_dice, lambda_ce=self.interaction.lambda_ce)
-        self.click_loss = ClickLoss.from_cfg(self.tcfg)
+        self.click_loss = ClickLoss.from_cfg(self.train)
         #: the last training step's click chain and per-step candidates (see :func:`run_interaction`).
         self.last_clicks: Optional[Dict[str, Any]] = None
         self._last_image: Optional[torch.Tensor] = None
@@ -541,28 +517,25 @@ class GlobalRoITrainer(Trainer):
         return SamMed3DTrainable.from_sam(sam)
 
     def build_dataset(self) -> GlobalRoICropDataset:
-        data = self.cfg.get("data") or {}
-        if not data.get("data_dir"):
+        data = self.data
+        if not data.data_dir:
             raise ConfigError("data.data_dir: missing (the output folder of train_global_roi/preprocess.py)")
-        return GlobalRoICropDataset(data["data_dir"], size=int(self.model_config()["img_size"]),
-                                    augment=data.get("augment"), seed=self.seed,
-                                    pattern=str(data.get("pattern", "*.npz")),
-                                    min_foreground=int(data.get("min_foreground", 0)),
-                                    max_retries=int(data.get("max_retries", 10)))
+        return GlobalRoICropDataset(data.data_dir, size=int(self.model_config()["img_size"]),
+                                    augment=data.augment, seed=self.seed, pattern=data.pattern,
+                                    min_foreground=data.min_foreground, max_retries=data.max_retries)
 
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
         """Two groups: the image encoder at ``train.lr_encoder``, prompt encoder + mask decoder at ``train.lr_decoder``."""
         encoder = [p for p in model.image_encoder.parameters() if p.requires_grad]
         decoder = [p for part in (model.prompt_encoder, model.mask_decoder) for p in part.parameters()
                    if p.requires_grad]
-        return [{"params": encoder, "lr": float(self.tcfg["lr_encoder"]), "name": "image_encoder"},
-                {"params": decoder, "lr": float(self.tcfg["lr_decoder"]), "name": "prompt_encoder+mask_decoder"}]
+        return [{"params": encoder, "lr": float(self.train.lr_encoder), "name": "image_encoder"},
+                {"params": decoder, "lr": float(self.train.lr_decoder), "name": "prompt_encoder+mask_decoder"}]
 
     def build_scheduler(self, optimizer, steps_per_epoch: int):
         """Linear warm-up over ``train.warmup_steps`` optimizer steps, ×``gamma`` at each epoch in ``milestones``."""
-        return warmup_multistep(optimizer, int(self.tcfg.get("warmup_steps", 0)),
-                                [int(m) for m in self.tcfg.get("milestones", [])],
-                                float(self.tcfg.get("gamma", 0.1)), steps_per_epoch)
+        return warmup_multistep(optimizer, self.train.warmup_steps, self.train.milestones,
+                                float(self.train.gamma), steps_per_epoch)
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor],
                       generator: torch.Generator) -> Dict[str, torch.Tensor]:

@@ -39,13 +39,13 @@ import torch
 from monai.transforms import MapTransform
 from torch import nn
 
-from dcm.config import get
 from dcm.errors import CaseError, CheckpointError, ConfigError
-from dcm.experts.local_roi import LocalRoIExpert, as_zyx, intensity_percentiles, scale_intensity
+from dcm.experts.local_roi import LocalRoIExpert, intensity_percentiles, scale_intensity
 from dcm.prompts import ZYX, Click
 from dcm.metrics import DICE_BOTH_EMPTY_TRAINING, dice
 from dcm.protocol import next_click
 from dcm.training.clicks import ClickLoss, ClickT, click_tensors, click_to_t
+from dcm.training.config_schema import LocalDataConfig, LocalInteractionConfig, LocalTrainConfig
 from dcm.training.trainer import EpochAwareDataset, Trainer, sample_seed, warmup_cosine
 
 __all__ = [
@@ -71,49 +71,8 @@ LABEL_BRANCH_PREFIXES = (
     "point_head.mask_downsample.",
 )
 
-#: Defaults of the ``data`` section.
-DATA_DEFAULTS: Dict[str, Any] = {
-    "data_dir": None,
-    "pattern": "*.npz",
-    "repeats": 1,
-    "validate": "header",
-    "patch_size": 128,
-    "percentiles": [1.0, 99.0],
-    "crop_background_ratio": 1.0,
-    "augment": {},
-}
-
-#: Defaults of ``data.augment`` (probabilities per sample; flips per axis).
-AUGMENT_DEFAULTS: Dict[str, Any] = {
-    "scale_intensity": {"factors": 0.2, "prob": 0.2},
-    "shift_intensity": {"offsets": 0.2, "prob": 0.2},
-    "gaussian_noise": {"mean": 0.0, "std": 0.2, "prob": 0.2},
-    "flip_prob": 0.2,
-    "rot90": {"prob": 0.2, "max_k": 3, "planes": [[0, 1]]},
-}
-
-#: Defaults of the ``interaction`` section.
-INTERACTION_DEFAULTS: Dict[str, Any] = {
-    "max_prompt": 10,
-    "min_object_voxels": 1,
-    "first_click": "protocol",
-    "num_clicks": 5,
-    "step_loss": "mean",
-    "lambda_dice": 1.0,
-    "lambda_ce": 1.0,
-}
-
-
 class SkippedCaseWarning(UserWarning):
     """A training case could not be read or is unusable; it is skipped."""
-
-
-def _section(cfg: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> Dict[str, Any]:
-    given = dict(cfg.get(name) or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"config section {name!r}: unknown keys {unknown} (known: {sorted(defaults)})")
-    return {**defaults, **given}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -190,7 +149,7 @@ class ScalePercentilesd(MapTransform):
         return d
 
 
-def build_transforms(patch_size: ZYX, num_classes: int, data_cfg: Mapping[str, Any]):
+def build_transforms(patch_size: ZYX, num_classes: int, data_cfg: Union[Mapping[str, Any], LocalDataConfig]):
     """The MONAI dictionary pipeline for one case with labels ``0..num_classes - 1``.
 
     Input ``{"image": (1, z, y, x) raw intensities, "label": (1, z, y, x) uint8}``; output (a list of one
@@ -207,17 +166,11 @@ def build_transforms(patch_size: ZYX, num_classes: int, data_cfg: Mapping[str, A
         SpatialPadd,
     )
 
-    aug = {**AUGMENT_DEFAULTS, **dict(data_cfg.get("augment") or {})}
-    unknown = sorted(set(aug) - set(AUGMENT_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"data.augment: unknown keys {unknown} (known: {sorted(AUGMENT_DEFAULTS)})")
-    lower, upper = (float(p) for p in data_cfg.get("percentiles", (1.0, 99.0)))
-    if not 0.0 <= lower < upper <= 100.0:
-        raise ConfigError(f"data.percentiles must satisfy 0 <= lower < upper <= 100, got {[lower, upper]}")
+    data = data_cfg if isinstance(data_cfg, LocalDataConfig) else LocalDataConfig.from_mapping(data_cfg, "data")
+    aug = data.augment
+    lower, upper = data.percentiles
     keys = ["image", "label"]
-    bg = float(data_cfg.get("crop_background_ratio", 0.0))
-    if bg < 0:
-        raise ConfigError(f"data.crop_background_ratio must be >= 0, got {bg}")
+    bg = float(data.crop_background_ratio)
     transforms: List[Any] = [
         ScalePercentilesd("image", lower, upper),
         # After normalisation, so the padding is 0 as in the expert's padded windows.
@@ -226,24 +179,22 @@ def build_transforms(patch_size: ZYX, num_classes: int, data_cfg: Mapping[str, A
         RandCropByLabelClassesd(keys, label_key="label", spatial_size=patch_size, num_classes=num_classes,
                                 ratios=[bg] + [1.0] * (num_classes - 1), num_samples=1, warn=False),
     ]
-    s, o, n = aug["scale_intensity"], aug["shift_intensity"], aug["gaussian_noise"]
-    if float(s["prob"]) > 0:
-        transforms.append(RandScaleIntensityd("image", factors=s["factors"], prob=float(s["prob"])))
-    if float(o["prob"]) > 0:
-        transforms.append(RandShiftIntensityd("image", offsets=o["offsets"], prob=float(o["prob"])))
-    if float(n["prob"]) > 0:
-        transforms.append(RandGaussianNoised("image", prob=float(n["prob"]), mean=float(n.get("mean", 0.0)),
-                                             std=float(n["std"])))
-    if float(aug["flip_prob"]) > 0:
-        transforms += [RandFlipd(keys, prob=float(aug["flip_prob"]), spatial_axis=axis) for axis in range(3)]
-    rot = aug["rot90"]
-    if float(rot["prob"]) > 0:
-        for plane in rot["planes"]:
-            a, b = (int(p) for p in plane)
+    s, o, n = aug.scale_intensity, aug.shift_intensity, aug.gaussian_noise
+    if float(s.prob) > 0:
+        transforms.append(RandScaleIntensityd("image", factors=s.factors, prob=float(s.prob)))
+    if float(o.prob) > 0:
+        transforms.append(RandShiftIntensityd("image", offsets=o.offsets, prob=float(o.prob)))
+    if float(n.prob) > 0:
+        transforms.append(RandGaussianNoised("image", prob=float(n.prob), mean=float(n.mean), std=float(n.std)))
+    if float(aug.flip_prob) > 0:
+        transforms += [RandFlipd(keys, prob=float(aug.flip_prob), spatial_axis=axis) for axis in range(3)]
+    rot = aug.rot90
+    if float(rot.prob) > 0:
+        for plane in rot.planes:
+            a, b = plane
             if patch_size[a] != patch_size[b]:
                 raise ConfigError(f"data.augment.rot90: plane {plane} needs equal patch sizes, got {patch_size}")
-            transforms.append(RandRotate90d(keys, prob=float(rot["prob"]), max_k=int(rot["max_k"]),
-                                            spatial_axes=(a, b)))
+            transforms.append(RandRotate90d(keys, prob=float(rot.prob), max_k=rot.max_k, spatial_axes=(a, b)))
     return Compose(transforms)
 
 
@@ -266,27 +217,20 @@ class LocalRoIDataset(EpochAwareDataset):
     """
 
     def __init__(self, data_cfg: Mapping[str, Any], seed: int = 0):
-        cfg = {**DATA_DEFAULTS, **dict(data_cfg)}
-        unknown = sorted(set(cfg) - set(DATA_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"config section 'data': unknown keys {unknown} (known: {sorted(DATA_DEFAULTS)})")
+        cfg = data_cfg if isinstance(data_cfg, LocalDataConfig) else LocalDataConfig.from_mapping(data_cfg, "data")
         self.cfg = cfg
         self.seed = int(seed)
-        self.patch_size = as_zyx(cfg["patch_size"], "data.patch_size")
-        self.repeats = int(cfg["repeats"])
-        if self.repeats < 1:
-            raise ConfigError(f"data.repeats must be >= 1, got {self.repeats}")
-        if cfg["data_dir"] in (None, ""):
+        self.patch_size = cfg.patch_zyx
+        self.repeats = cfg.repeats
+        if cfg.data_dir is None:
             raise ConfigError("data.data_dir is not set (a folder of challenge training .npz cases)")
-        data_dir = Path(cfg["data_dir"])
+        data_dir = Path(cfg.data_dir)
         if not data_dir.is_dir():
             raise ConfigError(f"data.data_dir {data_dir}: no such folder (synthetic data: "
                               f"python -m dcm.data.synthetic --out {data_dir})")
-        validate = cfg["validate"]
-        if validate not in ("header", "full", "none"):
-            raise ConfigError(f"data.validate must be header, full or none, got {validate!r}")
+        validate = cfg.validate
         self.paths: List[Path] = []
-        for path in sorted(data_dir.glob(str(cfg["pattern"]))):
+        for path in sorted(data_dir.glob(cfg.pattern)):
             problem = None
             if validate == "header":
                 problem = npz_header_problem(path)
@@ -300,7 +244,7 @@ class LocalRoIDataset(EpochAwareDataset):
             else:
                 warnings.warn(f"{path}: skipped ({problem})", SkippedCaseWarning, stacklevel=2)
         if not self.paths:
-            raise ConfigError(f"data.data_dir {data_dir}: no usable case matching {cfg['pattern']!r}")
+            raise ConfigError(f"data.data_dir {data_dir}: no usable case matching {cfg.pattern!r}")
         self._bad: Set[Path] = set()
         self._composes: Dict[int, Any] = {}
         self._compose(2)  # a bad augmentation config fails here, not at the first sample
@@ -473,18 +417,18 @@ class LocalRoITrainer(Trainer):
     :meth:`training_steps`), ``click_loss_weight``, ``click_loss_radius`` (:mod:`dcm.training.clicks`).
     """
 
+    train_schema = LocalTrainConfig
+
     def __init__(self, cfg: Dict[str, Any]):
         super().__init__(cfg)
-        self.icfg = _section(cfg, "interaction", INTERACTION_DEFAULTS)
-        if self.icfg["first_click"] not in ("protocol", "random"):
-            raise ConfigError(f"interaction.first_click must be protocol or random, got {self.icfg['first_click']!r}")
-        if int(self.icfg["max_prompt"]) < 1:
-            raise ConfigError(f"interaction.max_prompt must be >= 1, got {self.icfg['max_prompt']}")
-        self.patch_size = as_zyx(get(cfg, "data.patch_size", DATA_DEFAULTS["patch_size"]), "data.patch_size")
-        split_steps(int(self.icfg["num_clicks"]) + 1, int(self.tcfg.get("steps_per_patch", 1)))  # checked here
-        self.freeze = bool(self.tcfg.get("freeze_class_head", True))
+        #: the checked ``interaction`` and ``data`` sections (``train``: :attr:`train`).
+        self.icfg = LocalInteractionConfig.from_mapping(cfg.get("interaction"), "interaction")
+        self.data = LocalDataConfig.from_mapping(cfg.get("data"), "data")
+        self.patch_size = self.data.patch_zyx
+        split_steps(self.icfg.num_clicks + 1, self.train.steps_per_patch)  # checked here
+        self.freeze = self.train.freeze_class_head
         if not self.freeze:
-            self.tcfg["find_unused_parameters"] = True
+            self.train.find_unused_parameters = True
 
     # ------------------------------------------------------------------ hooks
 
@@ -502,9 +446,9 @@ class LocalRoITrainer(Trainer):
         if any(p % f for p, f in zip(self.patch_size, factor)):
             raise ConfigError(f"data.patch_size {self.patch_size} must be divisible by {factor} for this model")
         icfg = self.icfg
-        model = InteractiveVISTA3D(vista, num_clicks=int(icfg["num_clicks"]), step_loss=str(icfg["step_loss"]),
-                                   lambda_dice=float(icfg["lambda_dice"]), lambda_ce=float(icfg["lambda_ce"]),
-                                   click_loss=ClickLoss.from_cfg(self.tcfg))
+        model = InteractiveVISTA3D(vista, num_clicks=icfg.num_clicks, step_loss=icfg.step_loss,
+                                   lambda_dice=float(icfg.lambda_dice), lambda_ce=float(icfg.lambda_ce),
+                                   click_loss=ClickLoss.from_cfg(self.train))
         if self.freeze:
             for name, p in model.named_parameters():
                 if name.startswith(LABEL_BRANCH_PREFIXES):
@@ -512,12 +456,11 @@ class LocalRoITrainer(Trainer):
         return model
 
     def build_dataset(self) -> LocalRoIDataset:
-        return LocalRoIDataset(self.cfg.get("data", {}), seed=self.seed)
+        return LocalRoIDataset(self.data, seed=self.seed)
 
     def build_scheduler(self, optimizer, steps_per_epoch: int):
-        return warmup_cosine(optimizer, int(self.tcfg.get("warmup_steps", 0)),
-                             steps_per_epoch * int(self.tcfg.get("epochs", 1)),
-                             min_factor=float(self.tcfg.get("min_lr_factor", 0.0)))
+        return warmup_cosine(optimizer, self.train.warmup_steps, steps_per_epoch * self.train.epochs,
+                             min_factor=float(self.train.min_lr_factor))
 
     def init_weights(self, model: nn.Module, path: str) -> None:
         """Load VISTA3D weights, strictly unless ``train.init_strict`` is false.
@@ -528,9 +471,9 @@ class LocalRoITrainer(Trainer):
         """
         from dcm.checkpoints import load_checkpoint, load_into
 
-        key = self.tcfg.get("init_key", "model")
-        strict = bool(self.tcfg.get("init_strict", True))
-        ckpt = load_checkpoint(path, trusted=bool(self.tcfg.get("init_trusted", False)))
+        key = self.train.init_key
+        strict = self.train.init_strict
+        ckpt = load_checkpoint(path, trusted=self.train.init_trusted)
         if key is not None and not (isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping)):
             key = None
         try:
@@ -544,8 +487,8 @@ class LocalRoITrainer(Trainer):
     def select_objects(self, label: np.ndarray, generator: torch.Generator) -> List[int]:
         """Up to ``max_prompt`` labels present in a (z, y, x) patch with at least ``min_object_voxels`` voxels."""
         ids, counts = np.unique(label, return_counts=True)
-        present = ids[(ids != 0) & (counts >= int(self.icfg["min_object_voxels"]))]
-        order = torch.randperm(len(present), generator=generator)[: int(self.icfg["max_prompt"])]
+        present = ids[(ids != 0) & (counts >= self.icfg.min_object_voxels)]
+        order = torch.randperm(len(present), generator=generator)[: self.icfg.max_prompt]
         return [int(present[i]) for i in order]
 
     def first_click(self, mask: np.ndarray, generator: torch.Generator) -> ClickT:
@@ -557,7 +500,7 @@ class LocalRoITrainer(Trainer):
             flat = int(torch.randint(mask.size, (1,), generator=generator))
             zyx: ZYX = tuple(int(v) for v in np.unravel_index(flat, mask.shape))  # type: ignore[assignment]
             return click_to_t(Click(zyx, False))
-        if self.icfg["first_click"] == "protocol":
+        if self.icfg.first_click == "protocol":
             # The object's innermost voxel: the protocol's click on an empty prediction (always positive).
             return click_to_t(next_click(mask, np.zeros_like(mask)))
         voxels = np.flatnonzero(mask)
@@ -598,7 +541,7 @@ class LocalRoITrainer(Trainer):
             firsts.append([self.first_click(m, generator) for m in masks])
             targets.append(torch.from_numpy(masks[:, None].astype(np.float32)).to(device))
         module = model.module if hasattr(model, "module") else model
-        for steps in split_steps(int(self.icfg["num_clicks"]) + 1, parts):
+        for steps in split_steps(self.icfg.num_clicks + 1, parts):
             loss, dice, dice_first = model(images, targets, firsts, steps=steps)
             yield {"loss": loss, "dice": dice, "dice_first": dice_first,
                    "clicks": [r["clicks"] for r in module.last_interaction]}

@@ -22,13 +22,11 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform, RandomizableTransform
 
 from dcm.errors import ConfigError
+from dcm.training.config_schema import ZOOM_DRAWS
 
 __all__ = ["bspline_weights", "bspline_field", "jacobian_determinant", "RandBSplineElasticd",
            "RandZoomTranslated", "ZOOM_DRAWS"]
 
-#: ``augment.affine.zoom_draw``: ``scale`` draws the image zoom U(1 - s, 1 + s) (torchio, released),
-#: ``inverse`` its reciprocal (MONAI ``RandAffine``'s grid factor; this project's recipe before issue 14).
-ZOOM_DRAWS = ("scale", "inverse")
 _SPLINE_ORDER = 3
 
 

@@ -29,7 +29,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Type
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from torch.utils.data.distributed import DistributedSampler
 from dcm.atomic import atomic_path
 from dcm.errors import ConfigError
 from dcm.training.checkpointing import atomic_torch_save, capture_rng_state, restore_rng_state
+from dcm.training.config_schema import SingleLRTrainConfig, TrainConfig
 from dcm.training.distributed import (
     DistInfo,
     all_gather_objects,
@@ -143,13 +144,17 @@ class Trainer:
 
     #: DCM's released checkpoint keys come first; the rest is for exact resume.
     checkpoint_name = "latest.pt"
+    #: the schema of the ``train`` section (subclasses with other ``train`` keys name theirs).
+    train_schema: ClassVar[Type[TrainConfig]] = SingleLRTrainConfig
     best_name = "best.pt"
 
     def __init__(self, cfg: Dict[str, Any]):
         self.cfg = cfg
-        self.tcfg: Dict[str, Any] = cfg.get("train", {})
-        self.seed = int(self.tcfg.get("seed", 0))
-        self.work_dir = Path(self.tcfg.get("work_dir", "work_dirs/run"))
+        #: the checked ``train`` section (:attr:`train_schema`): unknown keys and bad values fail here,
+        #: before any model is built or data is read.
+        self.train = self.train_schema.from_mapping(cfg.get("train"), "train")
+        self.seed = int(self.train.seed)
+        self.work_dir = Path(self.train.work_dir)
         self.dist: DistInfo = DistInfo()
         self.writer = None
         self.losses: List[float] = []
@@ -170,11 +175,10 @@ class Trainer:
 
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
         """Optimizer parameter groups; default one group at ``train.lr``."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": float(self.tcfg.get("lr", 1e-4))}]
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": float(self.train.lr)}]
 
     def build_scheduler(self, optimizer, steps_per_epoch: int):
-        return warmup_cosine(optimizer, int(self.tcfg.get("warmup_steps", 0)),
-                             steps_per_epoch * int(self.tcfg.get("epochs", 1)))
+        return warmup_cosine(optimizer, self.train.warmup_steps, steps_per_epoch * self.train.epochs)
 
     def training_step(self, model: nn.Module, batch: Any, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """One micro-batch forward pass; returns ``{'loss': tensor, ...}`` (other entries are logged)."""
@@ -208,7 +212,7 @@ class Trainer:
             tqdm.write(msg)
 
     def _loader(self, dataset: Dataset, epoch: int, skip_batches: int) -> DataLoader:
-        batch_size = int(self.tcfg.get("batch_size", 1))
+        batch_size = self.train.batch_size
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         if self.dist.distributed:
@@ -219,7 +223,7 @@ class Trainer:
         sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         if skip_batches:
             sampler = SkipSampler(sampler, skip_batches * batch_size)
-        workers = int(self.tcfg.get("num_workers", 0))
+        workers = self.train.num_workers
         # An explicit generator: creating the iterator must not draw from the global one (exact resume).
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, self.dist.rank, skip_batches))
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=generator,
@@ -230,7 +234,7 @@ class Trainer:
         n = len(dataset)
         if self.dist.distributed:
             n = n // self.dist.world_size
-        return n // int(self.tcfg.get("batch_size", 1))
+        return n // self.train.batch_size
 
     def save_checkpoint(self, path: Path, model: nn.Module, optimizer, scheduler, scaler, epoch: int,
                         batches_done: int, epoch_progress: Optional[Dict[str, Any]] = None) -> None:
@@ -280,7 +284,7 @@ class Trainer:
         self._log(f"resumed from {path}: epoch {self.start_epoch}, batch {self.batches_done}, step {self.global_step}")
 
     def _resume_path(self) -> Optional[Path]:
-        resume = self.tcfg.get("resume")
+        resume = self.train.resume
         if resume in (None, False, ""):
             return None
         if resume == "auto":
@@ -292,7 +296,7 @@ class Trainer:
         """Train; returns a summary (final losses, steps, seconds). Call under ``torchrun`` for DDP."""
         from tqdm import tqdm
 
-        self.dist = setup_distributed(str(self.tcfg.get("device", "auto")))
+        self.dist = setup_distributed(self.train.device)
         torch.manual_seed(sample_seed(self.seed, self.dist.rank))
         try:
             return self._fit(tqdm)
@@ -324,29 +328,29 @@ class Trainer:
     def _fit(self, tqdm) -> Dict[str, Any]:
         device = self.dist.device
         model = self.build_model().to(device)
-        init_from = self.tcfg.get("init_from")
+        init_from = self.train.init_from
         resume_path = self._resume_path()
         if init_from and resume_path is None:
             self.init_weights(model, str(init_from))
         if self.dist.distributed:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=bool(self.tcfg.get("find_unused_parameters", False)))
+                find_unused_parameters=self.train.find_unused_parameters)
         module = model.module if hasattr(model, "module") else model
-        optimizer = torch.optim.AdamW(self.param_groups(module), weight_decay=float(self.tcfg.get("weight_decay", 0.0)))
+        optimizer = torch.optim.AdamW(self.param_groups(module), weight_decay=float(self.train.weight_decay))
         dataset = self.build_dataset()
         batches_per_epoch = self._batches_per_epoch(dataset)
         if batches_per_epoch == 0:
             raise ValueError(f"dataset of {len(dataset)} samples is too small for batch size "
-                             f"{self.tcfg.get('batch_size', 1)} x {self.dist.world_size} processes")
-        accumulation = max(1, int(self.tcfg.get("accumulation_steps", 1)))
-        parts = int(self.tcfg.get("steps_per_patch", 1))
+                             f"{self.train.batch_size} x {self.dist.world_size} processes")
+        accumulation = self.train.accumulation_steps
+        parts = self.train.steps_per_patch
         if parts < 1 or (parts > 1 and accumulation > 1):
             raise ConfigError(f"train.steps_per_patch must be >= 1, and 1 with train.accumulation_steps > 1; got "
                               f"{parts} with accumulation {accumulation}")
         steps_per_epoch = math.ceil(batches_per_epoch / accumulation) * parts
         scheduler = self.build_scheduler(optimizer, steps_per_epoch)
-        use_amp = bool(self.tcfg.get("amp", True)) and device.type == "cuda"
+        use_amp = self.train.amp and device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         if resume_path is not None:
             self.load_resume(resume_path, model, optimizer, scheduler, scaler)
@@ -360,11 +364,11 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.work_dir / "tb"))
 
-        epochs = int(self.tcfg.get("epochs", 1))
-        max_steps = self.tcfg.get("max_steps")
-        ckpt_every = int(self.tcfg.get("checkpoint_every_steps", 0) or 0)
-        log_every = int(self.tcfg.get("log_every_steps", 10) or 10)
-        grad_clip = self.tcfg.get("grad_clip")
+        epochs = self.train.epochs
+        max_steps = self.train.max_steps
+        ckpt_every = self.train.checkpoint_every_steps
+        log_every = self.train.log_every_steps or 10  # 0: the default 10
+        grad_clip = self.train.grad_clip
         start = time.time()
         step_losses: List[float] = []
         samples = 0
@@ -416,7 +420,7 @@ class Trainer:
                             self._log_step(step_loss, out, optimizer)
                 if "dice" in out:
                     dice_values.append(float(out["dice"]))
-                samples += int(self.tcfg.get("batch_size", 1))
+                samples += self.train.batch_size
                 bar.update(1)
                 if self.global_step == steps_before:
                     continue
@@ -446,7 +450,7 @@ class Trainer:
                 self.writer.add_scalar("epoch/loss", mean_loss, epoch)
                 if dice == dice:
                     self.writer.add_scalar("epoch/dice", dice, epoch)
-                if batch is not None and (epoch + 1) % int(self.tcfg.get("figure_every_epochs", 1) or 1) == 0:
+                if batch is not None and (epoch + 1) % (self.train.figure_every_epochs or 1) == 0:
                     self.log_figure(module, batch, epoch)
             self.batches_done = 0
             self.save_checkpoint(self.work_dir / self.checkpoint_name, model, optimizer, scheduler, scaler,
