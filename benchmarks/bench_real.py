@@ -99,7 +99,8 @@ def case_metrics(row: Dict[str, str]) -> Dict[str, float]:
 
 
 def evaluate_run(name: str, policy: str, rule: bool, cases_dir: Path, out: Path, config: str,
-                 weights: Optional[str], experts: Dict[str, Any], save_all_segs: bool) -> float:
+                 weights: Optional[str], experts: Dict[str, Any], save_all_segs: bool,
+                 overrides: Sequence[str] = ()) -> float:
     """Run one policy (with or without the click rule) over the cases; returns its seconds."""
     from dcm.config import load_config
     from dcm.evaluate import InProcessPredictor, evaluate_folder, resolve_predictor
@@ -109,7 +110,7 @@ def evaluate_run(name: str, policy: str, rule: bool, cases_dir: Path, out: Path,
     else:
         from dcm.cli.ablate import variant_predictor
 
-        cfg = load_config(config, [f"engine.policy={policy}", f"engine.honour_clicks={str(rule).lower()}"])
+        cfg = load_config(config, [*overrides, f"engine.policy={policy}", f"engine.honour_clicks={str(rule).lower()}"])
         predict = variant_predictor(cfg, weights, experts)
     t0 = time.perf_counter()
     evaluate_folder(cases_dir, out / name, InProcessPredictor(predict), save_all_segs=save_all_segs, progress=True)
@@ -196,6 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", default="dcm_small")
     parser.add_argument("--weights", help="combined checkpoint (default: the config's)")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every policy (repeat), e.g. --set engine.local_margin=[0.1,0.45]")
     parser.add_argument("--no-rule-off", action="store_true", help="skip the runs without the click rule")
     parser.add_argument("--limit", type=int, help="at most this many cases (sorted by name)")
     parser.add_argument("--figure", help="write the figure here (e.g. figs/real.png)")
@@ -226,10 +229,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             print(f"{name}: running {len(datasets)} cases", flush=True)
             seconds[name] = evaluate_run(name, policy, rule, cases_dir, out, args.config, args.weights, experts,
-                                         save_all_segs=bool(args.figure) and name == "dual")
+                                         save_all_segs=bool(args.figure) and name == "dual", overrides=args.set)
         runs[name] = read_run(out / name)
     text, targets = report(runs, policies, datasets)
-    header = (f"Cases: {args.cases} (split {args.split or 'all'}, {len(datasets)} cases); config {args.config}; "
+    header = (f"Cases: {args.cases} (split {args.split or 'all'}, {len(datasets)} cases); config {args.config} "
+              f"{' '.join(args.set)}; "
               f"weights {args.weights or 'named by the config'}; organisers' click rule.\n\n")
     (out / "report.md").write_text(header + text)
     print(header + text)
