@@ -319,14 +319,16 @@ def make_figure(results: Dict[str, Dict[str, Any]], cases_dir: Path, out_dir: Pa
         if not res["rows"]:
             continue
         colour, marker, name = styles.get(p, ("gray", "x", p))
-        ax.plot(range(1, 7), _step_means(res["rows"]), color=colour, marker=marker, label=name)
+        # dual on top, dashed: where it equals a single expert both lines stay visible
+        on_top = dict(ls="--", zorder=3) if p == "dual" else {}
+        ax.plot(range(1, 7), _step_means(res["rows"]), color=colour, marker=marker, label=name, **on_top)
     ax.set_xticks(range(1, 7), ["1\nbox"] + [f"{s}\nclick {s - 1}" for s in range(2, 7)])
     ax.set_ylabel("mean DSC")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     n_cases = len(next(iter(results.values()))["rows"])
-    ax.set_title(f"mean DSC per step over {n_cases} demo cases (cases without boxes score 0 at step 1)", fontsize=9)
+    ax.set_title(f"mean DSC per step over {n_cases} cases (cases without boxes score 0 at step 1)", fontsize=9)
     handles = [Line2D([], [], color=(0.1, 0.8, 0.2), lw=4, alpha=0.6, label="ground truth (contour on predictions)"),
                Line2D([], [], color=(1.0, 0.45, 0.0), lw=4, alpha=0.6, label=f"prediction ({policy})"),
                Line2D([], [], color="yellow", ls="--", label="box (step 1)"),
