@@ -34,6 +34,8 @@ import numpy as np
 
 from machine import write_csv  # benchmarks/machine.py (scripts run from their folder)
 
+from dcm.tables import markdown_table
+
 POLICIES = ("box-fill", "global_only", "local_only", "released", "dual")
 STEP_METRICS = ("DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6")
 CSV_COLUMNS = ["date", "machine", "run", "case", "dataset", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6",
@@ -108,7 +110,7 @@ def evaluate_run(name: str, policy: str, rule: bool, cases_dir: Path, out: Path,
     if policy == "box-fill":
         predict = resolve_predictor("box-fill", cases_dir)
     else:
-        from dcm.cli.ablate import variant_predictor
+        from dcm.engine.predictor import variant_predictor
 
         cfg = load_config(config, [*overrides, f"engine.policy={policy}", f"engine.honour_clicks={str(rule).lower()}"])
         predict = variant_predictor(cfg, weights, experts)
@@ -119,15 +121,6 @@ def evaluate_run(name: str, policy: str, rule: bool, cases_dir: Path, out: Path,
 
 def mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def honoured_text(kept: Dict[str, Tuple[int, int]]) -> str:
@@ -148,8 +141,8 @@ def report(runs: Dict[str, Tuple[List[Dict[str, str]], Dict[str, Tuple[int, int]
         overall.append([policy, len(metrics)] + [mean([m[k] for m in metrics]) for k in STEP_METRICS]
                        + [honoured_text(runs[policy][1]), honoured_text(off[1]) if off else "-"])
     text = ["## Per policy (means over cases)", "",
-            table(["policy", "cases", "DSC AUC", "NSD AUC", "DSC_Final", "DSC step 2", "DSC step 6",
-                   "clicks honoured (rule on)", "clicks honoured (rule off)"], overall), ""]
+            markdown_table(["policy", "cases", "DSC AUC", "NSD AUC", "DSC_Final", "DSC step 2", "DSC step 6",
+                   "clicks honoured (rule on)", "clicks honoured (rule off)"], overall, digits=3), ""]
     names = sorted(set(datasets.values()))
     per_dataset = []
     for dataset in names:
@@ -161,13 +154,13 @@ def report(runs: Dict[str, Tuple[List[Dict[str, str]], Dict[str, Tuple[int, int]
                 row.append(f"{mean([m['DSC_AUC'] for m in ms]):.3f} / {mean([m['DSC_Final'] for m in ms]):.3f}")
         per_dataset.append(row)
     shown = [p for p in policies if p in by_case]
-    text += ["## Per dataset: DSC AUC / DSC_Final", "", table(["dataset", "cases"] + shown, per_dataset), ""]
+    text += ["## Per dataset: DSC AUC / DSC_Final", "", markdown_table(["dataset", "cases"] + shown, per_dataset, digits=3), ""]
     per_case = []
     for case in sorted(datasets):
         per_case.append([case, datasets[case]] + [
             f"{by_case[p][case]['DSC_AUC']:.3f} / {by_case[p][case]['DSC_Final']:.3f}" if case in by_case[p] else "-"
             for p in shown])
-    text += ["## Per case: DSC AUC / DSC_Final", "", table(["case", "dataset"] + shown, per_case), ""]
+    text += ["## Per case: DSC AUC / DSC_Final", "", markdown_table(["case", "dataset"] + shown, per_case, digits=3), ""]
 
     targets: List[Tuple[str, bool]] = []
     means = {p: {k: mean([m[k] for m in by_case[p].values()]) for k in STEP_METRICS} for p in shown}

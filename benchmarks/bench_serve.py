@@ -81,22 +81,6 @@ def _client(url: str, index: int, interactions: int, shape, timings: Dict[str, L
                       lambda: session.add_point_interaction([int(v) for v in point], positive))
 
 
-def _factory_from(config: str, overrides: List[str], weights, device, random_init: bool):
-    """Like :func:`dcm.serve.session_factory`, for a config with overrides and optionally random models."""
-    from dcm.config import apply_overrides, load_config
-    from dcm.engine.session import InteractiveSession
-    from dcm.experts import build_experts
-    from dcm.serve import clone_experts
-
-    cfg = load_config(config, overrides)
-    if random_init:
-        cfg = apply_overrides(cfg, ["weights=null"])
-    template = InteractiveSession(config=cfg, experts=build_experts(cfg, weights, device, random_init=random_init))
-    engine = dict(template.engine_cfg)
-    return lambda: InteractiveSession(config={"engine": dict(engine)}, experts=clone_experts(template.experts),
-                                      max_undo=40)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="dcm_small")
@@ -121,10 +105,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    if args.random_init or args.set:
-        factory = _factory_from(args.config, args.set, args.weights, args.device, args.random_init)
-    else:
-        factory = session_factory(args.config, args.weights, args.device)
+    factory = session_factory(args.config, args.weights, args.device, overrides=args.set, random_init=args.random_init)
     registry = SessionRegistry(factory, args.sessions, 600, 600)
     print(f"models loaded in {time.perf_counter() - t:.1f} s")
     port = _free_port()

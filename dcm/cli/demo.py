@@ -203,7 +203,7 @@ def _demo_kind(path: Path) -> str:
     """The demo's kinds of case: the modality, the real MRI apart."""
     from dcm.data.cases import modality_of
 
-    return "MR (MNI152)" if "_mni" in path.stem else modality_of(path.stem)
+    return "MR (real, MNI152)" if "_mni" in path.stem else modality_of(path.stem)
 
 
 def _pick_objects(cases_dir: Path, max_objects: int,
@@ -221,7 +221,7 @@ def _pick_objects(cases_dir: Path, max_objects: int,
         counts[0] = 0
         if counts.max() > 0:
             picked[kind] = (path, int(np.argmax(counts)))
-    order = sorted(picked, key=lambda k: (k.startswith("MR (MNI"), k))  # the real MRI last
+    order = sorted(picked, key=lambda k: (k.startswith("MR (real"), k))  # the real MRI last
     return [picked[k] for k in order][:max_objects]
 
 
@@ -307,10 +307,7 @@ def make_figure(results: Dict[str, Dict[str, Any]], cases_dir: Path, out_dir: Pa
             ax.set_yticks([])
             ax.set_title(title, fontsize=9)
             if col == 0:
-                if kind_of is _demo_kind:
-                    kind = "MR (real, MNI152)" if "_mni" in path.stem else path.stem.split("_")[0]
-                else:
-                    kind = kind_of(path)
+                kind = kind_of(path)
                 ax.set_ylabel(f"{kind}\n{path.stem}\nobject {label}, z = {z}", fontsize=7.5)
     ax = fig.add_subplot(grid[n, 1:4])
     styles = {"dual": ("tab:orange", "o", "DCM (dual)"), "global_only": ("tab:blue", "s", "global expert only"),

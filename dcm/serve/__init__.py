@@ -7,13 +7,16 @@ state, :mod:`dcm.serve.prompts` how the viewers' prompts map to DCM's, :mod:`dcm
 encoding; ``/`` serves a small browser page (:mod:`dcm.serve.static`).
 """
 
+from typing import Sequence
+
 from dcm.serve.app import make_app
 from dcm.serve.sessions import SessionRegistry, clone_experts
 
 __all__ = ["make_app", "SessionRegistry", "clone_experts", "session_factory", "build_registry"]
 
 
-def session_factory(config: str = "dcm_small", weights=None, device=None, undo_levels: int = 20):
+def session_factory(config: str = "dcm_small", weights=None, device=None, undo_levels: int = 20,
+                    overrides: Sequence[str] = (), random_init: bool = False):
     """Load the models once; returns a function making an :class:`InteractiveSession` that shares them.
 
     Args:
@@ -21,10 +24,19 @@ def session_factory(config: str = "dcm_small", weights=None, device=None, undo_l
         weights: a combined checkpoint, or None for the config's.
         device: ``cpu``, ``cuda``, ``cuda:1``... (None: the config's).
         undo_levels: protocol undo levels; the session keeps twice as many (a lasso uses two).
+        overrides: ``key=value`` config overrides (benchmarks: ``engine.policy=global_only``).
+        random_init: random models, for timings only (e.g. the full-size presets, whose weights are not shipped).
     """
     from dcm.engine.session import InteractiveSession
 
-    template = InteractiveSession(config=config, weights=weights, device=device)
+    if overrides or random_init:
+        from dcm.experts import build_experts_from_config
+
+        overrides = (*overrides, "weights=null") if random_init else tuple(overrides)
+        cfg, experts = build_experts_from_config(config, weights, device, overrides, random_init=random_init)
+        template = InteractiveSession(config=cfg, experts=experts)
+    else:
+        template = InteractiveSession(config=config, weights=weights, device=device)
     engine = dict(template.engine_cfg)
 
     def make_session() -> InteractiveSession:

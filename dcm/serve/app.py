@@ -367,23 +367,23 @@ def make_app(registry: SessionRegistry, api_key: Optional[str] = None, max_body_
         await json_of(request)
         return answer(await locked(served, served.predict))
 
-    @app.post("/add_bbox_interaction")
-    async def add_bbox(request: Request) -> Response:
+    async def json_interaction(request: Request, field: str, method: str) -> Response:
+        """A prompt sent as JSON: ``payload[field]`` applied by the served session's ``method``."""
         served = lease_of(request)
         payload = await json_of(request)
-        if "bbox_coords" not in payload:
-            raise ServeError(400, "missing required field: bbox_coords")
+        if field not in payload:
+            raise ServeError(400, f"missing required field: {field}")
         include, run = flag(payload, "include_interaction"), flag(payload, "run_prediction", True)
-        return answer(await locked(served, lambda: served.add_box(payload["bbox_coords"], include, run)))
+        apply = getattr(served, method)
+        return answer(await locked(served, lambda: apply(payload[field], include, run)))
+
+    @app.post("/add_bbox_interaction")
+    async def add_bbox(request: Request) -> Response:
+        return await json_interaction(request, "bbox_coords", "add_box")
 
     @app.post("/add_point_interaction")
     async def add_point(request: Request) -> Response:
-        served = lease_of(request)
-        payload = await json_of(request)
-        if "coordinates" not in payload:
-            raise ServeError(400, "missing required field: coordinates")
-        include, run = flag(payload, "include_interaction"), flag(payload, "run_prediction", True)
-        return answer(await locked(served, lambda: served.add_point(payload["coordinates"], include, run)))
+        return await json_interaction(request, "coordinates", "add_point")
 
     async def mask_interaction(request: Request, kind: str) -> Response:
         served = lease_of(request)
