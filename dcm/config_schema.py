@@ -47,6 +47,7 @@ POLICY_NAMES = ("dual", "released", "global_then_local", "outside_global_roi", "
 FUSION_RULES = ("local_overrides", "average", "confidence", "click_region")
 OVERLAP_RULES = ("later_wins", "highest_prob", "keep_others")
 CORRECTION_METHODS = ("probability", "random_walker")
+UPDATE_SCOPES = ("whole", "click_sign", "click_part")
 ZNORM_MODES = ("monai", "torchio")
 
 
@@ -290,12 +291,17 @@ class EngineConfig(Section):
     threshold: float = 0.5
     #: keep every click (README "Clicks are kept"); false: the experts' answer as it is.
     honour_clicks: bool = True
+    #: what a click step may change of an object's mask (with ``honour_clicks``): whole (the experts' answer
+    #: anywhere) | click_sign (a positive click only adds, a negative one only removes) | click_part (and only
+    #: the connected part of that change at the newest click) (:mod:`dcm.engine.clicks`).
+    update_scope: str = "whole"
     click_correction: ClickCorrectionConfig = _nested(ClickCorrectionConfig)
     budget: BudgetConfig = _nested(BudgetConfig)
 
     def check(self, where: str) -> None:
         choices = {"policy": POLICY_NAMES, "fusion": FUSION_RULES, "overlap": OVERLAP_RULES,
-                   "without_box": ("policy", "global", "local"), "local_at_box_step": ("box_center", "skip")}
+                   "without_box": ("policy", "global", "local"), "local_at_box_step": ("box_center", "skip"),
+                   "update_scope": UPDATE_SCOPES}
         for key, allowed in choices.items():
             value = getattr(self, key)
             if not isinstance(value, str) or value not in allowed:

@@ -141,7 +141,7 @@ def predict_object(
     if promise is None:
         promise = promises_of([obj], case.shape)[obj.label]
     return honour_clicks(fused, obj, promise, case.image, case.spacing_zyx, case.prev_pred, threshold,
-                         cfg.get("click_correction"))
+                         cfg.get("click_correction"), cfg.get("update_scope", "whole"))
 
 
 class DCMPredictor:
