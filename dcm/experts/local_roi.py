@@ -387,8 +387,8 @@ class LocalRoIExpert(BackboneExpert):
             return None
         coords = np.array([c.zyx for c in clicks], dtype=np.int64)
         labels = np.array([1 if c.positive else 0 for c in clicks], dtype=np.int64)
-        logits = self.backbone.point_window_logits(self.normalised_image(), coords, labels,  # type: ignore[attr-defined]
-                                                   self.window_size)
+        backbone: Any = self.backbone  # a Vista3DBackbone (checked at construction)
+        logits = backbone.point_window_logits(self.normalised_image(), coords, labels, self.window_size)
         roi = union_region([w.roi for w in self.released_windows(obj)])
         # sigmoid(NaN) stays NaN: voxels of the box between windows are background, as the release's NaN > 0.
         prob = torch.nan_to_num(torch.sigmoid(logits[roi]), nan=0.0)
