@@ -5,8 +5,9 @@ in-process mode call); :class:`dcm.engine.session.InteractiveSession` drives the
 
 Engine config (section ``engine``): keys, defaults and checks in :class:`dcm.config_schema.EngineConfig`
 (policy, fusion, local_margin, without_box, overlap, local_at_box_step, threshold, honour_clicks,
-update_scope, fallback, click_correction, budget). ``DCMPredictor`` checks it at construction; the interactive session builds one
-``DCMPredictor`` and uses its checked config, so both refuse the same bad config in the same words.
+update_scope, fallback, click_correction, budget). ``DCMPredictor`` checks it at construction; the interactive
+session builds one ``DCMPredictor`` and uses its checked config, so both refuse the same bad config in the same
+words.
 """
 
 from __future__ import annotations
