@@ -223,6 +223,9 @@ class ClickCorrectionConfig(Section):
     random_walker_beta: float = 130.0
     #: negative click: the mask beyond this times the click's depth in it is the object.
     random_walker_depth_factor: float = 2.0
+    #: a correction changes at most this fraction of the object's box volume (a larger one is retried on a
+    #: crop of half the radius, three times at most, then dropped); 0: no bound.
+    max_box_fraction: float = 0.0
 
     def check(self, where: str) -> None:
         methods = self.methods
@@ -243,6 +246,9 @@ class ClickCorrectionConfig(Section):
         factor = self.random_walker_depth_factor
         if not _is_number(factor) or not float(factor) >= 1:
             raise ConfigError(f"{where}.random_walker_depth_factor must be a number >= 1, got {factor!r}")
+        if not _is_number(self.max_box_fraction) or not float(self.max_box_fraction) >= 0:
+            raise ConfigError(f"{where}.max_box_fraction must be a number >= 0, got {self.max_box_fraction!r}")
+        self.max_box_fraction = float(self.max_box_fraction)
         self.methods = list(methods)
         self.radius_mm, self.radius_object_factor = float(radius), float(self.radius_object_factor)
         self.probability_levels = sorted((float(v) for v in levels), reverse=True)

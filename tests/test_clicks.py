@@ -429,3 +429,20 @@ def test_update_scope_negative_click_only_removes():
 def test_update_scope_is_checked():
     with pytest.raises(ValueError, match="update_scope"):
         DCMPredictor({}, {"update_scope": "nearby"})
+
+
+def test_a_correction_larger_than_the_bound_is_retried_smaller_or_dropped():
+    # Both experts miss; the user clicks the bright ball. Unbounded, the correction takes much of the ball;
+    # bounded to a tiny fraction of the (small) box, it must stay within the bound and the click is still kept.
+    nothing = np.zeros(SHAPE, np.float32)
+    experts = {"global": MapExpert("global", nothing), "local": MapExpert("local", nothing)}
+    obj = ObjectPrompts(1, box=Box(5, 15, 10, 5, 5, 15, 15), clicks=[Click((10, 10, 10), True)])
+    free = _run("global_only", "local_overrides", experts, [obj], np.zeros(SHAPE, np.uint8))
+    box_volume = 11 * 11 * 11
+    bounded = _run("global_only", "local_overrides", experts, [obj], np.zeros(SHAPE, np.uint8),
+                   click_correction={"max_box_fraction": 0.05})
+    assert _all_kept(free, [obj]) and _all_kept(bounded, [obj])
+    assert (free == 1).sum() > 0.05 * box_volume
+    assert 7 <= (bounded == 1).sum() <= 0.05 * box_volume
+    with pytest.raises(ValueError, match="max_box_fraction"):
+        DCMPredictor(experts, {"click_correction": {"max_box_fraction": -1}})

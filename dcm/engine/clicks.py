@@ -333,27 +333,47 @@ def _crop_around(zyx: Sequence[int], shape: Sequence[int], spacing_zyx: Sequence
 
 def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int, image: np.ndarray,
              spacing_zyx: Sequence[float], prev_pred: Optional[np.ndarray], cfg: Mapping[str, Any]) -> _Work:
-    """Step 2 for click ``index``: the first method that gives a region containing the click is applied."""
+    """Step 2 for click ``index``: the first method that gives a region containing the click is applied.
+
+    With ``max_box_fraction`` a region larger than that fraction of the object's box volume is refused and
+    the methods are tried again on a crop of half the radius (three times at most); then the click keeps its
+    neighbourhood alone (step 3)."""
     if not cfg["methods"]:
         return work
     click = obj.clicks[index]
     radius = min(cfg["radius_mm"], cfg["radius_object_factor"] * _object_radius_mm(obj, work, spacing_zyx))
-    crop = _crop_around(click.zyx, image.shape, spacing_zyx, radius)
-    work = work.grow(union_region([work.region, crop]), obj.label, prev_pred)
-    in_work = within(crop, work.region)
-    at = tuple(int(c) - s.start for c, s in zip(click.zyx, crop))
-    mask = work.mask[in_work]
-    for method in cfg["methods"]:
-        if method == "probability":
-            part = _probability_region(work.prob[in_work], at, click.positive, mask, cfg["probability_levels"])
-        else:
-            part = _random_walker_region(image[crop], at, click.positive, mask, work.others[in_work],
-                                         promise, crop, spacing_zyx, cfg["random_walker_beta"],
-                                         cfg["random_walker_depth_factor"])
-        if part is not None:
+    cap = _correction_cap(obj, float(cfg.get("max_box_fraction", 0.0)))
+    for _ in range(4 if np.isfinite(cap) else 1):
+        crop = _crop_around(click.zyx, image.shape, spacing_zyx, radius)
+        work = work.grow(union_region([work.region, crop]), obj.label, prev_pred)
+        in_work = within(crop, work.region)
+        at = tuple(int(c) - s.start for c, s in zip(click.zyx, crop))
+        mask = work.mask[in_work]
+        part = None
+        for method in cfg["methods"]:
+            if method == "probability":
+                part = _probability_region(work.prob[in_work], at, click.positive, mask, cfg["probability_levels"])
+            else:
+                part = _random_walker_region(image[crop], at, click.positive, mask, work.others[in_work],
+                                             promise, crop, spacing_zyx, cfg["random_walker_beta"],
+                                             cfg["random_walker_depth_factor"])
+            if part is not None:
+                break
+        if part is None:
+            return work
+        if np.count_nonzero(part) <= cap:
             work.set(part, click.positive, in_work)
-            break
+            return work
+        radius /= 2.0
     return work
+
+
+def _correction_cap(obj: ObjectPrompts, fraction: float) -> float:
+    """Voxels a correction may change: ``fraction`` of the object's box volume (infinite without a box or
+    with ``fraction`` 0)."""
+    if fraction <= 0 or obj.box is None:
+        return float("inf")
+    return fraction * float(np.prod([hi - lo + 1 for lo, hi in obj.box.bounds_zyx]))
 
 
 def _probability_region(prob: np.ndarray, at: Tuple[int, ...], positive: bool, mask: np.ndarray,
