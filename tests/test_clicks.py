@@ -437,7 +437,8 @@ def test_a_correction_larger_than_the_bound_is_retried_smaller_or_dropped():
     nothing = np.zeros(SHAPE, np.float32)
     experts = {"global": MapExpert("global", nothing), "local": MapExpert("local", nothing)}
     obj = ObjectPrompts(1, box=Box(5, 15, 10, 5, 5, 15, 15), clicks=[Click((10, 10, 10), True)])
-    free = _run("global_only", "local_overrides", experts, [obj], np.zeros(SHAPE, np.uint8))
+    free = _run("global_only", "local_overrides", experts, [obj], np.zeros(SHAPE, np.uint8),
+                click_correction={"max_box_fraction": 0})
     box_volume = 11 * 11 * 11
     bounded = _run("global_only", "local_overrides", experts, [obj], np.zeros(SHAPE, np.uint8),
                    click_correction={"max_box_fraction": 0.05})
