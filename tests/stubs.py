@@ -42,6 +42,19 @@ class StubExpert(Expert):
 
 
 
+class FailingExpert(StubExpert):
+    """A :class:`StubExpert` whose prediction raises ``RuntimeError(message)`` for the labels given."""
+
+    def __init__(self, fail_labels, *args, message="boom on object {label}"):
+        super().__init__(*args)
+        self.fail_labels, self.message = set(fail_labels), message
+
+    def predict(self, obj, prev_pred=None):
+        if obj.label in self.fail_labels:
+            raise RuntimeError(self.message.format(label=obj.label))
+        return super().predict(obj, prev_pred)
+
+
 def box_step_then_click_step(predictor, experts, arrays, name):
     """Run ``predictor`` on a case's box step, then on the click step the protocol derives from it.
 

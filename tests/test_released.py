@@ -24,7 +24,7 @@ from dcm.models.vista3d import build_vista3d, load_vista3d_config
 from dcm.protocol import boxes_from_labels
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stubs import StubExpert, box_step_then_click_step  # noqa: E402
+from stubs import FailingExpert, StubExpert, box_step_then_click_step  # noqa: E402
 
 W = 32  # the reduced VISTA3D's window in these tests (multiples of 8)
 
@@ -211,17 +211,6 @@ def test_reduced_preset_runs_end_to_end_through_the_engine():
 # ----------------------------------------------------------------------------------------- the fallback
 
 
-class _Failing(StubExpert):
-    def __init__(self, fail_labels, *args):
-        super().__init__(*args)
-        self.fail_labels = set(fail_labels)
-
-    def predict(self, obj, prev_pred=None):
-        if obj.label in self.fail_labels:
-            raise RuntimeError(f"boom on object {obj.label}")
-        return super().predict(obj, prev_pred)
-
-
 def _two_objects(prev, boxes=True):
     box1 = Box(z_min=4, z_max=10, z_mid=7, z_mid_x_min=4, z_mid_y_min=4, z_mid_x_max=10, z_mid_y_max=10)
     box2 = Box(z_min=12, z_max=18, z_mid=15, z_mid_x_min=18, z_mid_y_min=18, z_mid_x_max=26, z_mid_y_max=26)
@@ -238,7 +227,7 @@ def test_fallback_fires_when_the_global_expert_raises(capsys):
     prev = np.zeros((20, 30, 30), np.uint8)
     prev[0:2, 0:2, 0:2] = 1  # object 1's previous mask, outside every window
     case = _two_objects(prev)
-    glob, local = _Failing([2], "global", 3, 0.9), StubExpert("local", 2, 0.9)
+    glob, local = FailingExpert([2], "global", 3, 0.9), StubExpert("local", 2, 0.9)
     segs = DCMPredictor({"global": glob, "local": local}, RELEASED_ENGINE)(case)
     assert glob.calls == [1] and local.calls == [1, 2]  # global failed on 2: the local expert redoes both
     assert capsys.readouterr().err.splitlines() == [
@@ -268,7 +257,7 @@ def test_fallback_answers_no_box_cases_and_ignores_local_failures():
 
     # a failing local expert is no global failure: per object, the previous mask is kept
     case = _two_objects(prev)
-    glob, local = StubExpert("global", 3, 0.9), _Failing([1], "local", 2, 0.9)
+    glob, local = StubExpert("global", 3, 0.9), FailingExpert([1], "local", 2, 0.9)
     segs = DCMPredictor({"global": glob, "local": local}, dict(RELEASED_ENGINE, policy="dual"))(case)
     assert glob.calls == [1, 2] and local.calls == [2]
     assert (segs[0:2, 0:2, 0:2] == 1).all()

@@ -42,7 +42,7 @@ from dcm.errors import CaseError, DCMError
 from dcm.experts import build_experts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stubs import StubExpert  # noqa: E402
+from stubs import FailingExpert, StubExpert  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = ["sh", str(REPO / "predict.sh"), "--config", str(REPO / "configs" / "dcm_reduced.yaml")]
@@ -425,25 +425,14 @@ def test_session_rejects_bad_input_in_one_line_and_handles_thin_or_flat_images(r
 
 # ------------------------------------------------------------------------------------------- engine
 
-
-class _Failing(StubExpert):
-    """A stand-in expert whose prediction raises for some labels."""
-
-    def __init__(self, fail_labels, *args):
-        super().__init__(*args)
-        self.fail_labels = set(fail_labels)
-
-    def predict(self, obj, prev_pred=None):
-        if obj.label in self.fail_labels:
-            raise RuntimeError(f"boom on object {obj.label}\nsecond line")
-        return super().predict(obj, prev_pred)
+_TWO_LINES = "boom on object {label}\nsecond line"
 
 
 def test_an_object_whose_prediction_raises_keeps_its_previous_mask(capsys):
     prev = _prev()
     prev[4:6, 24:26, 26:28] = 1  # a piece of object 1 inside object 2's predicted cube
     case = case_from_arrays(_click_step(prev_pred=prev), name="CT_fault")
-    expert = _Failing([1], "global", 3, 0.9)
+    expert = FailingExpert([1], "global", 3, 0.9, message=_TWO_LINES)
     segs = DCMPredictor({"global": expert}, {"policy": "global_only"})(case)
     err = capsys.readouterr().err.splitlines()
     assert err == ["CT_fault: object 1: prediction failed (RuntimeError: boom on object 1 second line); "
@@ -452,7 +441,8 @@ def test_an_object_whose_prediction_raises_keeps_its_previous_mask(capsys):
     cube = (slice(3, 10), slice(23, 30), slice(25, 32))  # object 2: the stub's cube around its box centre
     assert expert.calls == [2] and ((segs[cube] == 2) | (prev[cube] == 1)).all()
     with pytest.raises(DCMError, match="prediction failed for every object"):
-        DCMPredictor({"global": _Failing([1, 2], "global", 3, 0.9)}, {"policy": "global_only"})(case)
+        failing = FailingExpert([1, 2], "global", 3, 0.9, message=_TWO_LINES)
+        DCMPredictor({"global": failing}, {"policy": "global_only"})(case)
 
 
 def _reference_highest_prob(segs: np.ndarray, owner: np.ndarray, label: int, fused: FusedPrediction) -> None:
