@@ -1,7 +1,7 @@
 """VISTA3D's point head with its click-independent part cached (dcm.models.vista3d.FastPointHead) against
 MONAI's own ``PointMappingSAM.forward`` / ``VISTA3D.forward``.
 
-``upscaling="monai"`` (the backbone's ``point_head: cached``) must be bit-equal to MONAI; ``"fused"`` (the
+``exact=True`` (the backbone's ``point_head: cached``) must be bit-equal to MONAI; ``exact=False`` (the
 default ``fast``) equal up to float rounding: |difference| <= 1e-5 * max |logit| (plus 1e-6). Reduced random
 VISTA3Ds on small windows, CPU, 2 threads.
 """
@@ -15,7 +15,14 @@ import torch
 from dcm.data.cases import Click, ObjectPrompts
 from dcm.errors import ConfigError
 from dcm.experts.local_roi import LocalRoIExpert, place_window
-from dcm.models.vista3d import FastPointHead, PointHeadState, build_vista3d, load_vista3d_config
+from dcm.models.vista3d import (
+    FastPointHead,
+    PointHeadState,
+    build_vista3d,
+    image_to_token,
+    load_vista3d_config,
+    token_to_image,
+)
 
 pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
@@ -74,9 +81,9 @@ def test_matches_monai_point_head(model, coords, labels):
     pc, pl = prompts(coords, labels)
     with torch.inference_mode():
         ref = model.point_head(embedding, pc, pl)
-        state = FastPointHead(model.point_head, "monai").prepare(embedding)
-        exact = FastPointHead(model.point_head, "monai")(state, pc, pl)
-        fused = FastPointHead(model.point_head, "fused")(state, pc, pl)
+        state = FastPointHead(model.point_head).prepare(embedding)
+        exact = FastPointHead(model.point_head, exact=True)(state, pc, pl)
+        fused = FastPointHead(model.point_head)(state, pc, pl)
     assert torch.equal(exact, ref)  # bit for bit
     assert_close_logits(fused, ref)
 
@@ -103,15 +110,15 @@ def test_padding_labels_class_vector_and_batches(model):
     cv = torch.tensor([3, 12])  # 12 > last_supported (8): zero-shot embedding
     with torch.inference_mode():
         ref = model.point_head(embedding, pc, pl, class_vector=cv)
-        state = FastPointHead(model.point_head, "monai").prepare(embedding)
-        for upscaling in FastPointHead.UPSCALING:
-            ours = FastPointHead(model.point_head, upscaling)(state, pc, pl, class_vector=cv)
+        state = FastPointHead(model.point_head).prepare(embedding)
+        for exact in (True, False):
+            ours = FastPointHead(model.point_head, exact)(state, pc, pl, class_vector=cv)
             assert ours.shape == ref.shape == (2, 1, W, W, W)
             assert_close_logits(ours, ref)
-            for b in range(2):  # one prompt at a time: bit-equal with MONAI's upscaling
-                one = FastPointHead(model.point_head, upscaling)(state, pc[b:b + 1], pl[b:b + 1], cv[b:b + 1])
+            for b in range(2):  # one prompt at a time: bit-equal with exact=True
+                one = FastPointHead(model.point_head, exact)(state, pc[b:b + 1], pl[b:b + 1], cv[b:b + 1])
                 ref_one = model.point_head(embedding, pc[b:b + 1], pl[b:b + 1], class_vector=cv[b:b + 1])
-                if upscaling == "monai":
+                if exact:
                     assert torch.equal(one, ref_one)
                 assert_close_logits(one, ref_one)
 
@@ -141,9 +148,20 @@ def test_state_reused_across_clicks_and_same_prompts_not_recomputed(model, monke
     assert len(runs) == len(clicks) + 1
 
 
-def test_bad_upscaling_mode(model):
-    with pytest.raises(ConfigError, match="upscaling"):
-        FastPointHead(model.point_head, "fast")
+@pytest.mark.parametrize("layer", [0, 1])
+def test_folded_attentions_equal_monai_attention(wide_model, layer):
+    """token_to_image / image_to_token against MONAI's Attention.forward on random tokens (biases non-zero)."""
+    block = wide_model.point_head.transformer.layers[layer]
+    g = torch.Generator().manual_seed(layer)
+    tokens, image, values = (torch.randn(shape, generator=g) * 2 for shape in ((1, 5, 16), (1, 300, 16), (1, 300, 16)))
+    with torch.inference_mode():
+        t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+        torch.testing.assert_close(token_to_image(t2i, tokens, image, values), t2i(q=tokens, k=image, v=values),
+                                   rtol=1e-5, atol=1e-5)
+        ref = i2t(q=image, k=tokens, v=tokens * 0.5)
+        torch.testing.assert_close(image_to_token(i2t, image, tokens, tokens * 0.5), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(image_to_token(i2t, i2t.q_proj(image), tokens, tokens * 0.5, q_projected=True),
+                                   ref, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ in the expert

@@ -80,7 +80,7 @@ class Vista3DBackbone(Backbone):
 
         self.point_head_mode = mode
         self.fast_head = None if mode == "monai" else FastPointHead(
-            self.model.point_head, upscaling="fused" if mode == "fast" else "monai"
+            self.model.point_head, exact=(mode == "cached")
         )
 
     def default_frame_size(self) -> int:
