@@ -47,6 +47,11 @@ POLICY_NAMES = ("dual", "released", "global_then_local", "outside_global_roi", "
 FUSION_RULES = ("local_overrides", "average", "confidence", "click_region")
 OVERLAP_RULES = ("later_wins", "highest_prob", "keep_others")
 CORRECTION_METHODS = ("probability", "random_walker")
+UPDATE_SCOPES = ("whole", "click_sign", "click_part")
+#: ``engine.fallback``: what a failing expert costs (:mod:`dcm.engine.predictor`).
+FALLBACKS = ("none", "local_case")
+#: ``local_expert.window_inferer``: how the local windows are run (:mod:`dcm.experts.local_roi`).
+WINDOW_INFERERS = ("dcm", "released")
 ZNORM_MODES = ("monai", "torchio")
 
 
@@ -290,12 +295,21 @@ class EngineConfig(Section):
     threshold: float = 0.5
     #: keep every click (README "Clicks are kept"); false: the experts' answer as it is.
     honour_clicks: bool = True
+    #: what a click step may change of an object's mask (with ``honour_clicks``): whole (the experts' answer
+    #: anywhere) | click_sign (a positive click only adds, a negative one only removes) | click_part (and only
+    #: the connected part of that change at the newest click) (:mod:`dcm.engine.clicks`).
+    update_scope: str = "whole"
+    #: none: an object whose expert raises keeps its previous mask. local_case (the released predict.sh's
+    #: except branch): a case without boxes, or one on which the global expert raised, is predicted again by
+    #: the local expert alone, every object from its clicks on an empty label map (previous masks ignored).
+    fallback: str = "none"
     click_correction: ClickCorrectionConfig = _nested(ClickCorrectionConfig)
     budget: BudgetConfig = _nested(BudgetConfig)
 
     def check(self, where: str) -> None:
         choices = {"policy": POLICY_NAMES, "fusion": FUSION_RULES, "overlap": OVERLAP_RULES,
-                   "without_box": ("policy", "global", "local"), "local_at_box_step": ("box_center", "skip")}
+                   "without_box": ("policy", "global", "local"), "local_at_box_step": ("box_center", "skip"),
+                   "update_scope": UPDATE_SCOPES, "fallback": FALLBACKS}
         for key, allowed in choices.items():
             value = getattr(self, key)
             if not isinstance(value, str) or value not in allowed:
@@ -358,7 +372,8 @@ class GlobalExpertConfig(_ExpertConfig):
     grow_margin: float = 0.1
     #: the box centre as the first positive click (DCM); ignored for objects without a box.
     box_center_click: bool = True
-    #: negative clicks outside the RoI: drop | clip (onto the frame's border).
+    #: clicks outside the RoI (negative ones; positive ones too with grow false): drop | clip (onto the frame's
+    #: border) | keep (passed at their frame coordinates outside the frame, as the released expert does).
     outside_clicks: str = "drop"
     #: mask prompt at the box step (no click yet): zeros (DCM training's step 0) | none (SAM-Med3D only).
     mask_prompt_at_box_step: Optional[str] = "zeros"
@@ -394,7 +409,7 @@ class GlobalExpertConfig(_ExpertConfig):
         _integer(self.frame_size, f"{where}.frame_size", 1, none_ok=True)
         _flag(self.grow, f"{where}.grow")
         _flag(self.box_center_click, f"{where}.box_center_click")
-        _choice(self.outside_clicks, f"{where}.outside_clicks", ("drop", "clip"))
+        _choice(self.outside_clicks, f"{where}.outside_clicks", ("drop", "clip", "keep"))
         _choice(self.mask_prompt_at_box_step, f"{where}.mask_prompt_at_box_step", ("zeros", "none", None))
         for key in ("image_interpolation", "prob_interpolation"):
             _choice(getattr(self, key), f"{where}.{key}", ("trilinear", "nearest"))
@@ -414,6 +429,11 @@ class LocalExpertConfig(_ExpertConfig):
     window_size: Any = None
     #: clicks given to the backbone: inside_window (released inferer) | last.
     clicks: str = "inside_window"
+    #: dcm: one window at the last click, run by DCM's pipeline (encoder output cached). released: MONAI's
+    #: point_based_window_inferer as the released DCM calls it (VISTA3D only): one window per click, each
+    #: given the object's clicks inside it except one on its first voxel, overlapping logits summed, no
+    #: previous mask, no cache; ``clicks`` and ``reuse_window_margin`` do not apply.
+    window_inferer: str = "dcm"
     #: the box centre as a positive click for an object that has a box but no click yet.
     box_center_as_click: bool = False
     #: None: every window centred at the last click (DCM). An int m: keep the previous window (and its
@@ -438,10 +458,14 @@ class LocalExpertConfig(_ExpertConfig):
         if self.window_size is not None:
             as_zyx(self.window_size, f"{where}.window_size")
         _choice(self.clicks, f"{where}.clicks", ("inside_window", "last"))
+        _choice(self.window_inferer, f"{where}.window_inferer", WINDOW_INFERERS)
         _flag(self.box_center_as_click, f"{where}.box_center_as_click")
         _integer(self.reuse_window_margin, f"{where}.reuse_window_margin", 0, none_ok=True)
         _choice(self.mask_prompt, f"{where}.mask_prompt", ("previous", "none", None))
         self.check_backbone(where)
+        if self.window_inferer == "released" and self.backbone != "vista3d":
+            raise ConfigError(f"{where}.window_inferer released runs MONAI's VISTA3D point inferer: it needs "
+                              f"{where}.backbone vista3d, got {self.backbone!r}")
 
 
 @dataclass

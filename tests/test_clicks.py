@@ -386,3 +386,46 @@ def test_session_remove_frees_the_removed_objects_clicked_voxels_for_the_others(
     assert s.labels()[10, 12, 12] == a
     s.remove(a)
     assert s.labels()[10, 12, 12] == b  # replayed without a: b's answer stands there
+
+
+@pytest.mark.parametrize("scope", ["click_sign", "click_part"])
+def test_update_scope_a_click_step_changes_the_mask_only_the_way_the_click_asks(scope):
+    # Previous mask: the first ball minus a cap, plus a wrong blob far away. The user clicks the cap
+    # (positive). The experts answer with the whole first ball, drop the far blob and add a second far blob.
+    first = _ball((10, 10, 10), 5)
+    cap = first & (np.indices(SHAPE)[2] >= 12)
+    far_old, far_new = _ball((10, 30, 30), 3), _ball((10, 30, 10), 3)
+    prev = ((first & ~cap) | far_old).astype(np.uint8)
+    prob = (first | far_new).astype(np.float32)
+    experts = {"global": MapExpert("global", prob)}
+    obj = ObjectPrompts(1, box=Box(5, 15, 10, 3, 3, 36, 36), clicks=[Click((10, 10, 14), True)])
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "update_scope": scope}
+    segs = DCMPredictor(experts, cfg)(_case([obj], prev))
+    assert _all_kept(segs, [obj])
+    assert (segs[cap] == 1).all()                  # the addition the click asked for is taken
+    assert (segs[far_old] == 1).all()              # a positive click removes nothing
+    if scope == "click_part":
+        assert (segs[far_new] == 0).all()          # ... and adds only where it was given
+    else:
+        assert (segs[far_new] == 1).all()
+    whole = DCMPredictor(experts, {**cfg, "update_scope": "whole"})(_case([obj], prev))
+    assert (whole[far_old] == 0).all() and (whole[far_new] == 1).all()
+
+
+def test_update_scope_negative_click_only_removes():
+    first = _ball((10, 10, 10), 5)
+    bump = _ball((10, 10, 16), 2) & ~first
+    prev = (first | bump).astype(np.uint8)
+    prob = (first | _ball((10, 30, 30), 3)).astype(np.float32)  # removes the bump, adds a far blob
+    experts = {"global": MapExpert("global", prob)}
+    obj = ObjectPrompts(1, box=Box(5, 15, 10, 3, 3, 36, 36), clicks=[Click((10, 10, 17), False)])
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "update_scope": "click_sign"}
+    segs = DCMPredictor(experts, cfg)(_case([obj], prev))
+    assert _all_kept(segs, [obj])
+    assert (segs[bump] == 0).all() and (segs[first] == 1).all()
+    assert (segs[_ball((10, 30, 30), 3)] == 0).all()
+
+
+def test_update_scope_is_checked():
+    with pytest.raises(ValueError, match="update_scope"):
+        DCMPredictor({}, {"update_scope": "nearby"})

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
     (BudgetConfig, "engine.budget", {"calls_per_case": 0}, "engine.budget.calls_per_case must be"),
     (ClickCorrectionConfig, "engine.click_correction", {"methods": ["magic"]}, "engine.click_correction.methods"),
     (GlobalExpertConfig, "global_expert", {"box_scal": 2}, "global_expert: unknown key(s) ['box_scal']"),
-    (GlobalExpertConfig, "global_expert", {"outside_clicks": "keep"}, "global_expert.outside_clicks must be"),
+    (GlobalExpertConfig, "global_expert", {"outside_clicks": "move"}, "global_expert.outside_clicks must be"),
     (GlobalExpertConfig, "global_expert", {"amp_dtype": "float8"}, "global_expert.amp_dtype must be"),
     (LocalExpertConfig, "local_expert", {"window_size": [32, 32]}, "local_expert.window_size must be"),
     (LocalExpertConfig, "local_expert", {"clicks": "all"}, "local_expert.clicks must be one of"),

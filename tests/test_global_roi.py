@@ -233,7 +233,7 @@ def test_is_an_expert_and_rejects_unknown_keys(model):
     with pytest.raises(ConfigError, match=r"_expert: unknown key\(s\)"):
         GlobalRoIExpert(model, {"box_scal": 2.0})
     with pytest.raises(ConfigError, match="outside_clicks"):
-        GlobalRoIExpert(model, {"outside_clicks": "keep"})
+        GlobalRoIExpert(model, {"outside_clicks": "move"})
     with pytest.raises(RuntimeError, match="set_image"):
         make_expert(model).roi_of(obj_with(b=box()))
 

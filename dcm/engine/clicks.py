@@ -14,6 +14,11 @@ Not promised: anything beyond the neighbourhoods. An expert's answer elsewhere i
 **How the engine keeps it** (``engine.honour_clicks: true``; :func:`honour_clicks` on each object's fused
 answer, :class:`ClickProtection` in the label writer):
 
+0. *Scope* (``engine.update_scope``, optional): a click step changes the mask only the way its newest click
+   asks: ``click_sign`` takes only additions after a positive click and only removals after a negative one;
+   ``click_part`` takes, of those, only the connected parts touching the click. ``whole`` takes the answer
+   as it is. The rest keeps the previous mask, so a click cannot wreck the object away from where it was given.
+
 1. *Reject*: an expert's update that would flip a promised voxel the previous mask had right is rejected on
    the connected part of that change (the 26-connected component of the voxels it removes, or adds, that
    holds the voxel): the previous mask stays there. So an update cannot remove the part of the mask that
@@ -214,8 +219,9 @@ def honour_clicks(
     prev_pred: Optional[np.ndarray],
     threshold: float = 0.5,
     correction: Optional[Mapping[str, Any]] = None,
+    update_scope: str = "whole",
 ) -> Optional[FusedPrediction]:
-    """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 1-3).
+    """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 0-3).
 
     Args:
         fused: the :class:`~dcm.engine.fusion.FusedPrediction` of the experts, or None (no expert answered).
@@ -226,6 +232,7 @@ def honour_clicks(
         prev_pred: (z, y, x) uint8 previous label map (None at a fresh start).
         threshold: the engine's mask threshold.
         correction: ``engine.click_correction`` (checked by :func:`check_click_correction`).
+        update_scope: ``engine.update_scope``: ``whole`` | ``click_sign`` | ``click_part`` (step 0).
 
     Returns:
         A ``FusedPrediction`` on a region that holds the expert RoIs and the promised voxels: NaN where the
@@ -244,6 +251,8 @@ def honour_clicks(
             prob[within(fused.region, region)] = fused.prob
     work = _Work.start(region, prob, obj.label, prev_pred, threshold)
 
+    if update_scope != "whole" and prev_pred is not None and obj.last_click is not None:
+        _limit_update(work, obj.last_click.zyx, bool(obj.last_click.positive), update_scope == "click_part")
     _reject_flips(work, promise)
     kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
     for index in np.flatnonzero(~kept):
@@ -255,6 +264,32 @@ def honour_clicks(
 
 def _local_voxels(work: _Work, promise: ClickPromise) -> np.ndarray:
     return promise.voxels - np.array([s.start for s in work.region])
+
+
+def _limit_update(work: _Work, click_zyx: Sequence[int], positive: bool, connected: bool) -> None:
+    """Step 0 (``engine.update_scope``): a click step changes the mask the way its newest click asks.
+
+    A positive click only adds (the answer's removals are rejected), a negative one only removes; with
+    ``connected`` only the 26-connected parts of that change touching the click's neighbourhood are taken.
+    Whatever is rejected keeps the previous mask.
+    """
+    if positive:
+        work.keep_previous(work.prev & ~work.mask)
+        change = work.mask & ~work.prev
+    else:
+        work.keep_previous(work.mask & ~work.prev)
+        change = work.prev & ~work.mask
+    if not connected or not change.any():
+        return
+    import cc3d
+
+    components = cc3d.connected_components(np.ascontiguousarray(change, dtype=np.uint8), connectivity=26)
+    origin = np.array([s.start for s in work.region])
+    near = click_neighbourhood(click_zyx, [s.stop for s in work.region]) - origin
+    near = near[np.all((near >= 0) & (near < np.array(change.shape)), axis=1)]
+    touching = np.unique(components[tuple(near.T)]) if len(near) else np.zeros(0, components.dtype)
+    touching = touching[touching > 0]
+    work.keep_previous(change & ~np.isin(components, touching))
 
 
 def _reject_flips(work: _Work, promise: ClickPromise) -> None:

@@ -5,8 +5,9 @@ in-process mode call); :class:`dcm.engine.session.InteractiveSession` drives the
 
 Engine config (section ``engine``): keys, defaults and checks in :class:`dcm.config_schema.EngineConfig`
 (policy, fusion, local_margin, without_box, overlap, local_at_box_step, threshold, honour_clicks,
-click_correction, budget). ``DCMPredictor`` checks it at construction; the interactive session builds one
-``DCMPredictor`` and uses its checked config, so both refuse the same bad config in the same words.
+update_scope, fallback, click_correction, budget). ``DCMPredictor`` checks it at construction; the interactive
+session builds one ``DCMPredictor`` and uses its checked config, so both refuse the same bad config in the same
+words.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dcm.data.cases import Case
 from dcm.config_schema import EngineConfig
 from dcm.engine.clicks import ClickPromise, ClickProtection, honour_clicks, promises_of
 from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions
-from dcm.engine.policies import LOCAL, route
+from dcm.engine.policies import GLOBAL, LOCAL, route
 from dcm.errors import DCMError
 from dcm.experts.base import Expert, RoIPrediction
 from dcm.prompts import ObjectPrompts, box_center_click
@@ -141,7 +142,7 @@ def predict_object(
     if promise is None:
         promise = promises_of([obj], case.shape)[obj.label]
     return honour_clicks(fused, obj, promise, case.image, case.spacing_zyx, case.prev_pred, threshold,
-                         cfg.get("click_correction"))
+                         cfg.get("click_correction"), cfg.get("update_scope", "whole"))
 
 
 class DCMPredictor:
@@ -166,22 +167,46 @@ class DCMPredictor:
         """Predict every object of ``case``; returns the (z, y, x) uint8 label map.
 
         An object whose prompts are unusable (``ObjectPrompts.problem``) or whose prediction raised keeps its
-        previous mask exactly: the other objects are written around it. Memory: one label map for the whole
-        case, the rest per object on its RoI only.
+        previous mask exactly: the other objects are written around it. With ``fallback: local_case`` a case
+        without boxes, or one on which the global expert raised, is predicted by the local expert alone from
+        an empty label map instead (the released ``predict.sh``). Memory: one label map for the whole case, the
+        rest per object on its RoI only.
 
         Raises:
             DCMError: every object that had prompts failed (a broken model, not one bad object).
         """
-        segs = case.prev_pred.copy() if case.prev_pred is not None else np.zeros(case.shape, dtype=np.uint8)
         if not case.objects:
-            return segs
+            return case.prev_pred.copy() if case.prev_pred is not None else np.zeros(case.shape, dtype=np.uint8)
         start, self._first_call = (self.process_start if self._first_call else None), False
         budget = CallBudget.for_case(case.num_objects, self.cfg["budget"], start)
         for expert in self.experts.values():
             expert.set_image(case.image, case.spacing_zyx)
+        fallback = self.cfg["fallback"] == "local_case" and LOCAL in self.experts
+        if fallback and not case.has_boxes:  # the released global expert has no RoI without a box
+            return self._predict_objects(case, budget, local_case=True)
+        try:
+            return self._predict_objects(case, budget, local_case=False, global_fails_case=fallback)
+        except _GlobalExpertFailed as e:
+            _say(f"{case.path or case.name}: object {e.label}: global expert failed ({e.reason}); the local expert "
+                 f"predicts the whole case (engine.fallback: local_case)")
+            return self._predict_objects(case, budget, local_case=True)
+
+    def _predict_objects(self, case: Case, budget: CallBudget, local_case: bool,
+                         global_fails_case: bool = False) -> np.ndarray:
+        """Every object of ``case`` in order, written over its previous output; with ``local_case`` by the local
+        expert alone over an empty label map. ``global_fails_case``: a global expert's failure raises
+        :class:`_GlobalExpertFailed` instead of keeping that object's previous mask."""
+        cfg = dict(self.cfg, policy="local_only") if local_case else self.cfg
+        experts = self.experts
+        if global_fails_case and GLOBAL in experts:
+            experts = {**experts, GLOBAL: _CaseFailingExpert(experts[GLOBAL])}
+        if case.prev_pred is not None and not local_case:
+            segs = case.prev_pred.copy()
+        else:
+            segs = np.zeros(case.shape, dtype=np.uint8)
         promises = (promises_of([o for o in case.objects if not o.problem], case.shape)
-                    if self.cfg["honour_clicks"] else {})
-        writer = LabelWriter(segs, self.cfg["overlap"], ClickProtection(promises) if promises else None)
+                    if cfg["honour_clicks"] else {})
+        writer = LabelWriter(segs, cfg["overlap"], ClickProtection(promises) if promises else None)
         kept = [obj.label for obj in case.objects if obj.problem]
         attempted, failures = 0, []
         for obj in case.objects:
@@ -189,13 +214,15 @@ class DCMPredictor:
                 continue
             attempted += 1
             try:
-                fused = predict_object(case, obj, self.experts, self.cfg, budget, promises.get(obj.label))
+                fused = predict_object(case, obj, experts, cfg, budget, promises.get(obj.label))
+            except _GlobalExpertFailed:
+                raise
             except Exception as e:  # one object's failure must not cost the others their masks
                 failures.append((obj.label, f"{type(e).__name__}: {e}"))
                 kept.append(obj.label)
                 continue
             if fused is not None:
-                writer.write(obj.label, fused, float(self.cfg["threshold"]))
+                writer.write(obj.label, fused, float(cfg["threshold"]))
         where = case.path or case.name
         if attempted and len(failures) == attempted:
             raise DCMError(" ".join(f"{where}: prediction failed for every object ({failures[0][1]})".split()))
@@ -204,6 +231,31 @@ class DCMPredictor:
         if kept and case.prev_pred is not None:
             _restore(segs, case.prev_pred, kept)
         return segs
+
+
+class _GlobalExpertFailed(Exception):
+    """The global expert raised on object ``label`` while ``engine.fallback: local_case`` redoes such a case."""
+
+    def __init__(self, label: int, reason: str):
+        super().__init__(reason)
+        self.label, self.reason = label, reason
+
+
+class _CaseFailingExpert:
+    """The global expert under ``engine.fallback: local_case``: an error of its ``predict`` fails the case
+    (:class:`_GlobalExpertFailed`) instead of one object; everything else is the expert's own."""
+
+    def __init__(self, expert: Expert):
+        self._expert = expert
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._expert, name)
+
+    def predict(self, obj: ObjectPrompts, prev_pred: Optional[np.ndarray] = None) -> Optional[RoIPrediction]:
+        try:
+            return self._expert.predict(obj, prev_pred)
+        except Exception as e:
+            raise _GlobalExpertFailed(obj.label, f"{type(e).__name__}: {e}") from e
 
 
 def _restore(segs: np.ndarray, prev_pred: np.ndarray, labels: List[int]) -> None:

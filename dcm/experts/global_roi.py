@@ -19,7 +19,9 @@ the steps are run by :meth:`dcm.experts.pipeline.BackboneExpert.predict`. Per ob
 3. Prompts in the frame, (z, y, x): the box centre as a positive click (frame voxel 31 while the RoI is the
    box's and the frame 64), then every click of the object in order, 1 fg / 0 bg. Without a box no click is
    added: the first positive click is the RoI centre and plays that role. Negative clicks outside the RoI are
-   dropped (or clipped onto its border, ``outside_clicks: clip``); positive ones are always inside (step 1).
+   dropped (or clipped onto its border, ``outside_clicks: clip``); positive ones are always inside (step 1)
+   unless ``grow`` is off. ``outside_clicks: keep`` passes every click at its frame coordinates, inside the
+   frame or not, as the released expert does (SAM-Med3D's Fourier point encoding takes any coordinate).
    Mask prompt (SAM-Med3D only): ``prev_pred == label`` resampled (nearest) to the frame, then every
    ``frame / 32``-th voxel (``[::2, ::2, ::2]`` for 64) -> 32^3 binary; at the box step (no click yet) zeros,
    or no mask prompt (``mask_prompt_at_box_step: none``, the ``no_mask_embed`` path).
@@ -130,8 +132,8 @@ class GlobalRoIExpert(BackboneExpert):
 
         Returns:
             ``coords`` (N, 3) float32 frame coordinates (z, y, x) and ``labels`` (N,) int64 (1 fg, 0 bg): the box
-            centre first (``box_center_click``), then the clicks in order; negative clicks outside the frame
-            dropped or clipped (``outside_clicks``).
+            centre first (``box_center_click``), then the clicks in order; clicks outside the frame dropped,
+            clipped or kept as they are (``outside_clicks``).
         """
         points, labels = [], []
         if obj.box is not None and self.cfg["box_center_click"]:
@@ -146,7 +148,7 @@ class GlobalRoIExpert(BackboneExpert):
         inside = roi.in_frame(q)
         if self.cfg["outside_clicks"] == "drop":
             q, labels = q[inside], [lab for lab, ok in zip(labels, inside) if ok]
-        else:
+        elif self.cfg["outside_clicks"] == "clip":
             q = np.clip(q, 0.0, self.frame_size - 1.0)
         return q.astype(np.float32), np.asarray(labels, dtype=np.int64)
 

@@ -23,6 +23,11 @@ We own the window logic instead of calling ``monai.apps.vista3d.inferer.point_ba
 which drops a click lying on a window's first voxel, sums overlapping windows and runs one window per
 click. The encoder output of the last window is cached, so a further click whose window is the same
 crop of the same image only reruns the (cheap) prompt head.
+
+``window_inferer: released`` (VISTA3D only; the ``released`` preset) reproduces the released DCM instead: it
+calls that MONAI inferer as the release does, on the whole normalised image, with the object's clicks (its
+foreground clicks, then its background ones), one window per click, no previous mask and no cache; the
+result covers the bounding box of those windows, 0 where none of them lies (the release's NaN > 0).
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from dcm.data.intensity import intensity_percentiles, scale_intensity
 from dcm.config_schema import LocalExpertConfig, as_zyx
 from dcm.errors import ConfigError
 from dcm.experts.backbones import Backbone, backbone_options, vista3d_frame_factor
-from dcm.experts.base import PointwiseMap, RoISlices
+from dcm.experts.base import PointwiseMap, RoIPrediction, RoISlices
 from dcm.experts.pipeline import BackboneExpert
 from dcm.prompts import ZYX, box_center
+from dcm.regions import union_region
 
 __all__ = [
     "LOCAL_ROI_DEFAULTS",
@@ -50,6 +56,7 @@ __all__ = [
     "intensity_percentiles",
     "scale_intensity",
     "place_window",
+    "released_click_order",
     "window_clicks",
 ]
 
@@ -221,6 +228,15 @@ def window_clicks(
     return coords, labels
 
 
+def released_click_order(clicks: Sequence[Click]) -> List[Click]:
+    """An object's clicks in the order the released local expert passes them: its foreground clicks, then its
+    background ones, each in click order (the challenge file's ``fg`` and ``bg`` lists, one after the other).
+
+    The order decides the order in which MONAI's inferer sums the windows (float rounding only).
+    """
+    return [c for c in clicks if c.positive] + [c for c in clicks if not c.positive]
+
+
 # ------------------------------------------------------------------------------------------------- expert
 
 
@@ -260,6 +276,10 @@ class LocalRoIExpert(BackboneExpert):
                                        "local_expert.window_size")
         self.backbone.check_frame(self.window_size, "local_expert.window_size")
         self.percentiles = tuple(options["percentiles"])
+        self.window_inferer: str = self.cfg["window_inferer"]
+        if self.window_inferer == "released" and self.backbone.kind != "vista3d":
+            raise ConfigError(f"local_expert.window_inferer released runs MONAI's VISTA3D point inferer: it needs "
+                              f"a vista3d backbone, got {self.backbone.kind!r}")
         self.reset()
 
     @property
@@ -276,6 +296,7 @@ class LocalRoIExpert(BackboneExpert):
         """Forget the image and every cache."""
         super().reset()
         self._cached_window: Optional[LocalWindow] = None
+        self._normalised_image: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ the frame and its prompts
 
@@ -314,6 +335,13 @@ class LocalRoIExpert(BackboneExpert):
         """The object's :meth:`window_of`."""
         return self.window_of(obj)
 
+    def roi_of(self, obj: ObjectPrompts) -> Optional[RoISlices]:
+        """The window's image region; with ``window_inferer: released`` the bounding box of every click's window."""
+        if self.window_inferer == "released":
+            windows = self.released_windows(obj)
+            return union_region([w.roi for w in windows]) if windows else None
+        return super().roi_of(obj)
+
     def prompts_of(self, obj: ObjectPrompts, window: LocalWindow) -> Tuple[np.ndarray, np.ndarray]:
         """(coords (N, 3), labels (N,)) in window coordinates for ``obj``; see :func:`window_clicks`."""
         clicks = list(obj.clicks)
@@ -324,6 +352,47 @@ class LocalRoIExpert(BackboneExpert):
     def mask_prompt_source(self, obj: ObjectPrompts) -> str:
         """``previous`` (SAM-Med3D's ``prev_pred == label`` in the window), or ``none`` with ``mask_prompt: none``."""
         return "none" if self.cfg["mask_prompt"] in ("none", None) else "previous"
+
+    # ------------------------------------------------------------------ the released window inferer
+
+    def released_clicks(self, obj: ObjectPrompts) -> List[Click]:
+        """The clicks ``window_inferer: released`` passes for ``obj`` (:func:`released_click_order`); without a
+        click, the window centre's click (:meth:`window_center`: the box centre with ``box_center_as_click``)."""
+        if obj.clicks:
+            return released_click_order(obj.clicks)
+        center = self.window_center(obj)
+        return [] if center is None else [Click(center, True)]
+
+    def released_windows(self, obj: ObjectPrompts) -> List[LocalWindow]:
+        """One window per released click, where MONAI's inferer puts it (:func:`place_window`'s rule)."""
+        self._require_image()
+        shape = self.image.shape  # type: ignore[union-attr]
+        return [place_window(c.zyx, shape, self.window_size) for c in self.released_clicks(obj)]
+
+    def normalised_image(self) -> torch.Tensor:
+        """The whole image normalised by the backbone, (1, 1, Z, Y, X) float32 on the device (kept per image)."""
+        self._require_image()
+        if self._normalised_image is None:
+            x = self.backbone.normalise(self.image)  # type: ignore[arg-type]
+            self._normalised_image = torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)
+        return self._normalised_image
+
+    def predict(self, obj: ObjectPrompts, prev_pred: Optional[np.ndarray] = None) -> Optional[RoIPrediction]:
+        """Segment ``obj``: DCM's window (:meth:`BackboneExpert.predict`), or with ``window_inferer: released``
+        MONAI's point inferer as released (:meth:`Vista3DBackbone.point_window_logits`; ``prev_pred`` ignored)."""
+        if self.window_inferer != "released":
+            return super().predict(obj, prev_pred)
+        clicks = self.released_clicks(obj)
+        if not clicks:
+            return None
+        coords = np.array([c.zyx for c in clicks], dtype=np.int64)
+        labels = np.array([1 if c.positive else 0 for c in clicks], dtype=np.int64)
+        backbone: Any = self.backbone  # a Vista3DBackbone (checked at construction)
+        logits = backbone.point_window_logits(self.normalised_image(), coords, labels, self.window_size)
+        roi = union_region([w.roi for w in self.released_windows(obj)])
+        # sigmoid(NaN) stays NaN: voxels of the box between windows are background, as the release's NaN > 0.
+        prob = torch.nan_to_num(torch.sigmoid(logits[roi]), nan=0.0)
+        return RoIPrediction(roi=roi, prob=prob.numpy().astype(np.float32, copy=False), expert=self.name)
 
     # ------------------------------------------------------------------ network
 

@@ -14,6 +14,7 @@ per-click part.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -135,6 +136,39 @@ class Vista3DBackbone(Backbone):
             else:
                 logits = self.model.point_head(embedding, point_coords, point_labels, class_vector=None)
         return logits[0, 0]
+
+    def point_window_logits(
+        self, image: torch.Tensor, coords: np.ndarray, labels: np.ndarray, roi_size: Sequence[int]
+    ) -> torch.Tensor:
+        """MONAI's ``point_based_window_inferer`` on a whole normalised image, called as the released DCM calls it.
+
+        One ``roi_size`` window per click, centred at it and shifted inside the (padded) image; each window gets
+        the clicks lying strictly inside it (MONAI drops one on the window's first voxel; a window left without
+        a click is -9999 everywhere); overlapping windows' logits are summed; no previous mask.
+
+        Args:
+            image: (1, 1, Z, Y, X) normalised image (:meth:`normalise`) on :attr:`device`.
+            coords: (N >= 1, 3) int image voxels (z, y, x) of one object's clicks, in the release's order.
+            labels: (N,) int, 1 fg / 0 bg.
+            roi_size: (z, y, x) window size.
+
+        Returns:
+            (Z, Y, X) float32 logits on the CPU; NaN where no window lies.
+        """
+        from monai.apps.vista3d.inferer import point_based_window_inferer
+
+        with torch.no_grad(), self.autocast(), warnings.catch_warnings():
+            # MONAI wraps its output in a MetaTensor of our plain input and warns that it sets an affine twice.
+            warnings.filterwarnings("ignore", message="Setting affine, but the applied meta contains an affine")
+            out = point_based_window_inferer(
+                inputs=image, roi_size=[int(s) for s in roi_size], transpose=True, with_coord=True,
+                predictor=self.model, mode="gaussian", sw_device=self.device, device=self.device,
+                center_only=True,  # only the window centred at each click, as released
+                point_coords=torch.as_tensor(np.asarray(coords, dtype=np.int64)[None], device=self.device),
+                point_labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)[None], device=self.device),
+            )
+        out = out.as_tensor() if hasattr(out, "as_tensor") else out  # a MetaTensor -> a plain tensor
+        return out[0, 0].float()
 
     def promptless_logits(self, frame: Sequence[int]) -> Optional[torch.Tensor]:
         """VISTA3D's "no prompt" value (-9999) everywhere on the (z, y, x) ``frame``, on the CPU."""
