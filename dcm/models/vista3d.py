@@ -280,7 +280,7 @@ def _is_plain_upscaling(seq: torch.nn.Module) -> bool:
     )
 
 
-def instance_norm_gelu_(flat: torch.Tensor, norm: torch.nn.Module, block_bytes: int = 1 << 25) -> None:
+def instance_norm_gelu_(flat: torch.Tensor, norm: torch.nn.Module, block_bytes: int = 1 << 26) -> None:
     """InstanceNorm (one instance: statistics over all rows) and exact GELU, in place, on ``flat`` (voxels, C).
 
     The mean, subtracted in place; the variance of the centred values from the squares of row blocks of about
@@ -301,7 +301,7 @@ def instance_norm_gelu_(flat: torch.Tensor, norm: torch.nn.Module, block_bytes: 
     torch.ops.aten.gelu_(flat)
 
 
-def fused_upscaling(seq: torch.nn.Module, src: torch.Tensor, hyper: torch.Tensor, slab: int = 32) -> torch.Tensor:
+def fused_upscaling(seq: torch.nn.Module, src: torch.Tensor, hyper: torch.Tensor, slab: int = 64) -> torch.Tensor:
     """``hyper @ seq(src)`` for PointMappingSAM's ``output_upscaling`` ``seq``, without its full-resolution
     C -> C convolution.
 
@@ -344,7 +344,7 @@ def upscaling_convt(convt: torch.nn.Module, src: torch.Tensor) -> torch.Tensor:
 
 
 def folded_conv(conv: torch.nn.Module, flat: torch.Tensor, grid: Tuple[int, int, int], hyper: torch.Tensor,
-                slab: int = 32) -> torch.Tensor:
+                slab: int = 64) -> torch.Tensor:
     """``hyper @ conv(g)`` for a Conv3d(k3, p1) ``conv`` and features ``g`` given as ``flat`` (voxels, C), one row
     per voxel of the (z, y, x) ``grid`` in z-major order: (1, 1, *grid).
 
