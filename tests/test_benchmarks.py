@@ -71,3 +71,14 @@ def test_bench_clicks_counts_kept_clicks_per_variant(tmp_path):
     assert set(rows) == {"rule off", "rule on"}
     assert int(rows["rule on"]["clicks"]) > 0 and rows["rule on"]["clicks_kept"] == rows["rule on"]["clicks"]
     assert "| rule on |" in proc.stdout
+
+
+def test_bench_point_head_tiny(tmp_path):
+    out = tmp_path / "point_head.csv"
+    proc = _run("bench_point_head.py", "--model", "vista3d_reduced", "--window", "32", "--repeats", "1",
+                "--threads", "1", "--csv", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["component"]: r for r in _rows(out)}
+    assert "cached mode bit-equal: True" in rows["point head call, measured"]["note"]
+    assert float(rows["further click, LocalRoIExpert.predict"]["fast_s"]) > 0
+    assert float(rows["image features: feat_downsample"]["fast_s"]) == 0.0  # once per window, not per click

@@ -106,7 +106,8 @@ def test_every_policy_box_step_and_click_step(pairings, pairing, policy):
 
 
 def test_default_pairing_is_bit_identical_to_the_direct_network_path(sam, vista):
-    """Defaults: global = SAM-Med3D, local = VISTA3D, with exactly the pre-refactor computation."""
+    """Defaults: global = SAM-Med3D, local = VISTA3D, with exactly the pre-refactor computation (VISTA3D's point
+    head: with ``point_head`` cached; the default fast one to float rounding)."""
     image = np.random.default_rng(0).integers(0, 256, size=(24, 48, 48)).astype(np.uint8)
     glob = GlobalRoIExpert(sam, {})
     assert glob.cfg["backbone"] == "sam_med3d" and glob.frame_size == 64 and glob.mask_size == 32
@@ -145,6 +146,11 @@ def test_default_pairing_is_bit_identical_to_the_direct_network_path(sam, vista)
         emb, _ = vista.image_encoder(torch.from_numpy(crop)[None, None], with_point=True, with_label=False)
         out = vista.point_head(emb, torch.tensor([[[21.0, 6.0, 31.0]]]), torch.tensor([[1]]), class_vector=None)
     ref = torch.sigmoid(out[0, 0, 10:22, 6:26, :].float()).numpy()
+    # VISTA3D's point head: the default (fast) equals MONAI's up to float rounding, point_head cached bit for bit
+    assert pred.roi == window.roi and np.allclose(pred.prob, ref, rtol=0, atol=1e-6)
+    local.backbone.set_point_head("cached")
+    local.clear_cache()
+    pred = local.predict(obj_with(((11, 0, 39), True)), prev_pred=np.ones_like(small))
     assert pred.roi == window.roi and np.array_equal(pred.prob, ref)
 
 

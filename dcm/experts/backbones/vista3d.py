@@ -4,6 +4,11 @@ Any frame whose sides are divisible by the encoder's factor (:func:`vista3d_fram
 ``vista3d132``, 8 for the reduced model); the whole image's 1st..99th percentiles (computed once per image in
 :meth:`Vista3DBackbone.set_image`) mapped to [0, 1] before padding, padding 0; no mask prompt; logits on the
 frame itself.
+
+The point head runs as :class:`dcm.models.vista3d.FastPointHead` (``point_head``): :meth:`Vista3DBackbone.encode`
+returns the encoder output's click-independent point-head state (:class:`~dcm.models.vista3d.PointHeadState`),
+which the expert's embedding cache keeps per window, and :meth:`Vista3DBackbone.decode` only does the
+per-click part.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ from dcm.errors import ConfigError
 from dcm.experts.backbones.base import Backbone
 from dcm.prompts import ZYX
 
-__all__ = ["Vista3DBackbone", "vista3d_frame_factor"]
+__all__ = ["POINT_HEAD_MODES", "Vista3DBackbone", "vista3d_frame_factor"]
+
+#: How :class:`Vista3DBackbone` runs VISTA3D's point head:
+#: ``fast``: click-independent part cached per window, fused upscaling (equal to MONAI up to float rounding);
+#: ``cached``: click-independent part cached per window, MONAI's upscaling (bit-equal to MONAI);
+#: ``monai``: ``PointMappingSAM.forward`` on the cached encoder output at every click (the reference).
+POINT_HEAD_MODES = ("fast", "cached", "monai")
 
 
 def vista3d_frame_factor(model: torch.nn.Module) -> ZYX:
@@ -45,6 +56,7 @@ class Vista3DBackbone(Backbone):
     Args:
         model: a MONAI ``VISTA3D`` (:func:`dcm.models.vista3d.build_vista3d`).
         percentiles: (lower, upper) percentiles of the image mapped to 0 and 1.
+        point_head: one of :data:`POINT_HEAD_MODES` (see :meth:`set_point_head`).
         **kwargs: see :class:`Backbone`.
     """
 
@@ -52,11 +64,25 @@ class Vista3DBackbone(Backbone):
     normalise_scope = "image"
     mask_size = None
 
-    def __init__(self, model: torch.nn.Module, percentiles: Sequence[float] = (1.0, 99.0), **kwargs: Any):
+    def __init__(self, model: torch.nn.Module, percentiles: Sequence[float] = (1.0, 99.0), point_head: str = "fast",
+                 **kwargs: Any):
         self.percentiles = _percentiles(percentiles, self.kind)
         self.factor = vista3d_frame_factor(model)
         self.intensity_range: Optional[Tuple[float, float]] = None
         super().__init__(model, **kwargs)
+        self.set_point_head(point_head)
+
+    def set_point_head(self, mode: str) -> None:
+        """How the point head runs (:data:`POINT_HEAD_MODES`). :meth:`encode`'s output depends on it: drop the
+        expert's cached embeddings after a change."""
+        if mode not in POINT_HEAD_MODES:
+            raise ConfigError(f"{self.kind}: point_head must be one of {POINT_HEAD_MODES}, got {mode!r}")
+        from dcm.models.vista3d import FastPointHead  # imports MONAI: only once a VISTA3D exists
+
+        self.point_head_mode = mode
+        self.fast_head = None if mode == "monai" else FastPointHead(
+            self.model.point_head, exact=(mode == "cached")
+        )
 
     def default_frame_size(self) -> int:
         return 128
@@ -79,23 +105,36 @@ class Vista3DBackbone(Backbone):
         lo, hi = self.intensity_range
         return scale_intensity(values, lo, hi)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> Any:
+        """The encoder output of ``x`` as the point head needs it: the click-independent
+        :class:`~dcm.models.vista3d.PointHeadState` (``point_head`` ``fast`` / ``cached``; the encoder output
+        itself is not kept) or the encoder output (``monai``)."""
         with torch.inference_mode(), self.autocast():
             # VISTA3D.forward's point-only path: the encoder's point branch, no class branch.
             embedding, _ = self.image_encoder(x, with_point=True, with_label=False)
+            if self.fast_head is not None:
+                return self.fast_head.prepare(embedding)
         return embedding
 
     def decode(
-        self, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray]
+        self, embedding: Any, coords: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray]
     ) -> torch.Tensor:
-        """Point-head logits (*frame) for clicks ``coords`` (N >= 1, 3) frame (z, y, x), ``labels`` (N,)."""
+        """Point-head logits (*frame) for clicks ``coords`` (N >= 1, 3) frame (z, y, x), ``labels`` (N,), from
+        :meth:`encode`'s output ``embedding``."""
         if mask is not None:
             raise ValueError("vista3d backbone: VISTA3D's point head takes no mask prompt")
         point_coords = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
         point_labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)[None]
         with torch.inference_mode(), self.autocast():
             # class_vector=None: supported-class token, as VISTA3D.forward with no class / prompt_class.
-            logits = self.model.point_head(embedding, point_coords, point_labels, class_vector=None)
+            if not isinstance(embedding, torch.Tensor):  # a dcm.models.vista3d.PointHeadState
+                if self.fast_head is None:
+                    raise RuntimeError("vista3d backbone: a cached point-head state after set_point_head('monai'); "
+                                       "clear the expert's embedding cache")
+                # the state's last answer is returned as is for the same prompts: copy, callers may write to it
+                logits = self.fast_head(embedding, point_coords, point_labels, class_vector=None).clone()
+            else:
+                logits = self.model.point_head(embedding, point_coords, point_labels, class_vector=None)
         return logits[0, 0]
 
     def point_window_logits(
