@@ -26,12 +26,14 @@ Each row runs in its own process (so that its peak memory is its own) on a CT-li
 * ``set_image``: the per-image work (VISTA3D: the whole image's percentiles);
 * ``warm-up``: the very first prediction of the process (one-off costs: memory for the activations, oneDNN
   kernel set-up, and compiling with ``--compile``), on another RoI;
-* ``first``: the first interaction with the object (global: the box, local: one click), encoder included;
+* ``first``: the first interaction with the object (global: the box, local: one click), encoder included
+  (cache cleared before each of ``--repeats``);
 * ``further``: a further click whose network input is unchanged (global: a click inside the RoI; local: a
-  click within ``reuse_window_margin`` of the window centre), the encoder output comes from the cache
-  (median of ``--repeats``);
+  click within ``reuse_window_margin`` of the window centre), the encoder output comes from the cache;
 * ``new window`` (local only): a further click elsewhere, the window centred on it, as DCM does at every
-  click by default (``reuse_window_margin: null``: the encoder runs again; median of ``--repeats``).
+  click by default (``reuse_window_margin: null``: the encoder runs again).
+
+Each of the last three is the median (``--stat min``: the minimum) of ``--repeats`` timings.
 
 Memory: the process's peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA), and that peak above
 what the process held once the model was built (``extra``). A second table gives each path's speed-up over
@@ -48,9 +50,10 @@ encoder (the warm-up then includes compiling).
 
 Usage::
 
-    python benchmarks/bench_experts.py [--rows full small] [--paths fp32 bf16 bf16-cl | all] [--onednn on off]
-                                       [--step] [--device auto] [--repeats 3] [--threads N]
-                                       [--shape 160 256 256] [--compile] [--append]
+    python benchmarks/bench_experts.py [--rows full small] [--experts global local] [--paths fp32 bf16 bf16-cl | all]
+                                       [--onednn on off] [--step] [--step-repeats 1] [--device auto] [--repeats 3]
+                                       [--stat median|min] [--threads N] [--shape 160 256 256] [--no-padded]
+                                       [--compile] [--append]
 
 Targets (2-core CPU): global expert at full size, float32: first click <= 4 s, further click <= 0.3 s;
 bfloat16 (best path): global first click <= 0.45 s, VISTA3D new window <= 20 s, a whole predict.sh click
@@ -204,8 +207,10 @@ def run_row(spec: Dict[str, Any]) -> Dict[str, Any]:
     if spec["expert"] == "global":
         obj = ObjectPrompts(label=1, box=box)
         warmup_s, _ = timed(lambda: predict(obj))
-        expert.clear_cache()
-        first_s, _ = timed(lambda: predict(obj))
+        first = []
+        for _ in range(spec["repeats"]):
+            expert.clear_cache()
+            first.append(timed(lambda: predict(obj))[0])
         further: List[float] = []
         for k in range(spec["repeats"]):
             zyx = (centre[0], centre[1] + (k % 3) - 1, centre[2] + k)
@@ -218,9 +223,11 @@ def run_row(spec: Dict[str, Any]) -> Dict[str, Any]:
 
         # warm-up on the window of a click 3 voxels away, then a cold cache for the timed first click
         warmup_s, _ = timed(lambda: predict(click_obj((centre[0], centre[1] - 3, centre[2]))))
-        expert.clear_cache()
         obj = click_obj(centre)
-        first_s, _ = timed(lambda: predict(obj))
+        first = []
+        for _ in range(spec["repeats"]):
+            expert.clear_cache()
+            first.append(timed(lambda: predict(obj))[0])
         further = []
         for k in range(spec["repeats"]):
             zyx = (centre[0], centre[1], centre[2] + 1 + k % 2)  # within the reuse margin: cached
@@ -234,10 +241,11 @@ def run_row(spec: Dict[str, Any]) -> Dict[str, Any]:
             obj.clicks.append(Click(zyx, bool(inside[zyx])))
             new_window.append(timed(lambda: predict(obj))[0])
     peak = _peak_mb(device)
+    stat = min if spec.get("stat") == "min" else statistics.median
     return {
-        "set_image_s": set_image_s, "warmup_s": warmup_s, "first_s": first_s,
-        "further_s": statistics.median(further),
-        "new_window_s": statistics.median(new_window) if new_window else float("nan"),
+        "set_image_s": set_image_s, "warmup_s": warmup_s, "first_s": stat(first),
+        "further_s": stat(further),
+        "new_window_s": stat(new_window) if new_window else float("nan"),
         "peak_mb": peak, "extra_mb": max(peak - base_mb, 0.0),
     }
 
@@ -298,8 +306,13 @@ def main(argv: List[str] = None) -> int:
                     help="the experts' onednn setting(s): DCM's oneDNN 3D convolutions for CPU float32 or PyTorch's")
     ap.add_argument("--step", action="store_true",
                     help="also time one whole predict.sh click step of the local expert per path")
+    ap.add_argument("--step-repeats", type=int, default=1, help="predict.sh calls per path (--stat of them)")
     ap.add_argument("--compile", action="store_true", help="also rows with torch.compile on the encoder")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timings per first / further click and new window")
+    ap.add_argument("--stat", default="median", choices=["median", "min"],
+                    help="of the repeats (min: the least disturbed run, on a machine shared with other jobs)")
+    ap.add_argument("--experts", nargs="+", default=["global", "local"], choices=["global", "local"])
+    ap.add_argument("--no-padded", action="store_true", help="skip the padded-attention reference row")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--shape", type=int, nargs=3, default=[160, 256, 256], metavar=("Z", "Y", "X"))
     ap.add_argument("--csv", type=Path, default=RESULTS)
@@ -332,7 +345,7 @@ def main(argv: List[str] = None) -> int:
              f"{'set_img s':>10}{'warm-up s':>10}{'first s':>9}{'further s':>10}{'new win s':>10}{'peak MB':>9}{'extra MB':>9}"
     print(header, flush=True)
     for expert, model, size, attention, group in ROWS:
-        if group not in args.rows:
+        if group not in args.rows or expert not in args.experts or (attention == "padded" and args.no_padded):
             continue
         for name in paths:
             precision, channels_last = PATHS[name]
@@ -343,7 +356,7 @@ def main(argv: List[str] = None) -> int:
                     spec = {"expert": expert, "model": model, "input": size, "attention": attention or "fast",
                             "precision": precision, "channels_last": channels_last, "onednn": onednn,
                             "compile": comp, "device": device, "repeats": args.repeats, "threads": args.threads,
-                            "shape": args.shape}
+                            "shape": args.shape, "stat": args.stat}
                     label = f"{expert:<7}{model:<20}{size:<7}{attention:<7}{name:<9}{'on' if onednn else 'off':<7}" \
                             f"{'yes' if comp else 'no':<5}"
                     proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True,
@@ -431,7 +444,10 @@ def _steps(args: argparse.Namespace, paths: List[str], onednns: List[bool], mach
             precision, channels_last = PATHS[name]
             for onednn in onednns:
                 try:
-                    out = run_step(config, precision, channels_last, onednn, args.shape, args.threads)
+                    runs = [run_step(config, precision, channels_last, onednn, args.shape, args.threads)
+                            for _ in range(max(args.step_repeats, 1))]
+                    out = min(runs, key=lambda r: r["call_s"]) if args.stat == "min" else \
+                        sorted(runs, key=lambda r: r["call_s"])[len(runs) // 2]
                 except RuntimeError as e:
                     print(f"{config:<11}{name:<9}{'on' if onednn else 'off':<7} FAILED: {e}", flush=True)
                     continue
