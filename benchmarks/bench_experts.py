@@ -311,6 +311,9 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timings per first / further click and new window")
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="of the repeats (min: the least disturbed run, on a machine shared with other jobs)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole list of rows this many times, interleaved in time, and report the --stat "
+                         "of each row over the rounds (for a machine shared with other jobs)")
     ap.add_argument("--experts", nargs="+", default=["global", "local"], choices=["global", "local"])
     ap.add_argument("--no-padded", action="store_true", help="skip the padded-attention reference row")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -340,10 +343,7 @@ def main(argv: List[str] = None) -> int:
     native = cpu_native(torch.bfloat16)[1]
     print(f"machine: {machine}; bfloat16: {native}\nimage: {tuple(args.shape)} int16, device {device}\n", flush=True)
 
-    results = []
-    header = f"{'expert':<7}{'model':<20}{'input':<7}{'attn':<7}{'path':<9}{'oneDNN':<7}{'comp':<5}" \
-             f"{'set_img s':>10}{'warm-up s':>10}{'first s':>9}{'further s':>10}{'new win s':>10}{'peak MB':>9}{'extra MB':>9}"
-    print(header, flush=True)
+    specs = []
     for expert, model, size, attention, group in ROWS:
         if group not in args.rows or expert not in args.experts or (attention == "padded" and args.no_padded):
             continue
@@ -353,27 +353,42 @@ def main(argv: List[str] = None) -> int:
                 if attention == "padded" and (precision != "fp32" or channels_last or not onednn):
                     continue  # the reference computation: float32 only
                 for comp in compiles:
-                    spec = {"expert": expert, "model": model, "input": size, "attention": attention or "fast",
-                            "precision": precision, "channels_last": channels_last, "onednn": onednn,
-                            "compile": comp, "device": device, "repeats": args.repeats, "threads": args.threads,
-                            "shape": args.shape, "stat": args.stat}
-                    label = f"{expert:<7}{model:<20}{size:<7}{attention:<7}{name:<9}{'on' if onednn else 'off':<7}" \
-                            f"{'yes' if comp else 'no':<5}"
-                    proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True,
-                                          text=True, cwd=str(Path(__file__).parent))
-                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-                    if proc.returncode != 0 or not lines:
-                        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                        print(f"{label} FAILED: {' | '.join(tail)}", flush=True)
-                        continue
-                    out = json.loads(lines[-1][4:])
-                    row = {"expert": expert, "model": model, "input": size, "attention": attention,
-                           "precision": precision, "channels_last": channels_last, "onednn": onednn,
-                           "compiled": comp, "path": name, **out}
-                    results.append(row)
-                    print(f"{label}{_fmt(out['set_image_s']):>10}{_fmt(out['warmup_s']):>10}{_fmt(out['first_s']):>9}"
-                          f"{_fmt(out['further_s']):>10}{_fmt(out['new_window_s']):>10}{out['peak_mb']:>9.0f}"
-                          f"{out['extra_mb']:>9.0f}", flush=True)
+                    specs.append({"expert": expert, "model": model, "input": size, "attention": attention or "fast",
+                                  "precision": precision, "channels_last": channels_last, "onednn": onednn,
+                                  "compile": comp, "device": device, "repeats": args.repeats,
+                                  "threads": args.threads, "shape": args.shape, "stat": args.stat, "path": name})
+    header = f"{'expert':<7}{'model':<20}{'input':<7}{'attn':<7}{'path':<9}{'oneDNN':<7}{'comp':<5}" \
+             f"{'set_img s':>10}{'warm-up s':>10}{'first s':>9}{'further s':>10}{'new win s':>10}{'peak MB':>9}{'extra MB':>9}"
+    runs: List[List[Dict[str, Any]]] = [[] for _ in specs]
+    for k in range(max(args.rounds, 1)):
+        if args.rounds > 1:
+            print(f"round {k + 1} of {args.rounds}", flush=True)
+        print(header, flush=True)
+        for spec, measured in zip(specs, runs):  # every row once per round: the rows interleave in time
+            label = _label(spec)
+            proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True,
+                                  text=True, cwd=str(Path(__file__).parent))
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                print(f"{label} FAILED: {' | '.join(tail)}", flush=True)
+                continue
+            out = json.loads(lines[-1][4:])
+            measured.append(out)
+            print(_row_line(label, out), flush=True)
+    results = []
+    for spec, measured in zip(specs, runs):
+        if not measured:
+            continue
+        out = {key: _combine([m[key] for m in measured], args.stat) for key in measured[0]}
+        results.append({**{k: spec[k] for k in ("expert", "model", "input", "precision", "channels_last", "onednn",
+                                                "path")},
+                        "attention": spec["attention"] if spec["attention"] == "padded" or spec["expert"] == "global"
+                        else "", "compiled": spec["compile"], **out})
+    if args.rounds > 1 and results:
+        print(f"\n{args.stat} over {args.rounds} rounds:\n{header}")
+        for row in results:
+            print(_row_line(_label({**row, "compile": row["compiled"]}), row))
 
     ok = True
     speedups = _speedups(results)
@@ -415,6 +430,25 @@ def main(argv: List[str] = None) -> int:
     return 0 if ok else 1
 
 
+def _label(spec: Dict[str, Any]) -> str:
+    attention = spec["attention"] if spec["expert"] == "global" else ""
+    return (f"{spec['expert']:<7}{spec['model']:<20}{spec['input']:<7}{attention:<7}{spec['path']:<9}"
+            f"{'on' if spec['onednn'] else 'off':<7}{'yes' if spec['compile'] else 'no':<5}")
+
+
+def _row_line(label: str, out: Dict[str, Any]) -> str:
+    return (f"{label}{_fmt(out['set_image_s']):>10}{_fmt(out['warmup_s']):>10}{_fmt(out['first_s']):>9}"
+            f"{_fmt(out['further_s']):>10}{_fmt(out['new_window_s']):>10}{out['peak_mb']:>9.0f}{out['extra_mb']:>9.0f}")
+
+
+def _combine(values: List[float], stat: str) -> float:
+    """One value of a row over rounds: the minimum or the median (NaN stays NaN)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return float("nan")
+    return min(values) if stat == "min" else statistics.median(values)
+
+
 def _speedups(results: List[Dict[str, Any]]) -> List[Any]:
     """(row, first, further, new window) speed-ups of each non-reference row over fp32 / oneDNN on."""
     out = []
@@ -431,41 +465,54 @@ def _speedups(results: List[Dict[str, Any]]) -> List[Any]:
 
 
 def _steps(args: argparse.Namespace, paths: List[str], onednns: List[bool], machine: str) -> bool:
-    """Time one predict.sh click step of the local expert per path; print the table and the target."""
-    rows = []
-    print(f"\npredict.sh click step, local expert (local_only), one object, {tuple(args.shape)} uint8, random init:\n"
-          f"{'config':<11}{'path':<9}{'oneDNN':<7}{'call s':>8}{'imports':>9}{'models':>8}{'predict':>9}{'vs fp32':>9}",
+    """Time one predict.sh click step of the local expert per path (``--step-repeats`` rounds, interleaved);
+    print the table and the target."""
+    plan = [(STEP_CONFIGS[group], name, onednn) for group in args.rows for name in paths for onednn in onednns]
+    calls: Dict[Any, List[Dict[str, float]]] = {key: [] for key in plan}
+    head = f"{'config':<11}{'path':<9}{'oneDNN':<7}{'call s':>8}{'imports':>9}{'models':>8}{'predict':>9}"
+    print(f"\npredict.sh click step, local expert (local_only), one object, {tuple(args.shape)} uint8, random init:",
           flush=True)
-    ok = True
-    for group in args.rows:
-        config = STEP_CONFIGS[group]
-        base = None
-        for name in paths:
+    for k in range(max(args.step_repeats, 1)):
+        print(("" if args.step_repeats <= 1 else f"round {k + 1} of {args.step_repeats}\n") + head, flush=True)
+        for key in plan:
+            config, name, onednn = key
             precision, channels_last = PATHS[name]
-            for onednn in onednns:
-                try:
-                    runs = [run_step(config, precision, channels_last, onednn, args.shape, args.threads)
-                            for _ in range(max(args.step_repeats, 1))]
-                    out = min(runs, key=lambda r: r["call_s"]) if args.stat == "min" else \
-                        sorted(runs, key=lambda r: r["call_s"])[len(runs) // 2]
-                except RuntimeError as e:
-                    print(f"{config:<11}{name:<9}{'on' if onednn else 'off':<7} FAILED: {e}", flush=True)
-                    continue
-                if name == "fp32" and onednn:
-                    base = out["call_s"]
-                speedup = base / out["call_s"] if base else float("nan")
-                rows.append({"config": config, "precision": precision, "channels_last": channels_last,
-                             "onednn": onednn, "path": name, **out, "speedup": speedup})
-                print(f"{config:<11}{name:<9}{'on' if onednn else 'off':<7}{out['call_s']:>8.2f}{out['imports_s']:>9.2f}"
-                      f"{out['models_s']:>8.2f}{out['predict_s']:>9.2f}"
-                      f"{'' if speedup != speedup else f'{speedup:.2f}x':>9}", flush=True)
-        best = [r for r in rows if r["config"] == config and r["precision"] == "bf16" and r["speedup"] == r["speedup"]]
-        if group == "full" and best:
-            row = max(best, key=lambda r: r["speedup"])
-            met = row["speedup"] >= STEP_TARGET
-            ok &= met
-            print(f"target full-size local click step bf16 >= {STEP_TARGET}x fp32: {row['speedup']:.2f}x "
-                  f"({row['path']}, oneDNN {'on' if row['onednn'] else 'off'}) {'met' if met else 'NOT met'}")
+            try:
+                out = run_step(config, precision, channels_last, onednn, args.shape, args.threads)
+            except RuntimeError as e:
+                print(f"{config:<11}{name:<9}{'on' if onednn else 'off':<7} FAILED: {e}", flush=True)
+                continue
+            calls[key].append(out)
+            print(f"{config:<11}{name:<9}{'on' if onednn else 'off':<7}{out['call_s']:>8.2f}{out['imports_s']:>9.2f}"
+                  f"{out['models_s']:>8.2f}{out['predict_s']:>9.2f}", flush=True)
+    rows = []
+    for key in plan:
+        if not calls[key]:
+            continue
+        config, name, onednn = key
+        precision, channels_last = PATHS[name]
+        out = {m: _combine([c[m] for c in calls[key]], args.stat) for m in calls[key][0]}
+        rows.append({"config": config, "precision": precision, "channels_last": channels_last, "onednn": onednn,
+                     "path": name, **out})
+    ok = True
+    if args.step_repeats > 1:
+        print(f"\n{args.stat} over {args.step_repeats} rounds:")
+    print(head + f"{'vs fp32':>9}")
+    for row in rows:
+        base = [r for r in rows if r["config"] == row["config"] and r["path"] == "fp32" and r["onednn"]]
+        row["speedup"] = base[0]["call_s"] / row["call_s"] if base else float("nan")
+        speedup = "" if row["speedup"] != row["speedup"] else f"{row['speedup']:.2f}x"
+        print(f"{row['config']:<11}{row['path']:<9}{'on' if row['onednn'] else 'off':<7}{row['call_s']:>8.2f}"
+              f"{row['imports_s']:>9.2f}{row['models_s']:>8.2f}{row['predict_s']:>9.2f}"
+              f"{speedup:>9}")
+    best = [r for r in rows if r["config"] == STEP_CONFIGS["full"] and r["precision"] == "bf16"
+            and r["speedup"] == r["speedup"]]
+    if best:
+        row = max(best, key=lambda r: r["speedup"])
+        met = row["speedup"] >= STEP_TARGET
+        ok &= met
+        print(f"target full-size local click step bf16 >= {STEP_TARGET}x fp32: {row['speedup']:.2f}x "
+              f"({row['path']}, oneDNN {'on' if row['onednn'] else 'off'}) {'met' if met else 'NOT met'}")
     step_csv = args.csv.with_name(args.csv.stem + "_step" + args.csv.suffix)
     write_csv(step_csv, STEP_COLUMNS, (["cpu"] + [_fmt(r[k]) if isinstance(r[k], float) else r[k]
                                                  for k in STEP_COLUMNS[3:]] for r in rows), args.append, machine)
