@@ -53,6 +53,8 @@ FALLBACKS = ("none", "local_case")
 #: ``local_expert.window_inferer``: how the local windows are run (:mod:`dcm.experts.local_roi`).
 WINDOW_INFERERS = ("dcm", "released")
 ZNORM_MODES = ("monai", "torchio")
+#: Where an expert's ``amp`` autocasts (dcm.models.precision implements the rule).
+AMP_DEVICES = ("auto", "cuda", "cpu")
 
 
 def click_margins(margin: Union[float, Sequence[float]]) -> Tuple[float, float]:
@@ -344,7 +346,10 @@ class _ExpertConfig(Section):
         _choice(self.backbone, f"{where}.backbone", ("sam_med3d", "vista3d"))
         _choice(self.znorm, f"{where}.znorm", ZNORM_MODES)
         _choice(str(self.amp_dtype), f"{where}.amp_dtype", ("float16", "bfloat16"))
-        for key in ("amp", "compile", "init_partial"):
+        _choice(self.amp_device, f"{where}.amp_device", AMP_DEVICES)
+        if not (isinstance(self.channels_last, bool) or self.channels_last == "auto"):
+            raise ConfigError(f"{where}.channels_last must be one of ['auto', True, False], got {self.channels_last!r}")
+        for key in ("amp", "onednn", "compile", "init_partial"):
             _flag(getattr(self, key), f"{where}.{key}")
         try:
             lower, upper = (float(p) for p in self.percentiles)
@@ -394,9 +399,17 @@ class GlobalExpertConfig(_ExpertConfig):
     #: image embeddings kept (one per RoI; several objects in a session).
     cache_size: int = 4
     device: str = "cpu"
-    #: autocast (CUDA only) and its dtype.
+    #: autocast to amp_dtype (float16 | bfloat16) where amp_device allows: auto (CUDA, and a CPU that computes
+    #: amp_dtype natively: avx512_bf16 / AMX for bfloat16) | cuda | cpu (any CPU: emulated bf16 is slow).
+    #: false: float32 on every device. Probabilities are float32 either way.
     amp: bool = False
     amp_dtype: str = "float16"
+    amp_device: str = "auto"
+    #: 3D convolution weights (and activations) channels-last 3D: auto (a convolutional backbone, VISTA3D,
+    #: under CPU bfloat16 autocast, where it pays) | true | false.
+    channels_last: Any = "auto"
+    #: CPU float32 3D convolutions on oneDNN (dcm/models/onednn.py); false: PyTorch's own kernel choice.
+    onednn: bool = True
     #: torch.compile the image encoder (compiles on first use; for long GPU sessions).
     compile: bool = False
     #: model preset (name in configs/models, YAML path or dict); None: sam_med3d_64 / vista3d132 by backbone.
@@ -453,8 +466,12 @@ class LocalExpertConfig(_ExpertConfig):
     #: SAM-Med3D's mask prompt: previous (the object's previous mask in the window) | none. VISTA3D takes none.
     mask_prompt: Optional[str] = "previous"
     device: str = "cpu"
+    #: as global_expert's.
     amp: bool = False
     amp_dtype: str = "float16"
+    amp_device: str = "auto"
+    channels_last: Any = "auto"
+    onednn: bool = True
     compile: bool = False
     #: model preset (name, YAML path or dict); None: vista3d132 / sam_med3d_64 by backbone.
     model: Any = None

@@ -31,6 +31,22 @@ def test_bench_experts_small_rows(tmp_path):
     assert rows[1]["new_window_s"] != "-"
 
 
+def test_bench_experts_paths_and_step(tmp_path):
+    """--paths / --onednn select the precision rows; --step times a predict.sh click step per path."""
+    out = tmp_path / "experts.csv"
+    proc = _run("bench_experts.py", "--rows", "small", "--paths", "fp32", "bf16-cl", "--onednn", "off", "--step",
+                "--shape", "24", "48", "48", "--repeats", "1", "--threads", "1", "--csv", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _rows(out)
+    assert [(r["expert"], r["precision"], r["channels_last"], r["onednn"]) for r in rows] == [
+        ("global", "fp32", "False", "False"), ("global", "bf16", "True", "False"),
+        ("local", "fp32", "False", "False"), ("local", "bf16", "True", "False")]
+    assert "speed-up over fp32" not in proc.stdout  # no fp32 / oneDNN-on row to compare with
+    steps = _rows(tmp_path / "experts_step.csv")
+    assert [(r["config"], r["precision"]) for r in steps] == [("dcm_small", "fp32"), ("dcm_small", "bf16")]
+    assert all(float(r["call_s"]) > 0 and float(r["predict_s"]) >= 0 for r in steps)
+
+
 def test_bench_nsd_values_match(tmp_path):
     out = tmp_path / "nsd.csv"
     proc = _run("bench_nsd.py", "--shape", "24", "48", "48", "--radii", "6", "--repeats", "1", "--csv", str(out))

@@ -15,7 +15,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from dcm.experts.base import Expert, RoIPrediction, RoISlices, policy_roles
 
-__all__ = ["Expert", "RoIPrediction", "RoISlices", "build_experts", "build_experts_from_config", "resolve_device"]
+__all__ = ["Expert", "RoIPrediction", "RoISlices", "announce_precision", "build_experts", "build_experts_from_config",
+           "precision_line", "resolve_device"]
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -83,7 +84,41 @@ def build_experts(
             experts["local"] = LocalRoIExpert.from_config(cfg["local_expert"], weights=checkpoint, device=dev)
     except CheckpointError as e:  # raised about the loaded dict: every caller's message names the file
         raise CheckpointError(e.naming(weights), path=weights) from None
+    announce_precision(experts)
     return experts
+
+
+def precision_line(experts: Dict[str, Expert]) -> Optional[str]:
+    """The one start-up line saying which precision path each CPU expert with ``amp: true`` runs, and why
+    (``dcm: CPU precision: global_expert bfloat16 autocast, local_expert bfloat16 autocast + channels-last 3D
+    (this CPU has avx512_bf16)``); None when no expert on the CPU asks for ``amp`` (float32, as before)."""
+    from dcm.models.precision import cpu_native
+
+    parts, reasons = [], []
+    for role, expert in experts.items():
+        backbone = getattr(expert, "backbone", None)
+        if backbone is None or backbone.device.type != "cpu" or not backbone.amp:
+            continue
+        onednn = "" if backbone.onednn else ", oneDNN 3D convolutions off"
+        parts.append(f"{role}_expert {backbone.precision}{onednn}")
+        if backbone.amp_device == "cuda":
+            reason = "amp_device: cuda"
+        else:
+            reason = cpu_native(backbone.amp_dtype)[1] + ("; amp_device: cpu" if backbone.amp_device == "cpu" else "")
+        if reason not in reasons:
+            reasons.append(reason)
+    if not parts:
+        return None
+    return f"dcm: CPU precision: {', '.join(parts)} ({'; '.join(reasons)})"
+
+
+def announce_precision(experts: Dict[str, Expert]) -> None:
+    """Print :func:`precision_line` to stderr, once per process (the same line is not repeated)."""
+    from dcm.models.precision import say_once
+
+    line = precision_line(experts)
+    if line is not None:
+        say_once(line)
 
 
 def _no_weights(config_name: Optional[str]) -> str:

@@ -310,12 +310,13 @@ class BackboneExpert(Expert):
         clicks ``coords`` (N, 3) frame (z, y, x), ``labels`` (N,) and mask prompt ``mask`` (m, m, m) or None.
 
         Without a click, a backbone whose answer does not depend on the image (VISTA3D) does not encode.
+        Float32 whatever the backbone's autocast dtype (the embedding is cached in that dtype).
         """
         if len(coords) == 0:
             logits = self.backbone.promptless_logits(frame.frame_shape)
             if logits is not None:
                 return logits
-        return self.backbone.decode(self.image_embedding(frame), coords, labels, mask)
+        return self.backbone.decode(self.image_embedding(frame), coords, labels, mask).float()
 
     def predict(self, obj: ObjectPrompts, prev_pred: Optional[np.ndarray] = None) -> Optional[RoIPrediction]:
         """Segment ``obj`` in its frame.

@@ -6,6 +6,11 @@ larger than 3). The 3D convolutions of small windows and narrow layers fail it (
 channels: ``16 * 32 * 32 = 16384``) and fall back to an im2col path about 20x slower (measured: 16 -> 16
 channels at 32^3, 146 ms vs 7 ms on one core). :func:`use_onednn_conv3d` sends those convolutions to oneDNN
 directly. The results equal PyTorch's up to float32 rounding (about 1e-6); gradients flow as usual.
+
+Channels-last 3D (:mod:`dcm.models.precision`): a layer whose weight is stored channels-last runs oneDNN on the
+input in that layout too, so that the layout passes from layer to layer; other weights run as before.
+Reduced precision (bfloat16 under CPU autocast) goes to PyTorch's own convolution, which uses oneDNN for it
+anyway. :func:`use_pytorch_conv3d` undoes :func:`use_onednn_conv3d` (an expert's ``onednn: false``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["OneDNNConv3d", "use_onednn_conv3d"]
+__all__ = ["OneDNNConv3d", "channels_last_weights", "is_channels_last", "use_onednn_conv3d", "use_pytorch_conv3d"]
 
 
 class OneDNNConv3d(nn.Conv3d):
@@ -33,10 +38,18 @@ class OneDNNConv3d(nn.Conv3d):
             and torch.backends.mkldnn.is_available()
             and not torch.is_autocast_enabled("cpu")
         ):
-            return torch.mkldnn_convolution(
-                input.contiguous(), weight.contiguous(), bias, self.padding, self.stride, self.dilation, self.groups
-            )
+            if is_channels_last(weight) or is_channels_last(input):  # channels-last 3D: keep the layout
+                x, w = input.contiguous(memory_format=torch.channels_last_3d), weight
+            else:
+                x, w = input.contiguous(), weight.contiguous()
+            return torch.mkldnn_convolution(x, w, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether a 5D tensor is stored channels-last 3D and not also plainly contiguous (sizes where both hold,
+    such as one channel, count as contiguous)."""
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
 
 
 def use_onednn_conv3d(module: nn.Module) -> nn.Module:
@@ -48,4 +61,23 @@ def use_onednn_conv3d(module: nn.Module) -> nn.Module:
     for layer in module.modules():
         if type(layer) is nn.Conv3d:
             layer.__class__ = OneDNNConv3d
+    return module
+
+
+def use_pytorch_conv3d(module: nn.Module) -> nn.Module:
+    """Undo :func:`use_onednn_conv3d`: every :class:`OneDNNConv3d` inside ``module`` becomes a plain
+    ``nn.Conv3d`` again (PyTorch's own choice of kernel), in place. Returns ``module``."""
+    for layer in module.modules():
+        if type(layer) is OneDNNConv3d:
+            layer.__class__ = nn.Conv3d
+    return module
+
+
+def channels_last_weights(module: nn.Module) -> nn.Module:
+    """Store the weight of every 3D convolution (and transposed convolution) inside ``module`` channels-last 3D,
+    in place (values, parameters and state-dict keys unchanged), so that oneDNN keeps that layout from layer
+    to layer. Returns ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv3d, nn.ConvTranspose3d)) and layer.weight.dim() == 5:
+            layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last_3d)
     return module

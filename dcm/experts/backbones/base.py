@@ -21,7 +21,9 @@ __all__ = ["Backbone"]
 
 def _amp_dtype(name: Any, who: str) -> torch.dtype:
     """``float16`` / ``bfloat16`` as a torch dtype; ConfigError naming ``who`` otherwise."""
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name))
+    from dcm.models.precision import AMP_DTYPES
+
+    dtype = AMP_DTYPES.get(str(name))
     if dtype is None:
         raise ConfigError(f"{who}: amp_dtype must be 'float16' or 'bfloat16', got {name!r}")
     return dtype
@@ -37,10 +39,20 @@ class Backbone:
     Args:
         model: the network (moved to ``device``, put in eval mode).
         device: ``cpu``, ``cuda``, ``auto`` ...
-        amp: autocast on CUDA (a no-op elsewhere).
+        amp: autocast where ``amp_device`` allows it (:func:`dcm.models.precision.autocast_dtype`); False:
+            float32 on every device.
         amp_dtype: ``float16`` or ``bfloat16``.
+        amp_device: ``auto`` (CUDA, and a CPU with native support for ``amp_dtype``), ``cuda`` or ``cpu``.
+        channels_last: ``auto`` (a convolutional backbone under CPU bfloat16 autocast), True or False: the 3D
+            convolution weights, and so the activations between them, in channels-last 3D
+            (:func:`dcm.models.precision.channels_last_active`).
+        onednn: keep DCM's oneDNN 3D convolutions for CPU float32 (:mod:`dcm.models.onednn`); False: PyTorch's
+            own choice of kernel.
         compile: run the image encoder through ``torch.compile`` (the first pass per input shape compiles;
             worth it on GPUs for long sessions; the weights and state-dict keys are unchanged).
+
+    The network is prepared in place (its convolution classes and weight layout; values and state-dict keys
+    unchanged).
 
     Attributes:
         kind: the config name (``sam_med3d`` / ``vista3d``).
@@ -49,11 +61,15 @@ class Backbone:
             map with per-image statistics (:meth:`set_image`), applied to image values, and padding is 0
             after it.
         mask_size: side ``m`` of the mask prompt grid, or None when the backbone takes no mask prompt.
+        convolutional: a convolutional network, where channels-last 3D pays under CPU bfloat16 (``auto``).
+        autocast_dtype: the dtype the network autocasts to on :attr:`device`, None for float32.
+        channels_last: whether the convolution weights (and activations) are channels-last 3D.
     """
 
     kind: str = ""
     normalise_scope: str = "frame"
     mask_size: Optional[int] = None
+    convolutional: bool = False
 
     def __init__(
         self,
@@ -61,13 +77,30 @@ class Backbone:
         device: Union[str, torch.device] = "cpu",
         amp: bool = False,
         amp_dtype: str = "float16",
+        amp_device: str = "auto",
+        channels_last: Union[str, bool] = "auto",
+        onednn: bool = True,
         compile: bool = False,
     ):
         from dcm.experts import resolve_device
+        from dcm.models.onednn import channels_last_weights, use_pytorch_conv3d
+        from dcm.models.precision import autocast_dtype, channels_last_active, use_channels_last_norms
 
         self.device = torch.device(resolve_device(str(device)))
         self.amp = bool(amp)
         self.amp_dtype = _amp_dtype(amp_dtype, self.kind)
+        try:
+            self.autocast_dtype = autocast_dtype(self.amp, self.amp_dtype, str(amp_device), self.device)
+            self.channels_last = channels_last_active(channels_last, self.autocast_dtype, self.device,
+                                                      self.convolutional)
+        except ValueError as e:
+            raise ConfigError(f"{self.kind}: {e}") from None
+        self.amp_device = str(amp_device)
+        self.onednn = bool(onednn)
+        if not self.onednn:
+            use_pytorch_conv3d(model)
+        if self.channels_last:
+            use_channels_last_norms(channels_last_weights(model))
         self.model = model.to(self.device).eval()
         self.compiled = bool(compile)
         # What encode() calls: the model's image encoder, or a compiled wrapper sharing its parameters.
@@ -101,10 +134,17 @@ class Backbone:
 
     # ------------------------------------------------------------------ network
 
+    @property
+    def precision(self) -> str:
+        """What runs, in words: ``bfloat16 autocast + channels-last 3D``, ``float32``, ..."""
+        from dcm.models.precision import precision_label
+
+        return precision_label(self.autocast_dtype, self.channels_last)
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast to :attr:`amp_dtype` on CUDA with ``amp``; a no-op context otherwise."""
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        """Autocast to :attr:`autocast_dtype` on :attr:`device` (see ``amp_device``); a no-op context for float32."""
+        if self.autocast_dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,9 +48,10 @@ _OWN_OPTIONS = {"sam_med3d": ("znorm",), "vista3d": ("percentiles",)}
 def backbone_options(cfg: Mapping[str, Any], who: str, cache_size: int = 1) -> Dict[str, Any]:
     """Validate an expert section's backbone settings; returns them as :func:`make_backbone` options.
 
-    Reads ``backbone``, ``device``, ``amp``, ``amp_dtype``, ``compile``, ``znorm`` (used by ``sam_med3d``) and
-    ``percentiles`` (used by ``vista3d``); raises ConfigError naming ``who`` for a bad value. ``cache_size``
-    (the expert's embedding cache, not the backbone's) is passed through.
+    Reads ``backbone``, ``device``, ``amp``, ``amp_dtype``, ``amp_device``, ``channels_last``, ``onednn``,
+    ``compile``, ``znorm`` (used by ``sam_med3d``) and ``percentiles`` (used by ``vista3d``); raises ConfigError
+    naming ``who`` for a bad value. ``cache_size`` (the expert's embedding cache, not the backbone's) is
+    passed through. The expert sections are checked by the schema (:mod:`dcm.config_schema`) first.
     """
     kind = cfg.get("backbone")
     if kind not in BACKBONES:
@@ -62,6 +63,9 @@ def backbone_options(cfg: Mapping[str, Any], who: str, cache_size: int = 1) -> D
         "device": cfg.get("device", "cpu"),
         "amp": bool(cfg.get("amp", False)),
         "amp_dtype": str(cfg.get("amp_dtype", "float16")),
+        "amp_device": str(cfg.get("amp_device", "auto")),
+        "channels_last": cfg.get("channels_last", "auto"),
+        "onednn": bool(cfg.get("onednn", True)),
         "cache_size": int(cache_size),
         "compile": bool(cfg.get("compile", False)),
         "znorm": cfg.get("znorm", "torchio"),

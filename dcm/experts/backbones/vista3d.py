@@ -63,6 +63,7 @@ class Vista3DBackbone(Backbone):
     kind = "vista3d"
     normalise_scope = "image"
     mask_size = None
+    convolutional = True  # channels_last: auto turns channels-last 3D on under CPU bfloat16
 
     def __init__(self, model: torch.nn.Module, percentiles: Sequence[float] = (1.0, 99.0), point_head: str = "fast",
                  **kwargs: Any):

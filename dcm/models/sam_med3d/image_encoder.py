@@ -23,6 +23,13 @@ Two exact computations of the windowed attention are provided:
   with value ``bias_v`` whose logit is the log-sum-exp of all padded keys' logits. All padded keys share
   ``k = bias_k``, so their mass factorises over the key axes (see :func:`fast_window_attention`). Exact
   up to rounding (about 1e-6 in float32, 1e-14 in float64).
+
+**Reduced precision** (bfloat16 / float16 autocast, or a half-precision model): the projections and the
+attention matmuls run in that dtype, but the relative-position logits, the virtual key's log-mass (the fold
+of the padding) and the softmax are accumulated in float32 (:func:`reduced_window_attention`; on the CPU
+through ``F.scaled_dot_product_attention`` with a float32 mask, whose kernel accumulates in float32); the
+global blocks take the same path (a cube without padding). The padded reference computes its attention core
+in float32 on the reduced-precision projections. Float32 and float64 inputs run exactly the code above.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ __all__ = [
     "get_rel_pos",
     "rel_pos_bias_reference",
     "fast_window_attention",
+    "reduced_window_attention",
     "window_partition3d",
     "window_unpartition3d",
 ]
@@ -187,6 +195,93 @@ def fast_window_attention(
     return out.view(bh, nd, nh, nw, c)
 
 
+#: dtypes that take the reduced-precision attention (:func:`reduced_window_attention`).
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def reduced_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_q: torch.Tensor,
+    bias_k: torch.Tensor,
+    bias_v: torch.Tensor,
+    rel_pos_d: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    n: int,
+    scale: float,
+    use_sdpa: Optional[bool] = None,
+) -> torch.Tensor:
+    """:func:`fast_window_attention` for reduced-precision ``q``, ``k``, ``v`` (bfloat16 / float16).
+
+    ``q @ k^T`` and ``probs @ v`` run in the inputs' dtype; the relative-position logits ``A + B + C``, the
+    virtual key's log-mass (the log-sum-exp over the padded keys, from the float32 ``bias_q``) and the
+    softmax are float32. The logits of the real keys and of the virtual key form one float32 additive mask
+    over ``n_real + 1`` keys (the virtual key is ``bias_k`` with value ``bias_v``, so its ``scale * q.bias_k``
+    comes from the matmul).
+
+    Args:
+        see :func:`fast_window_attention` (the biases in any float dtype).
+        use_sdpa: ``F.scaled_dot_product_attention`` (default on the CPU, whose fused kernel accumulates the
+            softmax in float32 and never stores the probabilities); False: an explicit float32 softmax.
+
+    Returns:
+        (BH, Nd, Nh, Nw, C) in the dtype of ``v``.
+    """
+    bh, nd, nh, nw, c = q.shape
+    if max(nd, nh, nw) > n:
+        raise ValueError(f"tokens {(nd, nh, nw)} do not fit a window of side {n}")
+    nq = nd * nh * nw
+    padded = (nd, nh, nw) != (n, n, n)
+    with _no_autocast(q.device):
+        q32 = q.float()
+        rd, rh, rw = (get_rel_pos(n, t.float()) for t in (rel_pos_d, rel_pos_h, rel_pos_w))
+        if nw < n:
+            pad = bias_q.float()[:, None, None, None, :].expand(bh, nd, nh, n - nw, c)
+            q_row = torch.cat([q32, pad], dim=3)
+        else:
+            q_row = q32
+        a_t = torch.einsum("xabcz,afz->xabcf", q32, rd[:nd])  # (BH, Nd, Nh, Nw, n_f)
+        b_t = torch.einsum("xabtz,bfz->xabtf", q_row, rh[:nh])  # (BH, Nd, Nh, n_d, n_f)
+        c_t = torch.einsum("xabtz,tfz->xabtf", q_row, rw)  # (BH, Nd, Nh, n_e, n_f)
+
+        mask = q32.new_empty(bh, nq, nq + int(padded))
+        bc = b_t[:, :, :, :nd, None, :nw] + c_t[:, :, :, None, :nh, :nw]  # (BH, Nd, Nh, Nd, Nh, Nw): keys
+        torch.add(a_t[:, :, :, :, None, None, :nw], bc[:, :, :, None],
+                  out=mask[:, :, :nq].view(bh, nd, nh, nw, nd, nh, nw))
+        keys, values = k.reshape(bh, nq, c), v.reshape(bh, nq, c)
+        if padded:
+            lse_b_all = torch.logsumexp(b_t, dim=3).unsqueeze(3)  # (BH, Nd, Nh, 1, n_f)
+            lse_c_all = torch.logsumexp(c_t, dim=3).unsqueeze(3)
+            parts: List[torch.Tensor] = []
+            if nw < n:  # f >= Nw: d and e free
+                parts.append(torch.logsumexp(a_t[..., nw:] + lse_b_all[..., nw:] + lse_c_all[..., nw:], dim=-1))
+            if nd < n:  # f < Nw, d >= Nd: e free
+                lse_b_hi = torch.logsumexp(b_t[:, :, :, nd:, :nw], dim=3).unsqueeze(3)
+                parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_hi + lse_c_all[..., :nw], dim=-1))
+            if nh < n:  # f < Nw, d < Nd, e >= Nh
+                lse_b_lo = torch.logsumexp(b_t[:, :, :, :nd, :nw], dim=3).unsqueeze(3)
+                lse_c_hi = torch.logsumexp(c_t[:, :, :, nh:, :nw], dim=3).unsqueeze(3)
+                parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_lo + lse_c_hi, dim=-1))
+            mask[:, :, nq] = _lse(parts).reshape(bh, nq)
+            keys = torch.cat([keys, bias_k.to(k.dtype)[:, None, :]], dim=1)
+            values = torch.cat([values, bias_v.to(v.dtype)[:, None, :]], dim=1)
+        if use_sdpa is None:
+            use_sdpa = q.device.type == "cpu"
+        if use_sdpa:
+            out = F.scaled_dot_product_attention(q.reshape(bh, 1, nq, c), keys[:, None], values[:, None],
+                                                 attn_mask=mask[:, None], scale=scale)[:, 0]
+        else:
+            logits = ((q * scale).reshape(bh, nq, c) @ keys.transpose(1, 2)).float() + mask
+            out = torch.softmax(logits, dim=-1).to(values.dtype) @ values
+    return out.reshape(bh, nd, nh, nw, c).to(v.dtype)
+
+
 class Attention3D(nn.Module):
     """Multi-head self-attention with the SAM-Med3D decomposed relative position.
 
@@ -244,12 +339,21 @@ class Attention3D(nn.Module):
         q, k, v = self._split(x)
         bh, nt = q.shape[0], d * h * w
         q, k, v = q.reshape(bh, nt, -1), k.reshape(bh, nt, -1), v.reshape(bh, nt, -1)
+        if q.dtype in REDUCED_DTYPES:  # the attention core in float32 on the reduced-precision projections
+            with _no_autocast(x.device):
+                out = self._reference_core(q.float(), k.float(), v.float(), d, h, w).to(v.dtype)
+        else:
+            out = self._reference_core(q, k, v, d, h, w)
+        return self._merge(out.view(bh, d, h, w, -1), b)
+
+    def _reference_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int, h: int, w: int) -> torch.Tensor:
+        """softmax(scale q k^T + relative position) v for (BH, d h w, C) q, k, v of a whole cube."""
+        bh, nt = q.shape[0], d * h * w
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if self.use_rel_pos:
             rel = rel_pos_bias_reference(q, self.rel_pos_d, self.rel_pos_h, self.rel_pos_w, d)
             attn = (attn.view(bh, d, h, w, d, h, w) + rel).view(bh, nt, nt)
-        out = attn.softmax(dim=-1) @ v
-        return self._merge(out.view(bh, d, h, w, -1), b)
+        return attn.softmax(dim=-1) @ v
 
     def forward_fast(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """Attention of real tokens occupying the corner of a zero-padded cube of side ``n``.
@@ -265,14 +369,15 @@ class Attention3D(nn.Module):
             raise ValueError("the fast path is implemented for relative-position attention only")
         b = x.shape[0]
         q, k, v = self._split(x)
+        reduced = q.dtype in REDUCED_DTYPES  # keep the float32 biases for the float32 fold
         if self.qkv.bias is not None:
-            bias = self.qkv.bias.view(3, self.num_heads, self.head_dim).to(q.dtype)
+            bias = self.qkv.bias.view(3, self.num_heads, self.head_dim)
+            bias = bias if reduced else bias.to(q.dtype)
         else:
             bias = q.new_zeros(3, self.num_heads, self.head_dim)
         bias = bias.repeat(1, b, 1)  # (3, B * heads, head_dim)
-        out = fast_window_attention(
-            q, k, v, bias[0], bias[1], bias[2], self.rel_pos_d, self.rel_pos_h, self.rel_pos_w, n, self.scale
-        )
+        attend = reduced_window_attention if reduced else fast_window_attention
+        out = attend(q, k, v, bias[0], bias[1], bias[2], self.rel_pos_d, self.rel_pos_h, self.rel_pos_w, n, self.scale)
         return self._merge(out, b)
 
     def forward(self, x: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
@@ -282,12 +387,19 @@ class Attention3D(nn.Module):
         zero-padded cube of side ``n`` and the exact fast path is used.
         """
         d, h, w = x.shape[1:4]
+        if self.use_rel_pos and _reduced_precision(x) and (n is not None or d == h == w):
+            return self.forward_fast(x, d if n is None else n)  # float32 logits and softmax, fused on the CPU
         if n is None or (d, h, w) == (n, n, n) or not self.use_rel_pos:
             if n is not None and (d, h, w) != (n, n, n):
                 pad = (0, 0, 0, n - w, 0, n - h, 0, n - d)
                 return self.forward_reference(F.pad(x, pad))[:, :d, :h, :w]
             return self.forward_reference(x)
         return self.forward_fast(x, n)
+
+
+def _reduced_precision(x: torch.Tensor) -> bool:
+    """Whether the projections of ``x`` come out in reduced precision (autocast on, or a half model)."""
+    return x.dtype in REDUCED_DTYPES or torch.is_autocast_enabled(x.device.type)
 
 
 def window_partition3d(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
