@@ -1,4 +1,5 @@
-"""MONAI VISTA3D, the backbone of DCM's local-RoI expert, built from a config.
+"""MONAI VISTA3D, the backbone of DCM's local-RoI expert, built from a config, and its point head with the
+click-independent part cached (:class:`FastPointHead`).
 
 Two variants, both made of MONAI's own classes (nothing here re-implements VISTA3D):
 
@@ -27,7 +28,8 @@ from dcm.errors import ConfigError
 from dcm.models.onednn import use_onednn_conv3d
 
 __all__ = ["VISTA3D_DEFAULTS", "build_vista3d", "check_vista3d_config", "load_vista3d_config", "vista3d_shape_factor",
-           "count_parameters"]
+           "count_parameters", "FastPointHead", "PointHeadState", "fused_upscaling", "folded_conv",
+           "image_to_token", "instance_norm_gelu_", "token_to_image", "upscaling_convt"]
 
 #: Every key ``build_vista3d`` understands, with the value the full model uses.
 VISTA3D_DEFAULTS: Dict[str, Any] = {
