@@ -113,6 +113,25 @@ def _lse(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.logsumexp(torch.stack(list(parts), dim=0), dim=0)
 
 
+def _padded_keys_lse(a_t: torch.Tensor, b_t: torch.Tensor, c_t: torch.Tensor, nd: int, nh: int, nw: int,
+                     n: int) -> torch.Tensor:
+    """logsumexp over the padded keys of the relative-position terms (the virtual key's fold), shape
+    (BH, Nd, Nh, Nw): the keys split by which axis leaves the (Nd, Nh, Nw) grid first."""
+    lse_b_all = torch.logsumexp(b_t, dim=3).unsqueeze(3)  # (BH, Nd, Nh, 1, n_f)
+    lse_c_all = torch.logsumexp(c_t, dim=3).unsqueeze(3)
+    parts: List[torch.Tensor] = []
+    if nw < n:  # f >= Nw: d and e free
+        parts.append(torch.logsumexp(a_t[..., nw:] + lse_b_all[..., nw:] + lse_c_all[..., nw:], dim=-1))
+    if nd < n:  # f < Nw, d >= Nd: e free
+        lse_b_hi = torch.logsumexp(b_t[:, :, :, nd:, :nw], dim=3).unsqueeze(3)
+        parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_hi + lse_c_all[..., :nw], dim=-1))
+    if nh < n:  # f < Nw, d < Nd, e >= Nh
+        lse_b_lo = torch.logsumexp(b_t[:, :, :, :nd, :nw], dim=3).unsqueeze(3)
+        lse_c_hi = torch.logsumexp(c_t[:, :, :, nh:, :nw], dim=3).unsqueeze(3)
+        parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_lo + lse_c_hi, dim=-1))
+    return _lse(parts)
+
+
 def fast_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,20 +194,8 @@ def fast_window_attention(
     if (nd, nh, nw) == (n, n, n):
         return torch.softmax(logits, dim=-1).matmul(v.reshape(bh, nq, c)).view(bh, nd, nh, nw, c)
 
-    lse_b_all = torch.logsumexp(b_t, dim=3).unsqueeze(3)  # (BH, Nd, Nh, 1, n_f)
-    lse_c_all = torch.logsumexp(c_t, dim=3).unsqueeze(3)
-    parts: List[torch.Tensor] = []
-    if nw < n:  # f >= Nw: d and e free
-        parts.append(torch.logsumexp(a_t[..., nw:] + lse_b_all[..., nw:] + lse_c_all[..., nw:], dim=-1))
-    if nd < n:  # f < Nw, d >= Nd: e free
-        lse_b_hi = torch.logsumexp(b_t[:, :, :, nd:, :nw], dim=3).unsqueeze(3)
-        parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_hi + lse_c_all[..., :nw], dim=-1))
-    if nh < n:  # f < Nw, d < Nd, e >= Nh
-        lse_b_lo = torch.logsumexp(b_t[:, :, :, :nd, :nw], dim=3).unsqueeze(3)
-        lse_c_hi = torch.logsumexp(c_t[:, :, :, nh:, :nw], dim=3).unsqueeze(3)
-        parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_lo + lse_c_hi, dim=-1))
     k0 = scale * torch.einsum("xabcz,xz->xabc", q, bias_k)
-    virtual = (k0 + _lse(parts)).reshape(bh, nq, 1)
+    virtual = (k0 + _padded_keys_lse(a_t, b_t, c_t, nd, nh, nw, n)).reshape(bh, nq, 1)
 
     probs = torch.softmax(torch.cat([logits, virtual], dim=-1), dim=-1)
     out = probs[:, :, :nq].matmul(v.reshape(bh, nq, c)) + probs[:, :, nq:] * bias_v[:, None, :]
@@ -256,19 +263,7 @@ def reduced_window_attention(
                   out=mask[:, :, :nq].view(bh, nd, nh, nw, nd, nh, nw))
         keys, values = k.reshape(bh, nq, c), v.reshape(bh, nq, c)
         if padded:
-            lse_b_all = torch.logsumexp(b_t, dim=3).unsqueeze(3)  # (BH, Nd, Nh, 1, n_f)
-            lse_c_all = torch.logsumexp(c_t, dim=3).unsqueeze(3)
-            parts: List[torch.Tensor] = []
-            if nw < n:  # f >= Nw: d and e free
-                parts.append(torch.logsumexp(a_t[..., nw:] + lse_b_all[..., nw:] + lse_c_all[..., nw:], dim=-1))
-            if nd < n:  # f < Nw, d >= Nd: e free
-                lse_b_hi = torch.logsumexp(b_t[:, :, :, nd:, :nw], dim=3).unsqueeze(3)
-                parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_hi + lse_c_all[..., :nw], dim=-1))
-            if nh < n:  # f < Nw, d < Nd, e >= Nh
-                lse_b_lo = torch.logsumexp(b_t[:, :, :, :nd, :nw], dim=3).unsqueeze(3)
-                lse_c_hi = torch.logsumexp(c_t[:, :, :, nh:, :nw], dim=3).unsqueeze(3)
-                parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_lo + lse_c_hi, dim=-1))
-            mask[:, :, nq] = _lse(parts).reshape(bh, nq)
+            mask[:, :, nq] = _padded_keys_lse(a_t, b_t, c_t, nd, nh, nw, n).reshape(bh, nq)
             keys = torch.cat([keys, bias_k.to(k.dtype)[:, None, :]], dim=1)
             values = torch.cat([values, bias_v.to(v.dtype)[:, None, :]], dim=1)
         if use_sdpa is None:
