@@ -203,27 +203,6 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _padded_log_mass(a_t: torch.Tensor, b_t: torch.Tensor, c_t: torch.Tensor, nd: int, nh: int, nw: int,
-                     n: int) -> torch.Tensor:
-    """The padded keys' log-mass without ``scale q.bias_k`` (the parts of :func:`fast_window_attention`),
-    float32, as sums of exponentials shifted by their maxima (one max per key row instead of a log-sum-exp per
-    part): (BH, Nd, Nh, Nw)."""
-    mb = b_t.amax(dim=3, keepdim=True)  # (BH, Nd, Nh, 1, n_f)
-    mc = c_t.amax(dim=3, keepdim=True)
-    eb, ec = torch.exp(b_t - mb), torch.exp(c_t - mc)
-    sc_all = ec.sum(3, keepdim=True)
-    weight = torch.zeros_like(mb)  # per key row f: sum over the padded (d, e) of exp(B + C), shifted
-    if nw < n:  # f >= Nw: d and e free
-        weight[..., nw:] = eb[..., nw:].sum(3, keepdim=True) * sc_all[..., nw:]
-    if nd < n:  # f < Nw, d >= Nd: e free
-        weight[..., :nw] += eb[:, :, :, nd:, :nw].sum(3, keepdim=True) * sc_all[..., :nw]
-    if nh < n:  # f < Nw, d < Nd, e >= Nh
-        weight[..., :nw] += eb[:, :, :, :nd, :nw].sum(3, keepdim=True) * ec[:, :, :, nh:, :nw].sum(3, keepdim=True)
-    t = a_t + mb + mc  # (BH, Nd, Nh, Nw, n_f)
-    m = torch.where(weight > 0, t, float("-inf")).amax(-1, keepdim=True)
-    return (m + torch.log((torch.exp(t - m) * weight).sum(-1, keepdim=True)))[..., 0]
-
-
 def reduced_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -277,7 +256,19 @@ def reduced_window_attention(
                   out=mask[:, :, :nq].view(bh, nd, nh, nw, nd, nh, nw))
         keys, values = k.reshape(bh, nq, c), v.reshape(bh, nq, c)
         if padded:
-            mask[:, :, nq] = _padded_log_mass(a_t, b_t, c_t, nd, nh, nw, n).reshape(bh, nq)
+            lse_b_all = torch.logsumexp(b_t, dim=3).unsqueeze(3)  # (BH, Nd, Nh, 1, n_f)
+            lse_c_all = torch.logsumexp(c_t, dim=3).unsqueeze(3)
+            parts: List[torch.Tensor] = []
+            if nw < n:  # f >= Nw: d and e free
+                parts.append(torch.logsumexp(a_t[..., nw:] + lse_b_all[..., nw:] + lse_c_all[..., nw:], dim=-1))
+            if nd < n:  # f < Nw, d >= Nd: e free
+                lse_b_hi = torch.logsumexp(b_t[:, :, :, nd:, :nw], dim=3).unsqueeze(3)
+                parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_hi + lse_c_all[..., :nw], dim=-1))
+            if nh < n:  # f < Nw, d < Nd, e >= Nh
+                lse_b_lo = torch.logsumexp(b_t[:, :, :, :nd, :nw], dim=3).unsqueeze(3)
+                lse_c_hi = torch.logsumexp(c_t[:, :, :, nh:, :nw], dim=3).unsqueeze(3)
+                parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_lo + lse_c_hi, dim=-1))
+            mask[:, :, nq] = _lse(parts).reshape(bh, nq)
             keys = torch.cat([keys, bias_k.to(k.dtype)[:, None, :]], dim=1)
             values = torch.cat([values, bias_v.to(v.dtype)[:, None, :]], dim=1)
         if use_sdpa is None:
