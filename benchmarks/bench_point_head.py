@@ -30,6 +30,7 @@ Results: a table on stdout and ``benchmarks/results/bench_point_head.csv``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -57,17 +58,21 @@ def _median_time(fn: Callable[[], object], repeats: int) -> Tuple[float, object]
     return statistics.median(times), out
 
 
+def _timed(times: Dict[str, List[float]], name: str, fn):
+    """``fn()``, its duration appended to ``times[name]``."""
+    t0 = clock()
+    out = fn()
+    times.setdefault(name, []).append(clock() - t0)
+    return out
+
+
 def monai_breakdown(ph, embedding, coords, labels, repeats: int) -> Tuple[Dict[str, float], object]:
     """``PointMappingSAM.forward`` (one prompt, ``class_vector=None``) as MONAI 1.4-1.6 writes it, each part timed."""
     import torch
 
     t: Dict[str, List[float]] = {}
 
-    def step(name, fn):
-        t0 = clock()
-        out = fn()
-        t.setdefault(name, []).append(clock() - t0)
-        return out
+    step = functools.partial(_timed, t)
 
     out = None
     for _ in range(repeats):
@@ -112,11 +117,7 @@ def fast_breakdown(head, state, coords, labels, repeats: int) -> Dict[str, float
     ph = head.point_head
     t: Dict[str, List[float]] = {}
 
-    def step(name, fn):
-        t0 = clock()
-        out = fn()
-        t.setdefault(name, []).append(clock() - t0)
-        return out
+    step = functools.partial(_timed, t)
 
     for _ in range(repeats):
         tok = step("tokens", lambda: head.tokens(coords, labels, state.out_shape))

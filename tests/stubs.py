@@ -1,6 +1,8 @@
 """Shared test helpers: stand-in experts (cheap, deterministic, with call logs) and a protocol step runner."""
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -98,3 +100,20 @@ def assert_policy_calls(policy, calls, n):
         assert (calls["global"], calls["local"]) == expected[policy]
     else:  # outside_global_roi: global at the box step, then one expert per object
         assert calls["global"] >= n and calls["global"] + calls["local"] == 2 * n
+
+
+def load_sam64_golden():
+    """The golden SAM-Med3D-64 reduction (``tests/fixtures/sam64_reduced_golden.*``): ``(cfg, weights, io,
+    model)`` with the model built from ``cfg`` and loaded strictly, in eval mode."""
+    import torch
+
+    from dcm.models import build_sam_med3d
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    cfg = json.loads((fixtures / "sam64_reduced_golden.json").read_text())
+    with np.load(fixtures / "sam64_reduced_golden.npz") as z:
+        weights = {k[len("weights/"):]: torch.from_numpy(z[k]) for k in z.files if k.startswith("weights/")}
+        io = {k[len("io/"):]: torch.from_numpy(z[k]) for k in z.files if k.startswith("io/")}
+    model = build_sam_med3d(cfg).eval()
+    model.load_state_dict(weights, strict=True)
+    return cfg, weights, io, model

@@ -15,7 +15,7 @@ nothing here times anything.
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,9 @@ from dcm.models.sam_med3d.image_encoder import fast_window_attention, reduced_wi
 from dcm.models.vista3d import build_vista3d, load_vista3d_config
 from dcm.config import load_config
 
-FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(Path(__file__).parent))
+from stubs import load_sam64_golden  # noqa: E402
+
 GOLDEN_EMB_ATOL = 0.05
 GOLDEN_LOGIT_ATOL = 3e-3
 PROB_ATOL = {"global": 2e-3, "local": 2e-2}
@@ -243,12 +245,7 @@ def test_amp_false_is_plain_float32(role):
 
 @pytest.fixture(scope="module")
 def golden():
-    cfg = json.loads((FIXTURES / "sam64_reduced_golden.json").read_text())
-    with np.load(FIXTURES / "sam64_reduced_golden.npz") as z:
-        weights = {k[len("weights/"):]: torch.from_numpy(z[k]) for k in z.files if k.startswith("weights/")}
-        io = {k[len("io/"):]: torch.from_numpy(z[k]) for k in z.files if k.startswith("io/")}
-    model = build_sam_med3d(cfg).eval()
-    model.load_state_dict(weights, strict=True)
+    _, _, io, model = load_sam64_golden()
     return io, model
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,19 +20,16 @@ from dcm.models.sam_med3d.image_encoder import (
     rel_pos_bias_reference,
 )
 
+sys.path.insert(0, str(Path(__file__).parent))
+from stubs import load_sam64_golden  # noqa: E402
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def golden():
-    cfg = json.loads((FIXTURES / "sam64_reduced_golden.json").read_text())
-    with np.load(FIXTURES / "sam64_reduced_golden.npz") as z:
-        weights = {k[len("weights/"):]: torch.from_numpy(z[k]) for k in z.files if k.startswith("weights/")}
-        io = {k[len("io/"):]: torch.from_numpy(z[k]) for k in z.files if k.startswith("io/")}
-    model = build_sam_med3d(cfg).eval()
-    model.load_state_dict(weights, strict=True)
-    return cfg, weights, io, model
+    return load_sam64_golden()
 
 
 def _manifest(name):

@@ -342,7 +342,7 @@ def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int,
         return work
     click = obj.clicks[index]
     radius = min(cfg["radius_mm"], cfg["radius_object_factor"] * _object_radius_mm(obj, work, spacing_zyx))
-    cap = _correction_cap(obj, float(cfg.get("max_box_fraction", 0.0)))
+    cap = _correction_cap(obj, cfg["max_box_fraction"])
     for _ in range(4 if np.isfinite(cap) else 1):
         crop = _crop_around(click.zyx, image.shape, spacing_zyx, radius)
         work = work.grow(union_region([work.region, crop]), obj.label, prev_pred)
