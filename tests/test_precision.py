@@ -267,6 +267,25 @@ def test_bf16_golden_within_tolerance(golden, attention):
     assert (emb.float() - io["image_embedding"]).abs().mean() < 0.01
 
 
+def test_bf16_weights_stored_once_give_the_same_encoder_output():
+    """Under autocast the SAM-Med3D encoder's linear / conv weights are stored in bf16 once: the same output as
+    autocast casting float32 weights at every pass, bit for bit; biases and norms stay float32."""
+    torch.manual_seed(0)
+    model = build_sam_med3d(load_model_config("sam_med3d_64_reduced")).eval()
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.image_encoder(x)
+    backbone = make_backbone(model, "sam_med3d", **BF16)
+    enc = model.image_encoder
+    linears = [m for m in enc.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d))]
+    assert linears and all(m.weight.dtype is torch.bfloat16 for m in linears)
+    assert all(m.bias is None or m.bias.dtype is torch.float32 for m in linears)
+    assert all(p.dtype is torch.float32 for n, p in enc.named_parameters() if "norm" in n)
+    assert torch.equal(backbone.encode(x), want)
+    fp32 = make_backbone(build_sam_med3d(load_model_config("sam_med3d_64_reduced")).eval(), "sam_med3d")
+    assert all(p.dtype is torch.float32 for p in fp32.model.parameters())
+
+
 @pytest.mark.parametrize("shape", [(8, 8, 8), (14, 14, 14), (5, 7, 3)])
 @pytest.mark.parametrize("use_sdpa", [True, False])
 def test_reduced_window_attention_close_to_float64(shape, use_sdpa):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dcm.config_schema import check_dcm_config
 from dcm.data.cases import Click, ObjectPrompts
 from dcm.errors import ConfigError
 from dcm.experts.local_roi import LocalRoIExpert, place_window
@@ -185,8 +186,8 @@ def test_expert_clicks_equal_monai_forward_with_cache_reuse_and_invalidation(mod
     """A click sequence in one window (encoder once, the state reused), then a new window and a new image:
     every answer equals VISTA3D.forward on that window's input."""
     image = random_image((48, 40, 56), seed=1)
-    expert = LocalRoIExpert(model, {"window_size": W, "reuse_window_margin": 0})
-    expert.backbone.set_point_head(mode)
+    expert = LocalRoIExpert(model, {"window_size": W, "reuse_window_margin": 0, "point_head": mode})  # the config key
+    assert expert.backbone.point_head_mode == mode
     expert.set_image(image)
     clicks = [((20, 20, 28), True), ((4, 4, 12), False), ((35, 35, 43), True), ((20, 4, 43), False)]
     obj = ObjectPrompts(label=1, clicks=[])
@@ -228,6 +229,8 @@ def test_backbone_point_head_mode_checked(model):
     assert expert.backbone.point_head_mode == "fast"
     with pytest.raises(ConfigError, match="point_head"):
         expert.backbone.set_point_head("fused")
+    with pytest.raises(ConfigError, match="local_expert.point_head"):
+        check_dcm_config({"local_expert": {"point_head": "fused"}})
     # a state cached by a fast mode cannot be decoded after switching to MONAI's forward
     expert.set_image(random_image((W, W, W)))
     window = place_window((16, 16, 16), (W, W, W), (W, W, W))

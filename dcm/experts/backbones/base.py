@@ -51,8 +51,8 @@ class Backbone:
         compile: run the image encoder through ``torch.compile`` (the first pass per input shape compiles;
             worth it on GPUs for long sessions; the weights and state-dict keys are unchanged).
 
-    The network is prepared in place (its convolution classes and weight layout; values and state-dict keys
-    unchanged).
+    The network is prepared in place (its convolution classes and weight layout, and under autocast the dtype
+    a backbone may store weights in; values up to that rounding and state-dict keys unchanged).
 
     Attributes:
         kind: the config name (``sam_med3d`` / ``vista3d``).

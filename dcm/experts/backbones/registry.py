@@ -42,14 +42,14 @@ DEFAULT_MODELS: Dict[str, str] = {"sam_med3d": "sam_med3d_64", "vista3d": "vista
 
 _BACKBONE_CLASSES = {"sam_med3d": SamMed3DBackbone, "vista3d": Vista3DBackbone}
 #: The options only one backbone takes; :func:`make_backbone` drops those of the other one.
-_OWN_OPTIONS = {"sam_med3d": ("znorm",), "vista3d": ("percentiles",)}
+_OWN_OPTIONS = {"sam_med3d": ("znorm",), "vista3d": ("percentiles", "point_head")}
 
 
 def backbone_options(cfg: Mapping[str, Any], who: str, cache_size: int = 1) -> Dict[str, Any]:
     """Validate an expert section's backbone settings; returns them as :func:`make_backbone` options.
 
     Reads ``backbone``, ``device``, ``amp``, ``amp_dtype``, ``amp_device``, ``channels_last``, ``onednn``,
-    ``compile``, ``znorm`` (used by ``sam_med3d``) and ``percentiles`` (used by ``vista3d``); raises ConfigError
+    ``compile``, ``znorm`` (used by ``sam_med3d``), ``percentiles`` and ``point_head`` (used by ``vista3d``); raises ConfigError
     naming ``who`` for a bad value. ``cache_size`` (the expert's embedding cache, not the backbone's) is
     passed through. The expert sections are checked by the schema (:mod:`dcm.config_schema`) first.
     """
@@ -70,6 +70,7 @@ def backbone_options(cfg: Mapping[str, Any], who: str, cache_size: int = 1) -> D
         "compile": bool(cfg.get("compile", False)),
         "znorm": cfg.get("znorm", "torchio"),
         "percentiles": _percentiles(cfg.get("percentiles", (1.0, 99.0)), who),
+        "point_head": str(cfg.get("point_head", "fast")),
     }
 
 
@@ -97,7 +98,8 @@ def make_backbone(
         model: a SAM-Med3D or VISTA3D network, or a :class:`Backbone`.
         kind: the configured backbone; ConfigError when the network is of the other kind.
         who: names the expert in errors.
-        **options: :class:`Backbone` settings plus ``znorm`` (SAM-Med3D) and ``percentiles`` (VISTA3D);
+        **options: :class:`Backbone` settings plus ``znorm`` (SAM-Med3D), ``percentiles`` and ``point_head``
+            (VISTA3D);
             those of the other backbone and ``cache_size`` (:func:`backbone_options`' setting of the expert's
             cache) are ignored.
     """

@@ -24,7 +24,9 @@ class SamMed3DBackbone(Backbone):
 
     Frame: the model's ``img_size`` cube (64 for SAM-Med3D-64, 128 for turbo); z-normalisation over the
     frame's voxels > 0 (``znorm``: ``torchio`` or ``monai``, see :func:`dcm.experts.roi.znorm_positive`);
-    mask prompt on the prompt encoder's ``m``^3 grid (32), low-resolution logits on that grid.
+    mask prompt on the prompt encoder's ``m``^3 grid (32), low-resolution logits on that grid. Under autocast
+    the image encoder's linear and convolution weights are stored in the autocast dtype
+    (:func:`dcm.models.precision.store_weights_in`: the same values autocast would cast them to).
 
     Args:
         model: the SAM-Med3D model.
@@ -42,6 +44,11 @@ class SamMed3DBackbone(Backbone):
         self.img_size = int(model.img_size)
         self.mask_size = int(model.prompt_encoder.mask_input_size[0])
         super().__init__(model, **kwargs)
+        if self.autocast_dtype is not None:
+            from dcm.models.precision import store_weights_in
+
+            # the encoder's projections would cast their weights at every pass (a tenth of a CPU pass)
+            store_weights_in(self.model.image_encoder, self.autocast_dtype)
 
     def default_frame_size(self) -> int:
         return self.img_size

@@ -21,17 +21,12 @@ import numpy as np
 import torch
 
 from dcm.data.intensity import _percentiles, intensity_percentiles, scale_intensity
+from dcm.config_schema import POINT_HEAD_MODES
 from dcm.errors import ConfigError
 from dcm.experts.backbones.base import Backbone
 from dcm.prompts import ZYX
 
 __all__ = ["POINT_HEAD_MODES", "Vista3DBackbone", "vista3d_frame_factor"]
-
-#: How :class:`Vista3DBackbone` runs VISTA3D's point head:
-#: ``fast``: click-independent part cached per window, fused upscaling (equal to MONAI up to float rounding);
-#: ``cached``: click-independent part cached per window, MONAI's upscaling (bit-equal to MONAI);
-#: ``monai``: ``PointMappingSAM.forward`` on the cached encoder output at every click (the reference).
-POINT_HEAD_MODES = ("fast", "cached", "monai")
 
 
 def vista3d_frame_factor(model: torch.nn.Module) -> ZYX:
