@@ -13,6 +13,11 @@ fusion rule decides between the global and the local answer where both cover a v
   puts each click in the middle of an error, so this is the correction the click asks for, and a local
   expert that sees too little of a large object cannot spoil the rest of its window.
 
+After any rule, ``engine.local_click_radius`` r > 0 lets the local expert decide near the clicks: within r
+voxels of each of the object's clicks inside the local window the local answer stands
+(:func:`take_local_near_clicks`): the expert that sees the image at native resolution answers where the user
+pointed, the global answer stands elsewhere.
+
 Objects are written one after another into a uint8 label map; where two objects claim a voxel, the
 overlap rule decides: ``later_wins`` (the released behaviour), ``highest_prob``, or ``keep_others`` (other
 objects' masks act as constraints: an object only takes free voxels).
@@ -30,7 +35,8 @@ from dcm.experts.base import RoIPrediction, RoISlices
 from dcm.config_schema import FUSION_RULES, OVERLAP_RULES, click_margins
 from dcm.regions import union_region, within
 
-__all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins", "LabelWriter"]
+__all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins",
+           "take_local_near_clicks", "keep_previous_where_unsure", "LabelWriter"]
 
 
 
@@ -125,6 +131,62 @@ def fuse_predictions(
     covered = weight_sum > 0
     prob[covered] = acc[covered] / weight_sum[covered]
     return FusedPrediction(region, prob, complete)
+
+
+def take_local_near_clicks(
+    fused: FusedPrediction, local: RoIPrediction, clicks_zyx: Sequence[Sequence[int]], radius: float
+) -> FusedPrediction:
+    """Let the local answer stand within ``radius`` voxels (a Euclidean ball) of each click inside its window.
+
+    Args:
+        fused: the fused answer (its region holds ``local.roi``); changed in place and returned.
+        local: the local expert's prediction (window ``roi``, float32 ``prob``).
+        clicks_zyx: (z, y, x) image voxels of the object's clicks; those outside the window are ignored.
+        radius: ball radius in voxels (0: nothing changes).
+    """
+    if radius <= 0:
+        return fused
+    r = int(np.floor(radius))
+    offsets = np.indices((2 * r + 1,) * 3).reshape(3, -1).T - r
+    ball = offsets[(offsets ** 2).sum(axis=1) <= radius * radius]
+    lo = np.array([s.start for s in local.roi])
+    shape = np.array(local.prob.shape)
+    near = np.zeros(local.prob.shape, dtype=bool)
+    for zyx in clicks_zyx:
+        at = np.asarray(zyx, dtype=np.int64) - lo
+        if np.any(at < 0) or np.any(at >= shape):
+            continue
+        voxels = at + ball
+        voxels = voxels[np.all((voxels >= 0) & (voxels < shape), axis=1)]
+        near[tuple(voxels.T)] = True
+    if near.any():
+        fused.prob[within(local.roi, fused.region)][near] = local.prob[near]
+    return fused
+
+
+def keep_previous_where_unsure(
+    fused: FusedPrediction, previous: np.ndarray, threshold: float, margin: float
+) -> FusedPrediction:
+    """At a click step, change the object's previous mask only where the fused answer is confident.
+
+    Where the answer disagrees with ``previous`` but lies within ``margin`` of ``threshold`` (an expert at a
+    coarser grid than the image is unsure along the object's border), the probability is set to the previous
+    mask's side (1 or 0), so earlier corrections there survive a re-prediction of the whole object.
+
+    Args:
+        fused: the fused answer; changed in place and returned.
+        previous: (z, y, x) bool previous mask of the object on ``fused.region``.
+        threshold: the engine's mask threshold.
+        margin: 0 (off) to 0.5.
+    """
+    if margin <= 0:
+        return fused
+    p = fused.prob
+    with np.errstate(invalid="ignore"):
+        unsure = np.abs(p - threshold) <= margin  # False on NaN (no answer: the previous mask stays anyway)
+    unsure &= (p > threshold) != previous
+    p[unsure] = previous[unsure].astype(np.float32)
+    return fused
 
 
 def _click_component(

@@ -23,7 +23,7 @@ import numpy as np
 from dcm.data.cases import Case
 from dcm.config_schema import EngineConfig
 from dcm.engine.clicks import ClickPromise, ClickProtection, honour_clicks, promises_of
-from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions
+from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions, keep_previous_where_unsure, take_local_near_clicks
 from dcm.engine.policies import GLOBAL, LOCAL, route
 from dcm.errors import DCMError
 from dcm.experts.base import Expert, RoIPrediction
@@ -120,6 +120,7 @@ def predict_object(
     if not obj.clicks and cfg.get("local_at_box_step", "box_center") == "skip" and len(names) > 1:
         names = [n for n in names if n != LOCAL]
     predictions: List[RoIPrediction] = []
+    local_prediction: Optional[RoIPrediction] = None
     for name in names:
         if budget is not None and not budget.allows(name):
             _say(f"{case.path or case.name}: object {obj.label}: {name} expert skipped to stay within the time budget "
@@ -131,12 +132,20 @@ def predict_object(
             budget.record(name, time.perf_counter() - t0)
         if prediction is not None:
             predictions.append(prediction)
+            if name == LOCAL:
+                local_prediction = prediction
     last = _local_view(obj).last_click  # the click the local expert centred on (the box centre at the box step)
     threshold = float(cfg.get("threshold", 0.5))
     fused = fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
                              click_zyx=last.zyx if last is not None else None,
                              click_positive=last.positive if last is not None else True,
                              threshold=threshold, margin=cfg.get("local_margin", 0.0), copy=False)
+    if fused is not None and local_prediction is not None and len(predictions) > 1 and cfg["local_click_radius"] > 0:
+        fused = take_local_near_clicks(fused, local_prediction, [c.zyx for c in _local_view(obj).clicks],
+                                       cfg["local_click_radius"])
+    if fused is not None and obj.clicks and case.prev_pred is not None and cfg["change_margin"] > 0:
+        previous = case.prev_pred[fused.region] == obj.label
+        fused = keep_previous_where_unsure(fused, previous, threshold, cfg["change_margin"])
     if not cfg.get("honour_clicks", True) or not obj.clicks:
         return fused
     if promise is None:
