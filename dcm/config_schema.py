@@ -302,10 +302,6 @@ class EngineConfig(Section):
     #: after any fusion rule: within this many voxels (a ball) of each of the object's clicks inside the local
     #: window, the local expert's answer stands (it sees the image at native resolution there). 0: off.
     local_click_radius: float = 0.0
-    #: at a click step the object's previous mask changes only where the fused probability is at least this
-    #: far from the threshold (elsewhere the previous mask stays: earlier corrections survive the experts'
-    #: unsure borders). 0: off.
-    change_margin: float = 0.0
     #: objects without a box (no-box cases): policy (its experts) | local | global; without a box the global
     #: RoI is only a guess around the clicks.
     without_box: str = "policy"
@@ -341,7 +337,6 @@ class EngineConfig(Section):
             raise ConfigError(f"{where}.{e}") from None
         self.threshold = _number(self.threshold, f"{where}.threshold", 0.0, 1.0, low_open=True, high_open=True)
         self.local_click_radius = _number(self.local_click_radius, f"{where}.local_click_radius", 0.0, 1e4)
-        self.change_margin = _number(self.change_margin, f"{where}.change_margin", 0.0, 0.5)
         _flag(self.honour_clicks, f"{where}.honour_clicks")
 
 

@@ -449,28 +449,6 @@ def test_a_correction_larger_than_the_bound_is_retried_smaller_or_dropped():
         DCMPredictor(experts, {"click_correction": {"max_box_fraction": -1}})
 
 
-def test_change_margin_keeps_the_previous_mask_where_the_answer_is_unsure():
-    # Previous mask: the first ball plus a corrected cap beyond it. The global expert answers the ball
-    # confidently and the cap at 0.4 (unsure, below the threshold): with change_margin 0.2 the cap stays;
-    # a confident removal (0.05) elsewhere still goes; without the margin the cap goes.
-    first = _ball((10, 10, 10), 5)
-    cap = _ball((10, 10, 16), 2) & ~first
-    blob = _ball((10, 30, 30), 3)
-    prev = (first | cap | blob).astype(np.uint8)
-    prob = first.astype(np.float32)
-    prob[cap] = 0.4
-    prob[blob] = 0.05
-    experts = {"global": MapExpert("global", prob)}
-    obj = ObjectPrompts(1, box=Box(5, 15, 10, 3, 3, 36, 36), clicks=[Click((10, 10, 10), True)])
-    cfg = {"policy": "global_only", "fusion": "local_overrides"}
-    kept = DCMPredictor(experts, {**cfg, "change_margin": 0.2})(_case([obj], prev))
-    assert (kept[cap] == 1).all() and (kept[first] == 1).all() and (kept[blob] == 0).all()
-    plain = DCMPredictor(experts, cfg)(_case([obj], prev))
-    assert (plain[cap] == 0).all()
-    with pytest.raises(ValueError, match="change_margin"):
-        DCMPredictor(experts, {"change_margin": 0.6})
-
-
 def test_local_click_radius_lets_the_local_answer_stand_near_the_clicks_in_its_window():
     # The global expert misses the second ball; the local expert (window around it) finds it. With
     # local_click_radius 2 (rule off) the local answer stands within 2 voxels of the click, nowhere else.

@@ -36,7 +36,7 @@ from dcm.config_schema import FUSION_RULES, OVERLAP_RULES, click_margins
 from dcm.regions import union_region, within
 
 __all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins",
-           "take_local_near_clicks", "keep_previous_where_unsure", "LabelWriter"]
+           "take_local_near_clicks", "LabelWriter"]
 
 
 
@@ -161,31 +161,6 @@ def take_local_near_clicks(
         near[tuple(voxels.T)] = True
     if near.any():
         fused.prob[within(local.roi, fused.region)][near] = local.prob[near]
-    return fused
-
-
-def keep_previous_where_unsure(
-    fused: FusedPrediction, previous: np.ndarray, threshold: float, margin: float
-) -> FusedPrediction:
-    """At a click step, change the object's previous mask only where the fused answer is confident.
-
-    Where the answer disagrees with ``previous`` but lies within ``margin`` of ``threshold`` (an expert at a
-    coarser grid than the image is unsure along the object's border), the probability is set to the previous
-    mask's side (1 or 0), so earlier corrections there survive a re-prediction of the whole object.
-
-    Args:
-        fused: the fused answer; changed in place and returned.
-        previous: (z, y, x) bool previous mask of the object on ``fused.region``.
-        threshold: the engine's mask threshold.
-        margin: 0 (off) to 0.5.
-    """
-    if margin <= 0:
-        return fused
-    p = fused.prob
-    with np.errstate(invalid="ignore"):
-        unsure = np.abs(p - threshold) <= margin  # False on NaN (no answer: the previous mask stays anyway)
-    unsure &= (p > threshold) != previous
-    p[unsure] = previous[unsure].astype(np.float32)
     return fused
 
 

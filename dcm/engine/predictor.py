@@ -23,7 +23,7 @@ import numpy as np
 from dcm.data.cases import Case
 from dcm.config_schema import EngineConfig
 from dcm.engine.clicks import ClickPromise, ClickProtection, honour_clicks, promises_of
-from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions, keep_previous_where_unsure, take_local_near_clicks
+from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions, take_local_near_clicks
 from dcm.engine.policies import GLOBAL, LOCAL, route
 from dcm.errors import DCMError
 from dcm.experts.base import Expert, RoIPrediction
@@ -143,9 +143,6 @@ def predict_object(
     if fused is not None and local_prediction is not None and len(predictions) > 1 and cfg["local_click_radius"] > 0:
         fused = take_local_near_clicks(fused, local_prediction, [c.zyx for c in _local_view(obj).clicks],
                                        cfg["local_click_radius"])
-    if fused is not None and obj.clicks and case.prev_pred is not None and cfg["change_margin"] > 0:
-        previous = case.prev_pred[fused.region] == obj.label
-        fused = keep_previous_where_unsure(fused, previous, threshold, cfg["change_margin"])
     if not cfg.get("honour_clicks", True) or not obj.clicks:
         return fused
     if promise is None:
