@@ -107,7 +107,7 @@ def predict_object(
         case: the case; ``case.prev_pred`` is the previous mask the experts read.
         obj: the object.
         experts: ``{'global': ..., 'local': ...}`` (either may be absent).
-        cfg: the ``engine`` config section.
+        cfg: the checked ``engine`` config section (:func:`check_engine_config`: every key present).
         budget: when given, an expert call that would overrun it is skipped with a message.
         promise: the object's click promise among all objects of the image (``promises_of``); by default its
             own clicks alone. Used when ``cfg['honour_clicks']``.
@@ -115,9 +115,9 @@ def predict_object(
     if obj.problem or not obj.has_prompt:
         return None
     names = route(cfg["policy"], case, obj, experts)
-    if obj.box is None and cfg.get("without_box", "policy") != "policy" and len(names) > 1:
+    if obj.box is None and cfg["without_box"] != "policy" and len(names) > 1:
         names = [n for n in names if n == cfg["without_box"]]
-    if not obj.clicks and cfg.get("local_at_box_step", "box_center") == "skip" and len(names) > 1:
+    if not obj.clicks and cfg["local_at_box_step"] == "skip" and len(names) > 1:
         names = [n for n in names if n != LOCAL]
     predictions: List[RoIPrediction] = []
     local_prediction: Optional[RoIPrediction] = None
@@ -135,20 +135,20 @@ def predict_object(
             if name == LOCAL:
                 local_prediction = prediction
     last = _local_view(obj).last_click  # the click the local expert centred on (the box centre at the box step)
-    threshold = float(cfg.get("threshold", 0.5))
-    fused = fuse_predictions(predictions, cfg.get("fusion", "local_overrides"),
+    threshold = float(cfg["threshold"])
+    fused = fuse_predictions(predictions, cfg["fusion"],
                              click_zyx=last.zyx if last is not None else None,
                              click_positive=last.positive if last is not None else True,
-                             threshold=threshold, margin=cfg.get("local_margin", 0.0), copy=False)
+                             threshold=threshold, margin=cfg["local_margin"], copy=False)
     if fused is not None and local_prediction is not None and len(predictions) > 1 and cfg["local_click_radius"] > 0:
         fused = take_local_near_clicks(fused, local_prediction, [c.zyx for c in _local_view(obj).clicks],
                                        cfg["local_click_radius"])
-    if not cfg.get("honour_clicks", True) or not obj.clicks:
+    if not cfg["honour_clicks"] or not obj.clicks:
         return fused
     if promise is None:
         promise = promises_of([obj], case.shape)[obj.label]
     return honour_clicks(fused, obj, promise, case.image, case.spacing_zyx, case.prev_pred, threshold,
-                         cfg.get("click_correction"), cfg.get("update_scope", "whole"))
+                         cfg["click_correction"], cfg["update_scope"])
 
 
 class DCMPredictor:
