@@ -15,6 +15,8 @@ nothing here times anything.
 
 from __future__ import annotations
 
+import copy
+
 import sys
 from pathlib import Path
 
@@ -268,20 +270,25 @@ def test_bf16_golden_within_tolerance(golden, attention):
 
 
 def test_bf16_weights_stored_once_give_the_same_encoder_output():
-    """Under autocast the SAM-Med3D encoder's linear / conv weights are stored in bf16 once: the same output as
-    autocast casting float32 weights at every pass, bit for bit; biases and norms stay float32."""
+    """Under autocast SAM-Med3D's linear / conv weights are stored in bf16 once: the same encoder output and
+    decoder logits as autocast casting float32 weights at every call, bit for bit; biases and norms stay float32."""
     torch.manual_seed(0)
     model = build_sam_med3d(load_model_config("sam_med3d_64_reduced")).eval()
     x = torch.randn(1, 1, 64, 64, 64)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        want = model.image_encoder(x)
+    coords, labels = np.array([[30.0, 31.0, 29.0], [10.0, 50.0, 40.0]]), np.array([1, 0])
+    mask = np.random.default_rng(0).normal(size=(32, 32, 32)).astype(np.float32)
+    reference = make_backbone(copy.deepcopy(model), "sam_med3d")  # float32 weights, autocast per call below
+    reference.autocast_dtype = torch.bfloat16
+    want = reference.encode(x)
+    want_logits = reference.decode(want, coords, labels, mask)
     backbone = make_backbone(model, "sam_med3d", **BF16)
-    enc = model.image_encoder
-    linears = [m for m in enc.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d))]
-    assert linears and all(m.weight.dtype is torch.bfloat16 for m in linears)
-    assert all(m.bias is None or m.bias.dtype is torch.float32 for m in linears)
-    assert all(p.dtype is torch.float32 for n, p in enc.named_parameters() if "norm" in n)
-    assert torch.equal(backbone.encode(x), want)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    assert layers and all(m.weight.dtype is torch.bfloat16 for m in layers)
+    assert all(m.bias is None or m.bias.dtype is torch.float32 for m in layers)
+    assert all(p.dtype is torch.float32 for n, p in model.named_parameters() if "norm" in n)
+    emb = backbone.encode(x)
+    assert torch.equal(emb, want)
+    assert torch.equal(backbone.decode(emb, coords, labels, mask), want_logits)
     fp32 = make_backbone(build_sam_med3d(load_model_config("sam_med3d_64_reduced")).eval(), "sam_med3d")
     assert all(p.dtype is torch.float32 for p in fp32.model.parameters())
 

@@ -186,14 +186,15 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
         return super().forward(input)
 
 
-def store_weights_in(module: nn.Module, dtype: torch.dtype, types: Tuple[type, ...] = (nn.Linear, nn.Conv3d)) -> int:
+def store_weights_in(module: nn.Module, dtype: torch.dtype,
+                     types: Tuple[type, ...] = (nn.Linear, nn.Conv3d, nn.ConvTranspose3d)) -> int:
     """Store the weights (not the biases) of every ``types`` layer inside ``module`` in ``dtype``, in place.
 
     Under autocast to ``dtype`` these layers cast their float32 weights to ``dtype`` at every call (the cast
     cache lives for one autocast context only, i.e. one encoder pass); stored in ``dtype`` they run the same
     products on the same rounded values (bit-equal outputs) without the cast, which for the SAM-Med3D ViT-B
     encoder is about a tenth of a CPU pass. Only for a network whose weights are read by its layers' own
-    ``forward`` under autocast (biases stay float32: DCM's fast attention folds the qkv bias in float32).
+    ``forward``, always under autocast (biases stay float32: DCM's fast attention folds the qkv bias in float32).
     Returns the number of weights stored.
     """
     count = 0

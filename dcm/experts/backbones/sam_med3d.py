@@ -25,7 +25,7 @@ class SamMed3DBackbone(Backbone):
     Frame: the model's ``img_size`` cube (64 for SAM-Med3D-64, 128 for turbo); z-normalisation over the
     frame's voxels > 0 (``znorm``: ``torchio`` or ``monai``, see :func:`dcm.experts.roi.znorm_positive`);
     mask prompt on the prompt encoder's ``m``^3 grid (32), low-resolution logits on that grid. Under autocast
-    the image encoder's linear and convolution weights are stored in the autocast dtype
+    the network's linear and convolution weights are stored in the autocast dtype
     (:func:`dcm.models.precision.store_weights_in`: the same values autocast would cast them to).
 
     Args:
@@ -47,8 +47,9 @@ class SamMed3DBackbone(Backbone):
         if self.autocast_dtype is not None:
             from dcm.models.precision import store_weights_in
 
-            # the encoder's projections would cast their weights at every pass (a tenth of a CPU pass)
-            store_weights_in(self.model.image_encoder, self.autocast_dtype)
+            # encode() and decode() run under autocast, whose layers would cast their weights at every call
+            # (a tenth of a CPU encoder pass)
+            store_weights_in(self.model, self.autocast_dtype)
 
     def default_frame_size(self) -> int:
         return self.img_size
