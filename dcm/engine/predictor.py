@@ -140,7 +140,7 @@ def predict_object(
                              click_zyx=last.zyx if last is not None else None,
                              click_positive=last.positive if last is not None else True,
                              threshold=threshold, margin=cfg["local_margin"], copy=False)
-    if fused is not None and local_prediction is not None and len(predictions) > 1 and cfg["local_click_radius"] > 0:
+    if cfg["local_click_radius"] > 0 and fused is not None and local_prediction is not None and len(predictions) > 1:
         fused = take_local_near_clicks(fused, local_prediction, [c.zyx for c in _local_view(obj).clicks],
                                        cfg["local_click_radius"])
     if not cfg["honour_clicks"] or not obj.clicks:

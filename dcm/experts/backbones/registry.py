@@ -49,9 +49,9 @@ def backbone_options(cfg: Mapping[str, Any], who: str, cache_size: int = 1) -> D
     """Validate an expert section's backbone settings; returns them as :func:`make_backbone` options.
 
     Reads ``backbone``, ``device``, ``amp``, ``amp_dtype``, ``amp_device``, ``channels_last``, ``onednn``,
-    ``compile``, ``znorm`` (used by ``sam_med3d``), ``percentiles`` and ``point_head`` (used by ``vista3d``); raises ConfigError
-    naming ``who`` for a bad value. ``cache_size`` (the expert's embedding cache, not the backbone's) is
-    passed through. The expert sections are checked by the schema (:mod:`dcm.config_schema`) first.
+    ``compile``, ``znorm`` (used by ``sam_med3d``), ``percentiles`` and ``point_head`` (used by ``vista3d``);
+    raises ConfigError naming ``who`` for a bad value. ``cache_size`` (the expert's embedding cache, not the
+    backbone's) is passed through. The expert sections are checked by the schema (:mod:`dcm.config_schema`) first.
     """
     kind = cfg.get("backbone")
     if kind not in BACKBONES:
@@ -99,9 +99,8 @@ def make_backbone(
         kind: the configured backbone; ConfigError when the network is of the other kind.
         who: names the expert in errors.
         **options: :class:`Backbone` settings plus ``znorm`` (SAM-Med3D), ``percentiles`` and ``point_head``
-            (VISTA3D);
-            those of the other backbone and ``cache_size`` (:func:`backbone_options`' setting of the expert's
-            cache) are ignored.
+            (VISTA3D); those of the other backbone and ``cache_size`` (:func:`backbone_options`' setting of the
+            expert's cache) are ignored.
     """
     found = model.kind if isinstance(model, Backbone) else backbone_kind_of(model)
     if kind is not None and kind != found:
