@@ -33,6 +33,7 @@ __all__ = [
     "box_center",
     "box_center_click",
     "box_center_in_frame",
+    "ball_offsets",
 ]
 
 #: An integer voxel index, (z, y, x).
@@ -213,3 +214,11 @@ def box_center_in_frame(frame_size: int) -> ZYX:
     """
     c = int(frame_size) // 2 - 1
     return (c, c, c)
+
+
+def ball_offsets(radius: float) -> np.ndarray:
+    """(m, 3) int64 (z, y, x) offsets of the voxels within Euclidean ``radius`` of a voxel, in C order (radius
+    1: it and its 6 face neighbours; 0: the voxel alone): a click's neighbourhood of that radius."""
+    r = int(np.floor(radius))
+    grid = np.indices((2 * r + 1,) * 3, dtype=np.int64).reshape(3, -1).T - r
+    return grid[(grid ** 2).sum(axis=1) <= float(radius) ** 2 + 1e-9]

@@ -33,6 +33,7 @@ import numpy as np
 
 from dcm.experts.base import RoIPrediction, RoISlices
 from dcm.config_schema import FUSION_RULES, OVERLAP_RULES, click_margins
+from dcm.prompts import ball_offsets
 from dcm.regions import union_region, within
 
 __all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins",
@@ -146,9 +147,7 @@ def take_local_near_clicks(
     """
     if radius <= 0:
         return fused
-    r = int(np.floor(radius))
-    offsets = np.indices((2 * r + 1,) * 3).reshape(3, -1).T - r
-    ball = offsets[(offsets ** 2).sum(axis=1) <= radius * radius]
+    ball = ball_offsets(radius)
     lo = np.array([s.start for s in local.roi])
     shape = np.array(local.prob.shape)
     near = np.zeros(local.prob.shape, dtype=bool)

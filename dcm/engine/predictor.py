@@ -121,27 +121,28 @@ def predict_object(
         names = [n for n in names if n != LOCAL]
     predictions: List[RoIPrediction] = []
     local_prediction: Optional[RoIPrediction] = None
+    local_view = _local_view(obj)
     for name in names:
         if budget is not None and not budget.allows(name):
             _say(f"{case.path or case.name}: object {obj.label}: {name} expert skipped to stay within the time budget "
                  f"({budget.elapsed:.1f} s of {budget.seconds:.1f} s used, ~{budget.expected(name):.1f} s needed)")
             continue
         t0 = time.perf_counter()
-        prediction = experts[name].predict(_local_view(obj) if name == LOCAL else obj, case.prev_pred)
+        prediction = experts[name].predict(local_view if name == LOCAL else obj, case.prev_pred)
         if budget is not None:
             budget.record(name, time.perf_counter() - t0)
         if prediction is not None:
             predictions.append(prediction)
             if name == LOCAL:
                 local_prediction = prediction
-    last = _local_view(obj).last_click  # the click the local expert centred on (the box centre at the box step)
+    last = local_view.last_click  # the click the local expert centred on (the box centre at the box step)
     threshold = float(cfg["threshold"])
     fused = fuse_predictions(predictions, cfg["fusion"],
                              click_zyx=last.zyx if last is not None else None,
                              click_positive=last.positive if last is not None else True,
                              threshold=threshold, margin=cfg["local_margin"], copy=False)
     if cfg["local_click_radius"] > 0 and fused is not None and local_prediction is not None and len(predictions) > 1:
-        fused = take_local_near_clicks(fused, local_prediction, [c.zyx for c in _local_view(obj).clicks],
+        fused = take_local_near_clicks(fused, local_prediction, [c.zyx for c in local_view.clicks],
                                        cfg["local_click_radius"])
     if not cfg["honour_clicks"] or not obj.clicks:
         return fused

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dcm.errors import ConfigError
 from dcm.prompts import ZYX, Click
+from dcm.prompts import ball_offsets as prompt_ball_offsets
 
 if TYPE_CHECKING:
     from dcm.training.config_schema import TrainConfig
@@ -77,11 +78,8 @@ def click_tensors(clicks: Sequence[Sequence[ClickT]], device: torch.device) -> T
 
 
 def ball_offsets(radius: float, device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """(m, 3) long (z, y, x) offsets of the voxels within Euclidean ``radius`` of a voxel (radius 1: it and
-    its 6 face neighbours; 0: the voxel alone)."""
-    r = int(np.floor(radius))
-    grid = torch.stack(torch.meshgrid(*[torch.arange(-r, r + 1, device=device)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    return grid[(grid.float() ** 2).sum(1) <= float(radius) ** 2 + 1e-9]
+    """:func:`dcm.prompts.ball_offsets` as a (m, 3) long tensor on ``device``."""
+    return torch.as_tensor(prompt_ball_offsets(radius), device=device)
 
 
 def click_loss(logits: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, radius: float) -> torch.Tensor:
