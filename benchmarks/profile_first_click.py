@@ -1,0 +1,65 @@
+"""Where the global expert's first click goes: cProfile of one cold-cache ``predict`` of full-size SAM-Med3D-64.
+
+    python benchmarks/profile_first_click.py [--path bf16|fp32] [--threads 2] [--repeats 5] [--top 25]
+
+Random weights, the CT-like 160 x 256 x 256 image of ``bench_experts.py`` (one ellipsoid and its box). Prints
+the first-click and encoder-only times (sorted, seconds) and the cProfile table by cumulative time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench_experts import expert_settings, make_image  # benchmarks/ (scripts run from their folder)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    from dcm.data.cases import ObjectPrompts
+    from dcm.experts.global_roi import GlobalRoIExpert
+    from dcm.models import load_model_config
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    image, _, box, _, _ = make_image((160, 256, 256))
+    expert = GlobalRoIExpert.from_config({"model": {**load_model_config("sam_med3d_64"), "attention": "fast"},
+                                          "device": "cpu", **expert_settings(args.path, False, True, "cpu")})
+    expert.set_image(image, (2.5, 0.8, 0.8))
+    prev = np.zeros(image.shape, np.uint8)
+    obj = ObjectPrompts(label=1, box=box)
+    expert.predict(obj, prev)  # warm-up
+    first, encode = [], []
+    x = torch.randn(1, 1, 64, 64, 64)
+    for _ in range(args.repeats):
+        expert.clear_cache()
+        t0 = time.perf_counter()
+        expert.predict(obj, prev)
+        first.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        expert.backbone.encode(x)
+        encode.append(time.perf_counter() - t0)
+    print("first click s:", " ".join(f"{v:.3f}" for v in sorted(first)))
+    print("encoder alone s:", " ".join(f"{v:.3f}" for v in sorted(encode)))
+    expert.clear_cache()
+    profile = cProfile.Profile()
+    profile.enable()
+    expert.predict(obj, prev)
+    profile.disable()
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
