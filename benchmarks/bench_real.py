@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -48,8 +50,12 @@ def case_stem(name: str) -> str:
 
 
 def select_cases(cases: Path, split: Optional[str], out: Path, limit: Optional[int]) -> Tuple[Path, Dict[str, str]]:
-    """A folder holding exactly the cases to run (symbolic links under ``OUT/cases`` when a split is chosen)
-    and each case's dataset name (``image/atlas`` from ``splits.json``, else the name's modality prefix)."""
+    """A folder holding exactly the cases to run and each case's dataset name (``image/atlas`` from
+    ``splits.json``, else the name's modality prefix).
+
+    With a split or a limit the folder is a new ``OUT/cases-*`` of symbolic links, one per run (two runs that
+    share ``--out`` do not relink each other's cases), which :func:`main` removes when the run ends.
+    """
     files = sorted(cases.glob("*.npz"))
     info: Dict[str, Any] = {}
     if (cases / "splits.json").is_file():
@@ -63,10 +69,7 @@ def select_cases(cases: Path, split: Optional[str], out: Path, limit: Optional[i
         raise SystemExit(f"{cases}: no .npz cases" + (f" in split {split!r}" if split else ""))
     folder = cases
     if split or limit:
-        folder = out / "cases"
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.npz"):
-            old.unlink()
+        folder = Path(tempfile.mkdtemp(prefix="cases-", dir=out))
         for f in files:
             (folder / f.name).symlink_to(f.resolve())
     datasets = {}
@@ -206,6 +209,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cases_dir, datasets = select_cases(Path(args.cases), args.split, out, args.limit)
+    try:
+        return run_benchmark(args, out, cases_dir, datasets)
+    finally:
+        if cases_dir != Path(args.cases):
+            shutil.rmtree(cases_dir, ignore_errors=True)
+
+
+def run_benchmark(args: argparse.Namespace, out: Path, cases_dir: Path, datasets: Dict[str, str]) -> int:
+    """Every planned run (policy, with and without the rule), the report, the CSV and the figure; the exit status."""
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:

@@ -98,3 +98,27 @@ def test_bench_point_head_tiny(tmp_path):
     assert "cached mode bit-equal: True" in rows["point head call, measured"]["note"]
     assert float(rows["further click, LocalRoIExpert.predict"]["fast_s"]) > 0
     assert float(rows["image features: feat_downsample"]["fast_s"]) == 0.0  # once per window, not per click
+
+
+def test_bench_real_runs_sharing_an_out_folder_get_their_own_case_links(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_real import select_cases
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    split = {}
+    for i, name in enumerate(["MR_a_val_000", "MR_a_val_001", "MR_a_test_000"]):
+        (cases / f"{name}.npz").write_bytes(b"")
+        split[name] = {"split": "val" if i < 2 else "test", "source_image": "a", "atlas": "b"}
+    (cases / "splits.json").write_text(json.dumps({"cases": split}))
+    out = tmp_path / "out"
+    out.mkdir()
+    first, datasets = select_cases(cases, "val", out, None)
+    second, _ = select_cases(cases, "val", out, None)
+    assert first != second and datasets == {"MR_a_val_000": "a/b", "MR_a_val_001": "a/b"}
+    for folder in (first, second):
+        assert sorted(p.name for p in folder.iterdir()) == ["MR_a_val_000.npz", "MR_a_val_001.npz"]
+        assert all(p.resolve().parent == cases.resolve() for p in folder.iterdir())
+    assert select_cases(cases, None, out, None)[0] == cases  # the whole folder: used as it is
