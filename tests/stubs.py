@@ -117,3 +117,27 @@ def load_sam64_golden():
     model = build_sam_med3d(cfg).eval()
     model.load_state_dict(weights, strict=True)
     return cfg, weights, io, model
+
+
+def reduced_vista3d(seed=None, **overrides):
+    """The reduced-width VISTA3D preset (``vista3d_reduced``, plus ``overrides``), in eval mode; built after
+    ``torch.manual_seed(seed)`` when a seed is given."""
+    import torch
+
+    from dcm.models.vista3d import build_vista3d, load_vista3d_config
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_vista3d({**load_vista3d_config("vista3d_reduced"), **overrides}).eval()
+
+
+def reduced_sam_med3d(seed=None):
+    """The reduced-width SAM-Med3D-64 preset (``sam_med3d_64_reduced``) in eval mode; seeded as
+    :func:`reduced_vista3d`."""
+    import torch
+
+    from dcm.models import build_sam_med3d, load_model_config
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_sam_med3d(load_model_config("sam_med3d_64_reduced")).eval()

@@ -27,12 +27,10 @@ from dcm.experts.backbones import SamMed3DBackbone, Vista3DBackbone, intensity_p
 from dcm.experts.global_roi import GlobalRoIExpert
 from dcm.experts.local_roi import LocalRoIExpert, place_window
 from dcm.experts.roi import crop_and_resize, paste_back, roi_from_box, znorm_positive
-from dcm.models import build_sam_med3d, load_model_config
-from dcm.models.vista3d import build_vista3d, load_vista3d_config
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from stubs import assert_policy_calls, box_step_then_click_step  # noqa: E402
+from stubs import assert_policy_calls, box_step_then_click_step, reduced_sam_med3d, reduced_vista3d  # noqa: E402
 PAIRINGS = {"released": "dcm_reduced", "card": "dcm_reduced_card_pairing"}
 
 
@@ -51,14 +49,12 @@ def pairings() -> Dict[str, Tuple[dict, dict]]:
 
 @pytest.fixture(scope="module")
 def sam() -> torch.nn.Module:
-    torch.manual_seed(1)
-    return build_sam_med3d(load_model_config("sam_med3d_64_reduced")).eval()
+    return reduced_sam_med3d(seed=1)
 
 
 @pytest.fixture(scope="module")
 def vista() -> torch.nn.Module:
-    torch.manual_seed(2)
-    return build_vista3d(load_vista3d_config("vista3d_reduced")).eval()
+    return reduced_vista3d(seed=2)
 
 
 def ct_image(shape, seed: int = 0) -> np.ndarray:

@@ -20,11 +20,10 @@ from dcm.experts.global_roi import GlobalRoIExpert
 from dcm.experts.local_roi import LocalRoIExpert, released_click_order
 from dcm.experts.roi import roi_from_box
 from dcm.models import build_sam_med3d, load_model_config
-from dcm.models.vista3d import build_vista3d, load_vista3d_config
 from dcm.protocol import boxes_from_labels
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stubs import FailingExpert, StubExpert, box_step_then_click_step  # noqa: E402
+from stubs import FailingExpert, StubExpert, box_step_then_click_step, reduced_vista3d  # noqa: E402
 
 W = 32  # the reduced VISTA3D's window in these tests (multiples of 8)
 
@@ -33,8 +32,7 @@ pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 @pytest.fixture(scope="module")
 def vista() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_vista3d(load_vista3d_config("vista3d_reduced")).eval()
+    return reduced_vista3d(seed=0)
 
 
 def _image(shape, seed=0) -> np.ndarray:

@@ -8,6 +8,9 @@ VISTA3Ds on small windows, CPU, 2 threads.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,11 +22,12 @@ from dcm.experts.local_roi import LocalRoIExpert, place_window
 from dcm.models.vista3d import (
     FastPointHead,
     PointHeadState,
-    build_vista3d,
     image_to_token,
-    load_vista3d_config,
     token_to_image,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stubs import reduced_vista3d  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
@@ -33,15 +37,13 @@ REL = 1e-5
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_vista3d(load_vista3d_config("vista3d_reduced")).eval()
+    return reduced_vista3d(seed=0)
 
 
 @pytest.fixture(scope="module")
 def wide_model() -> torch.nn.Module:
     """Width 16 (4 heads of 2 channels after the attention downsampling), non-trivial biases everywhere."""
-    torch.manual_seed(1)
-    m = build_vista3d({**load_vista3d_config("vista3d_reduced"), "encoder_embed_dim": 16}).eval()
+    m = reduced_vista3d(seed=1, encoder_embed_dim=16)
     with torch.no_grad():
         for name, p in m.point_head.named_parameters():
             if name.endswith("bias"):
