@@ -39,9 +39,12 @@ SHAPE = (32, 64, 64)
 
 
 
-#: Dice above which an answer lies on the object: a misplaced or transposed answer scores near 0. How good
-#: the small model is belongs to the benchmarks (README "Real images"), not to these protocol tests.
-ON_THE_OBJECT = 0.4
+#: An answer lies on the object when at least this share of it is inside the object and it covers at least
+#: :data:`COVERS` of the object: a misplaced or transposed answer fails the first. How much of the object the
+#: small model finds belongs to the benchmarks (README "Real images"), not to these protocol tests (version 3
+#: of the weights finds a quarter of this bright cube from its box, all of it inside).
+ON_THE_OBJECT = 0.9
+COVERS = 0.15
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -119,6 +122,13 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float(np.logical_and(a, b).sum()) / max(1, int(a.astype(bool).sum() + b.astype(bool).sum()))
 
 
+def _on_the_object(answer: np.ndarray, truth: np.ndarray) -> bool:
+    """:data:`ON_THE_OBJECT`: most of ``answer`` inside ``truth``, and a real part of ``truth`` found."""
+    answer, truth = answer.astype(bool), truth.astype(bool)
+    inside = int(np.logical_and(answer, truth).sum())
+    return answer.any() and inside >= ON_THE_OBJECT * answer.sum() and inside >= COVERS * truth.sum()
+
+
 def _cube_mask(shape=SHAPE, lo=(10, 20, 20), hi=(22, 44, 44)) -> np.ndarray:
     m = np.zeros(shape, bool)
     m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
@@ -169,7 +179,7 @@ def test_box_points_and_multilevel_undo(server):
     try:
         bbox = s.add_bbox_interaction([[10, 22], [20, 44], [20, 44]], include_interaction=True)
         cube = _cube_mask()
-        assert bbox is not None and _dice(buf > 0, cube) > ON_THE_OBJECT
+        assert bbox is not None and _on_the_object(buf > 0, cube)
         after_box = buf.copy()
         s.add_point_interaction([16, 32, 32], include_interaction=True)
         after_pos = buf.copy()
@@ -189,7 +199,7 @@ def test_2d_box_scribble_lasso_and_initial_seg(server):
     s, buf = _ready(url, _cube_image(), spacing=(2.0, 1.0, 1.0))
     try:
         assert s.add_bbox_interaction([[16, 17], [20, 44], [20, 44]], include_interaction=True) is not None
-        assert _dice(buf > 0, _cube_mask()) > ON_THE_OBJECT
+        assert _on_the_object(buf > 0, _cube_mask())
         before = buf.copy()
         stroke = np.zeros((1, 10, 10), np.uint8)
         stroke[0, 2:8, 5] = 1
@@ -203,7 +213,7 @@ def test_2d_box_scribble_lasso_and_initial_seg(server):
         lasso[0, 5:25, 5:25] = 1
         s.add_lasso_interaction(lasso, include_interaction=True, interaction_bbox=[[16, 17], [15, 45], [15, 45]])
         # the lasso's slice holds the object; how far the small model extends it in depth is its own business
-        assert buf.any() and _dice(buf[16] > 0, _cube_mask()[16]) > ON_THE_OBJECT
+        assert buf.any() and _on_the_object(buf[16] > 0, _cube_mask()[16])
         s.add_lasso_interaction(lasso, include_interaction=False, interaction_bbox=[[16, 17], [15, 45], [15, 45]])
         assert not buf[16, 20:40, 20:40].any()  # erased
 
@@ -211,7 +221,7 @@ def test_2d_box_scribble_lasso_and_initial_seg(server):
         assert s.add_initial_seg_interaction(seg, run_prediction=False) is None
         assert np.array_equal(buf, seg)  # the client copies the seg; the server keeps the same
         s.add_point_interaction([16, 21, 21], include_interaction=True)
-        assert buf[16, 21, 21] == 1 and _dice(buf > 0, seg > 0) > ON_THE_OBJECT  # refined from the seg
+        assert buf[16, 21, 21] == 1 and _on_the_object(buf > 0, seg > 0)  # refined from the seg
     finally:
         s.close()
 
@@ -243,7 +253,7 @@ def test_two_concurrent_sessions_on_different_images(server):
     assert not errors, errors
     for i, spec in enumerate(specs):
         cube = _cube_mask(spec["shape"], spec["lo"], spec["hi"])
-        assert results[i].shape == spec["shape"] and _dice(results[i] > 0, cube) > ON_THE_OBJECT
+        assert results[i].shape == spec["shape"] and _on_the_object(results[i] > 0, cube)
 
 
 def test_capacity(server):
@@ -342,7 +352,7 @@ def test_client_gone_mid_request_leaves_a_working_session(server):
         fresh = np.zeros(SHAPE, np.uint8)
         s.set_target_buffer(fresh)
         s.add_point_interaction([16, 32, 32], include_interaction=True)
-        assert _dice(fresh > 0, _cube_mask()) > ON_THE_OBJECT
+        assert _on_the_object(fresh > 0, _cube_mask())
         assert s.undo() and s.undo()  # the point, then the box the client never saw answered
         assert not fresh.any()
     finally:
@@ -390,7 +400,7 @@ def test_cli_subprocess_serves_and_restarts():
     try:
         s, buf = _ready(url, _cube_image())
         s.add_bbox_interaction([[10, 22], [20, 44], [20, 44]], include_interaction=True)
-        assert _dice(buf > 0, _cube_mask()) > ON_THE_OBJECT
+        assert _on_the_object(buf > 0, _cube_mask())
         proc.terminate()
         proc.wait(30)
         proc = start()
