@@ -118,10 +118,6 @@ def _ready(url: str, image: np.ndarray, spacing=(1.0, 1.0, 1.0)):
     return s, buf
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * float(np.logical_and(a, b).sum()) / max(1, int(a.astype(bool).sum() + b.astype(bool).sum()))
-
-
 def _on_the_object(answer: np.ndarray, truth: np.ndarray) -> bool:
     """:data:`ON_THE_OBJECT`: most of ``answer`` inside ``truth``, and a real part of ``truth`` found."""
     answer, truth = answer.astype(bool), truth.astype(bool)
