@@ -100,13 +100,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = sorted(Path(args.cases).glob("*.npz"))
-    if args.split:
-        import json
+    from dcm.data.realsets import split_cases
 
-        splits = json.loads((Path(args.cases) / "splits.json").read_text())["cases"]
-        cases = [c for c in cases if splits.get(c.stem, {}).get("split") == args.split]
-    cases = cases[: args.limit]
+    cases = split_cases(Path(args.cases), args.split)[0][: args.limit]
     if not cases:
         print(f"{args.cases}: no .npz cases", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import sys
 import tempfile
@@ -56,14 +55,12 @@ def select_cases(cases: Path, split: Optional[str], out: Path, limit: Optional[i
     With a split or a limit the folder is a new ``OUT/cases-*`` of symbolic links, one per run (two runs that
     share ``--out`` do not relink each other's cases), which :func:`main` removes when the run ends.
     """
-    files = sorted(cases.glob("*.npz"))
-    info: Dict[str, Any] = {}
-    if (cases / "splits.json").is_file():
-        info = json.loads((cases / "splits.json").read_text())["cases"]
-    if split:
-        if not info:
-            raise SystemExit(f"{cases}: no splits.json for --split {split} (build it with python -m dcm.data.realsets)")
-        files = [f for f in files if info.get(f.stem, {}).get("split") == split]
+    from dcm.data.realsets import split_cases
+
+    try:
+        files, info = split_cases(cases, split)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     files = files[:limit]
     if not files:
         raise SystemExit(f"{cases}: no .npz cases" + (f" in split {split!r}" if split else ""))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +44,7 @@ def main(argv=None) -> int:
     from dcm.ablate import variant_predictor
     from dcm.config import load_config
     from dcm.data.cases import load_case
+    from dcm.data.realsets import split_cases
     from dcm.evaluate import InProcessPredictor, evaluate_case
     from dcm.metrics import dice
 
@@ -67,10 +67,7 @@ def main(argv=None) -> int:
         return out
 
     predictor_module.honour_clicks = traced
-    cases = sorted(Path(args.cases).glob("*.npz"))
-    if args.split:
-        splits = json.loads((Path(args.cases) / "splits.json").read_text())["cases"]
-        cases = [c for c in cases if splits.get(c.stem, {}).get("split") == args.split]
+    cases = split_cases(Path(args.cases), args.split)[0]
     predict = InProcessPredictor(variant_predictor(load_config(args.config, tuple(args.overrides)), args.weights, {}))
     table: List[Dict[str, Any]] = []
     for path in cases:

@@ -149,3 +149,21 @@ def test_build_small_set_all_sources(tmp_path, full_plan):
                           "--no-progress"]) == 0
     written = json.loads((tmp_path / "val" / "splits.json").read_text())
     assert written["counts"] == {"val": 1} and len(list((tmp_path / "val").glob("MR_*.npz"))) == 1
+
+
+def test_split_cases_reads_the_folder_index(tmp_path):
+    import json
+
+    import pytest
+
+    from dcm.data.realsets import split_cases
+
+    for name in ("MR_a_val_001", "MR_a_val_000", "MR_a_test_000"):
+        (tmp_path / f"{name}.npz").write_bytes(b"")
+    assert [p.name for p in split_cases(tmp_path)[0]] == ["MR_a_test_000.npz", "MR_a_val_000.npz", "MR_a_val_001.npz"]
+    with pytest.raises(FileNotFoundError, match="no splits.json for --split val"):
+        split_cases(tmp_path, "val")
+    index = {"MR_a_val_000": {"split": "val"}, "MR_a_val_001": {"split": "val"}, "MR_a_test_000": {"split": "test"}}
+    (tmp_path / "splits.json").write_text(json.dumps({"cases": index}))
+    files, info = split_cases(tmp_path, "val")
+    assert [p.name for p in files] == ["MR_a_val_000.npz", "MR_a_val_001.npz"] and info == index

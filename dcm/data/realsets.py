@@ -73,6 +73,7 @@ __all__ = [
     "find_mricron_dir",
     "plan_cases",
     "build_realsets",
+    "split_cases",
     "main",
 ]
 
@@ -643,6 +644,25 @@ def build_realsets(out_dir: Path, splits: Sequence[str] = SPLITS, max_cases_per_
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(out_dir / "splits.json")
     return summary
+
+
+def split_cases(folder: Path, split: Optional[str] = None) -> Tuple[List[Path], Dict[str, Dict[str, Any]]]:
+    """The ``.npz`` cases of a case folder, sorted by name, and each case's entry of the folder's ``splits.json``
+    (empty without the file); with ``split`` only the cases :func:`build_realsets` put in that split.
+
+    Raises:
+        FileNotFoundError: ``split`` is given and the folder has no ``splits.json``.
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob("*.npz"))
+    index = folder / "splits.json"
+    info: Dict[str, Dict[str, Any]] = json.loads(index.read_text())["cases"] if index.is_file() else {}
+    if split:
+        if not info:
+            raise FileNotFoundError(f"{folder}: no splits.json for --split {split} (build it with python -m "
+                                    f"dcm.data.realsets)")
+        files = [f for f in files if info.get(f.stem, {}).get("split") == split]
+    return files, info
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
