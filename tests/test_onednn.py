@@ -1,4 +1,5 @@
-"""oneDNN 3D convolutions: same results and gradients as PyTorch's own path, same state dict."""
+"""oneDNN 3D convolutions and packed bfloat16 linear layers: same results (and gradients) as PyTorch's own path,
+same state dict."""
 
 import copy
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from dcm.models.onednn import OneDNNConv3d, use_onednn_conv3d
+from dcm.models.onednn import (OneDNNConv3d, OneDNNLinear, onednn_linear_available, use_onednn_conv3d,
+                               use_onednn_linear, use_pytorch_linear)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
 
@@ -53,3 +55,44 @@ def test_built_models_use_onednn():
                   build_vista3d(load_vista3d_config("vista3d_reduced"))):
         convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
         assert convs and all(type(m) is OneDNNConv3d for m in convs)
+
+
+def _bf16_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8, bias=False))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            layer.weight.data = layer.weight.data.to(torch.bfloat16)
+    return model
+
+
+def _autocast_run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x)
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="no oneDNN linear kernels in this torch build")
+def test_onednn_linear_bit_equal_and_repacked_after_an_update():
+    """Packed bf16 weights give autocast's products bit for bit; an in-place weight update is seen; the state
+    dict, copies and the autograd path are plain ``nn.Linear``'s."""
+    plain = _bf16_mlp()
+    packed = use_onednn_linear(copy.deepcopy(plain))
+    assert [type(m) for m in packed] == [OneDNNLinear, nn.GELU, OneDNNLinear]
+    assert list(packed.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 5, 24)
+    got = _autocast_run(packed, x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, _autocast_run(plain, x))
+    assert packed[0]._packed is not None
+    assert torch.equal(_autocast_run(packed, x.to(torch.bfloat16)), _autocast_run(plain, x.to(torch.bfloat16)))
+    clone = copy.deepcopy(packed)  # the packed weight is not copied, made again at the next call
+    assert "_packed" not in vars(clone[0]) and torch.equal(_autocast_run(clone, x), got)
+    with torch.no_grad():
+        for model in (plain, packed):
+            model[0].weight.mul_(-1)
+            model[2].weight.add_(0.5)
+    assert torch.equal(_autocast_run(packed, x), _autocast_run(plain, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # with gradients: nn.Linear's own path
+        packed(x).float().sum().backward()
+    assert packed[0].weight.grad is not None
+    use_pytorch_linear(packed)
+    assert [type(m) for m in packed] == [nn.Linear, nn.GELU, nn.Linear] and "_packed" not in vars(packed[0])

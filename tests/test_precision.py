@@ -33,7 +33,7 @@ from dcm.experts.global_roi import GlobalRoIExpert
 from dcm.experts.local_roi import LocalRoIExpert
 from dcm.models import build_sam_med3d, load_model_config
 from dcm.models import precision
-from dcm.models.onednn import OneDNNConv3d, is_channels_last
+from dcm.models.onednn import OneDNNConv3d, OneDNNLinear, is_channels_last, onednn_linear_available
 from dcm.models.precision import ChannelsLastInstanceNorm3d, autocast_dtype, channels_last_active, cpu_native
 from dcm.models.sam_med3d.image_encoder import fast_window_attention, reduced_window_attention
 from dcm.models.vista3d import build_vista3d, load_vista3d_config
@@ -286,6 +286,9 @@ def test_bf16_weights_stored_once_give_the_same_encoder_output():
     assert layers and all(m.weight.dtype is torch.bfloat16 for m in layers)
     assert all(m.bias is None or m.bias.dtype is torch.float32 for m in layers)
     assert all(p.dtype is torch.float32 for n, p in model.named_parameters() if "norm" in n)
+    if onednn_linear_available():  # the linear layers run on weights packed once for oneDNN, same values
+        encoder = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
+        assert encoder and all(type(m) is OneDNNLinear for m in encoder)
     emb = backbone.encode(x)
     assert torch.equal(emb, want)
     assert torch.equal(backbone.decode(emb, coords, labels, mask), want_logits)
@@ -367,5 +370,5 @@ def test_onednn_off(role):
     """``onednn: false``: PyTorch's own 3D convolutions, the same values to float32 rounding."""
     ref = _expert(role).predict(_obj()).prob
     expert = _expert(role, onednn=False)
-    assert not any(type(m) is OneDNNConv3d for m in expert.model.modules())
+    assert not any(type(m) in (OneDNNConv3d, OneDNNLinear) for m in expert.model.modules())
     np.testing.assert_allclose(expert.predict(_obj()).prob, ref, atol=1e-5)

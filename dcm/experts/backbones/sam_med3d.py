@@ -26,7 +26,9 @@ class SamMed3DBackbone(Backbone):
     frame's voxels > 0 (``znorm``: ``torchio`` or ``monai``, see :func:`dcm.experts.roi.znorm_positive`);
     mask prompt on the prompt encoder's ``m``^3 grid (32), low-resolution logits on that grid. Under autocast
     the network's linear and convolution weights are stored in the autocast dtype
-    (:func:`dcm.models.precision.store_weights_in`: the same values autocast would cast them to).
+    (:func:`dcm.models.precision.store_weights_in`: the same values autocast would cast them to); under CPU
+    bfloat16 with ``onednn`` on, the image encoder's linear layers run on weights packed once for oneDNN
+    (:class:`dcm.models.onednn.OneDNNLinear`, bit-equal outputs).
 
     Args:
         model: the SAM-Med3D model.
@@ -50,6 +52,12 @@ class SamMed3DBackbone(Backbone):
             # encode() and decode() run under autocast, whose layers would cast their weights at every call
             # (a tenth of a CPU encoder pass)
             store_weights_in(self.model, self.autocast_dtype)
+            if self.onednn and self.device.type == "cpu" and self.autocast_dtype is torch.bfloat16:
+                from dcm.models.onednn import use_onednn_linear
+
+                # weights packed once for oneDNN: 5 % of a first click, bit-equal at the encoder's 512 tokens (not
+                # in the decoder, whose few-token products oneDNN accumulates in another order)
+                use_onednn_linear(self.model.image_encoder)
 
     def default_frame_size(self) -> int:
         return self.img_size

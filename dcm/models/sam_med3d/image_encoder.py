@@ -61,6 +61,15 @@ __all__ = [
 ATTENTION_MODES = ("fast", "padded")
 
 
+def _rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """``rel_pos`` (L, C) as the ``2 * size - 1`` rows a cube of side ``size`` reads (linearly resized when
+    ``L`` differs)."""
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
+    return rel_pos
+
+
 def get_rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Relative-position table for a cube side ``size``.
 
@@ -71,11 +80,43 @@ def get_rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     Returns:
         (size, size, C) tensor ``R`` with ``R[i, j] = rel_pos[i - j + size - 1]``.
     """
-    length = 2 * size - 1
-    if rel_pos.shape[0] != length:
-        rel_pos = F.interpolate(rel_pos.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
+    rel_pos = _rel_pos_table(size, rel_pos)
     idx = torch.arange(size, device=rel_pos.device)
     return rel_pos[idx[:, None] - idx[None, :] + size - 1]
+
+
+def _rel_pos_terms(q: torch.Tensor, bias_q: torch.Tensor, rel_pos_d: torch.Tensor, rel_pos_h: torch.Tensor,
+                   rel_pos_w: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three relative-position terms of the quirk, from one product of the query rows with the tables.
+
+    Args:
+        q: (BH, Nd, Nh, Nw, C) unscaled queries of the real tokens.
+        bias_q: (BH, C) the padded positions' query (each query row (a, b) is extended with it to ``n``).
+        rel_pos_d, rel_pos_h, rel_pos_w: (L, C) tables (resized to ``2n - 1`` rows when ``L`` differs).
+        n: window side.
+
+    Returns:
+        ``a_t`` (BH, Nd, Nh, Nw, n_f) ``= q(a,b,c).R_d[a-f]``, ``b_t`` (BH, Nd, Nh, n_d, n_f) ``=
+        q(a,b,d).R_h[b-f]``, ``c_t`` (BH, Nd, Nh, n_e, n_f) ``= q(a,b,e).R_w[e-f]``, in the dtype of ``q``.
+        Every query row is multiplied with each table's ``2n - 1`` rows once and the terms are gathered
+        from that product (the per-axis einsums over (n, n, C) tables cost twice as much on a CPU).
+    """
+    bh, nd, nh, nw, c = q.shape
+    length = 2 * n - 1
+    q_row = q
+    if nw < n:
+        q_row = torch.cat([q, bias_q.to(q.dtype)[:, None, None, None, :].expand(bh, nd, nh, n - nw, c)], dim=3)
+    tables = torch.cat([_rel_pos_table(n, t.to(q.dtype)) for t in (rel_pos_d, rel_pos_h, rel_pos_w)])
+    prod = (q_row.reshape(-1, c) @ tables.t()).view(bh, nd, nh, n, 3, length)
+    f = torch.arange(n, device=q.device)
+
+    def rows(count: int) -> torch.Tensor:  # rel_pos[i - f + n - 1] for i < count: (count, n)
+        return torch.arange(count, device=q.device)[:, None] - f + (n - 1)
+
+    a_t = prod[:, :, :, :nw, 0].gather(-1, rows(nd).view(1, nd, 1, 1, n).expand(bh, nd, nh, nw, n))
+    b_t = prod[:, :, :, :, 1].gather(-1, rows(nh).view(1, 1, nh, 1, n).expand(bh, nd, nh, n, n))
+    c_t = prod[:, :, :, :, 2].gather(-1, rows(n).view(1, 1, 1, n, n).expand(bh, nd, nh, n, n))
+    return a_t, b_t, c_t
 
 
 def rel_pos_bias_reference(
@@ -106,30 +147,31 @@ def rel_pos_bias_reference(
     )
 
 
-def _lse(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Element-wise log-sum-exp of equally shaped tensors."""
-    if len(parts) == 1:
-        return parts[0]
-    return torch.logsumexp(torch.stack(list(parts), dim=0), dim=0)
-
-
 def _padded_keys_lse(a_t: torch.Tensor, b_t: torch.Tensor, c_t: torch.Tensor, nd: int, nh: int, nw: int,
                      n: int) -> torch.Tensor:
     """logsumexp over the padded keys of the relative-position terms (the virtual key's fold), shape
-    (BH, Nd, Nh, Nw): the keys split by which axis leaves the (Nd, Nh, Nw) grid first."""
-    lse_b_all = torch.logsumexp(b_t, dim=3).unsqueeze(3)  # (BH, Nd, Nh, 1, n_f)
-    lse_c_all = torch.logsumexp(c_t, dim=3).unsqueeze(3)
-    parts: List[torch.Tensor] = []
-    if nw < n:  # f >= Nw: d and e free
-        parts.append(torch.logsumexp(a_t[..., nw:] + lse_b_all[..., nw:] + lse_c_all[..., nw:], dim=-1))
-    if nd < n:  # f < Nw, d >= Nd: e free
-        lse_b_hi = torch.logsumexp(b_t[:, :, :, nd:, :nw], dim=3).unsqueeze(3)
-        parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_hi + lse_c_all[..., :nw], dim=-1))
-    if nh < n:  # f < Nw, d < Nd, e >= Nh
-        lse_b_lo = torch.logsumexp(b_t[:, :, :, :nd, :nw], dim=3).unsqueeze(3)
-        lse_c_hi = torch.logsumexp(c_t[:, :, :, nh:, :nw], dim=3).unsqueeze(3)
-        parts.append(torch.logsumexp(a_t[..., :nw] + lse_b_lo + lse_c_hi, dim=-1))
-    return _lse(parts)
+    (BH, Nd, Nh, Nw).
+
+    The padded keys split by which axis leaves the (Nd, Nh, Nw) grid first: ``f >= Nw`` (d, e free),
+    ``f < Nw, d >= Nd`` (e free), ``f < Nw, d < Nd, e >= Nh``. For each key index ``f`` the row terms sum to
+    ``W(f) = SB(f) SC(f)`` for ``f >= Nw`` and ``SB_hi(f) SC(f) + SB_lo(f) SC_hi(f)`` below (``SB`` the sum of
+    ``exp B`` over d, ``hi`` / ``lo`` over d >= Nd / d < Nd, ``SC`` likewise over e), all taken in log
+    space; the result is ``logsumexp_f (A(f) + log W(f))``.
+    """
+    lse_b = torch.logsumexp(b_t, dim=3)  # (BH, Nd, Nh, n_f)
+    lse_c = torch.logsumexp(c_t, dim=3)
+    log_w = lse_b + lse_c
+    if nd < n or nh < n:
+        below: List[torch.Tensor] = []
+        if nd < n:
+            below.append(torch.logsumexp(b_t[:, :, :, nd:, :nw], dim=3) + lse_c[..., :nw])
+        if nh < n:
+            below.append(torch.logsumexp(b_t[:, :, :, :nd, :nw], dim=3)
+                         + torch.logsumexp(c_t[:, :, :, nh:, :nw], dim=3))
+        low = below[0] if len(below) == 1 else torch.logaddexp(below[0], below[1])
+        log_w = torch.cat([low, log_w[..., nw:]], dim=-1)
+        return torch.logsumexp(a_t + log_w[:, :, :, None, :], dim=-1)
+    return torch.logsumexp(a_t[..., nw:] + log_w[:, :, :, None, nw:], dim=-1)  # only f >= Nw is padded
 
 
 def fast_window_attention(
@@ -171,16 +213,7 @@ def fast_window_attention(
     bh, nd, nh, nw, c = q.shape
     if max(nd, nh, nw) > n:
         raise ValueError(f"tokens {(nd, nh, nw)} do not fit a window of side {n}")
-    rd, rh, rw = get_rel_pos(n, rel_pos_d), get_rel_pos(n, rel_pos_h), get_rel_pos(n, rel_pos_w)
-    # Query vectors along each query row (a, b), extended with the padded positions t >= Nw.
-    if nw < n:
-        pad = bias_q[:, None, None, None, :].expand(bh, nd, nh, n - nw, c)
-        q_row = torch.cat([q, pad], dim=3)
-    else:
-        q_row = q
-    a_t = torch.einsum("xabcz,afz->xabcf", q, rd[:nd])  # (BH, Nd, Nh, Nw, n_f)
-    b_t = torch.einsum("xabtz,bfz->xabtf", q_row, rh[:nh])  # (BH, Nd, Nh, n_d, n_f)
-    c_t = torch.einsum("xabtz,tfz->xabtf", q_row, rw)  # (BH, Nd, Nh, n_e, n_f)
+    a_t, b_t, c_t = _rel_pos_terms(q, bias_q, rel_pos_d, rel_pos_h, rel_pos_w, n)
 
     nq = nd * nh * nw
     logits = (q * scale).reshape(bh, nq, c) @ k.reshape(bh, nq, c).transpose(1, 2)
@@ -247,15 +280,7 @@ def reduced_window_attention(
     padded = (nd, nh, nw) != (n, n, n)
     with _no_autocast(q.device):
         q32 = q.float()
-        rd, rh, rw = (get_rel_pos(n, t.float()) for t in (rel_pos_d, rel_pos_h, rel_pos_w))
-        if nw < n:
-            pad = bias_q.float()[:, None, None, None, :].expand(bh, nd, nh, n - nw, c)
-            q_row = torch.cat([q32, pad], dim=3)
-        else:
-            q_row = q32
-        a_t = torch.einsum("xabcz,afz->xabcf", q32, rd[:nd])  # (BH, Nd, Nh, Nw, n_f)
-        b_t = torch.einsum("xabtz,bfz->xabtf", q_row, rh[:nh])  # (BH, Nd, Nh, n_d, n_f)
-        c_t = torch.einsum("xabtz,tfz->xabtf", q_row, rw)  # (BH, Nd, Nh, n_e, n_f)
+        a_t, b_t, c_t = _rel_pos_terms(q32, bias_q, rel_pos_d, rel_pos_h, rel_pos_w, n)
 
         mask = q32.new_empty(bh, nq, nq + int(padded))
         bc = b_t[:, :, :, :nd, None, :nw] + c_t[:, :, :, None, :nh, :nw]  # (BH, Nd, Nh, Nd, Nh, Nw): keys
