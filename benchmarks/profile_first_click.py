@@ -1,9 +1,15 @@
 """Where the global expert's first click goes: cProfile of one cold-cache ``predict`` of full-size SAM-Med3D-64.
 
     python benchmarks/profile_first_click.py [--path bf16|fp32] [--threads 2] [--repeats 5] [--top 25]
+    python benchmarks/profile_first_click.py --ab-linear --repeats 10
 
 Random weights, the CT-like 160 x 256 x 256 image of ``bench_experts.py`` (one ellipsoid and its box). Prints
 the first-click and encoder-only times (sorted, seconds) and the cProfile table by cumulative time.
+
+``--ab-linear`` (bf16): first clicks alternating between the image encoder's linear layers on weights packed
+for oneDNN (:class:`dcm.models.onednn.OneDNNLinear`, the default) and plain ``F.linear``, in one process, so
+that the machine's drift from run to run (often larger than the difference) cancels; prints min and median
+of each and whether the two answers are bit for bit equal.
 """
 
 from __future__ import annotations
@@ -20,13 +26,47 @@ import torch
 from bench_experts import expert_settings, make_image  # benchmarks/ (scripts run from their folder)
 
 
+def ab_linear(expert, obj, prev, repeats: int) -> int:
+    """Interleaved first clicks, packed oneDNN linear layers vs plain F.linear (see the module docstring)."""
+    from torch import nn
+
+    from dcm.models.onednn import OneDNNLinear
+
+    layers = [m for m in expert.backbone.model.image_encoder.modules() if isinstance(m, OneDNNLinear)]
+    if not layers:
+        print("the image encoder has no packed linear layers here (no oneDNN linear kernels, or not bfloat16)")
+        return 1
+    classes = {"packed oneDNN": OneDNNLinear, "F.linear": nn.Linear}  # the packed weights stay cached
+    times = {name: [] for name in classes}
+    answers = {}
+    for _ in range(repeats):
+        for name, cls in classes.items():
+            for layer in layers:
+                layer.__class__ = cls
+            expert.clear_cache()
+            t0 = time.perf_counter()
+            answers[name] = expert.predict(obj, prev).prob
+            times[name].append(time.perf_counter() - t0)
+    for layer in layers:
+        layer.__class__ = OneDNNLinear
+    for name, values in times.items():
+        values.sort()
+        print(f"{name:14s} first click s: min {values[0]:.3f}  median {values[len(values) // 2]:.3f}")
+    a, b = answers.values()
+    print("answers bit for bit equal:", bool(np.array_equal(a, b)))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--ab-linear", action="store_true", help="interleaved A/B: packed oneDNN linear vs F.linear")
     args = parser.parse_args(argv)
+    if args.ab_linear and args.path != "bf16":
+        parser.error("--ab-linear compares bfloat16 paths (--path bf16)")
     from dcm.data.cases import ObjectPrompts
     from dcm.experts.global_roi import GlobalRoIExpert
     from dcm.models import load_model_config
@@ -40,6 +80,8 @@ def main(argv=None) -> int:
     prev = np.zeros(image.shape, np.uint8)
     obj = ObjectPrompts(label=1, box=box)
     expert.predict(obj, prev)  # warm-up
+    if args.ab_linear:
+        return ab_linear(expert, obj, prev, args.repeats)
     first, encode = [], []
     x = torch.randn(1, 1, 64, 64, 64)
     for _ in range(args.repeats):
