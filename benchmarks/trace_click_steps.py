@@ -52,11 +52,11 @@ def main(argv=None) -> int:
     gts: Dict[str, np.ndarray] = {}
     honour = predictor_module.honour_clicks
 
-    def traced(fused, obj, promise, image, spacing, prev_pred, threshold, correction, scope):
+    def traced(fused, obj, promise, image, spacing, prev_pred, threshold, *settings):
         gt = gts["now"] == obj.label
         prev = (prev_pred == obj.label) if prev_pred is not None else np.zeros_like(gt)
         expert = _mask_after(prev, fused, threshold)  # before the rule changes ``fused`` in place
-        out = honour(fused, obj, promise, image, spacing, prev_pred, threshold, correction, scope)
+        out = honour(fused, obj, promise, image, spacing, prev_pred, threshold, *settings)
         after = _mask_after(prev, out, threshold)
         rows.append({"label": obj.label, "step": len(obj.clicks), "positive": obj.clicks[-1].positive,
                      "size": int(gt.sum()), "prev": dice(gt, prev), "expert": dice(gt, expert),

@@ -316,6 +316,10 @@ class EngineConfig(Section):
     #: anywhere) | click_sign (a positive click only adds, a negative one only removes) | click_part (and only
     #: the connected part of that change at the newest click) (:mod:`dcm.engine.clicks`).
     update_scope: str = "whole"
+    #: the most one click step may remove of an object's previous mask, as a fraction of it (with
+    #: ``honour_clicks``): beyond it, the removed voxels farthest from the newest click keep the previous mask.
+    #: 0: no limit (:mod:`dcm.engine.clicks`). 0.25: chosen on the validation split of the real images.
+    max_removal: float = 0.25
     #: none: an object whose expert raises keeps its previous mask. local_case (the released predict.sh's
     #: except branch): a case without boxes, or one on which the global expert raised, is predicted again by
     #: the local expert alone, every object from its clicks on an empty label map (previous masks ignored).
@@ -337,6 +341,7 @@ class EngineConfig(Section):
             raise ConfigError(f"{where}.{e}") from None
         self.threshold = _number(self.threshold, f"{where}.threshold", 0.0, 1.0, low_open=True, high_open=True)
         self.local_click_radius = _number(self.local_click_radius, f"{where}.local_click_radius", 0.0, 1e4)
+        self.max_removal = _number(self.max_removal, f"{where}.max_removal", 0.0, 1.0)
         _flag(self.honour_clicks, f"{where}.honour_clicks")
 
 

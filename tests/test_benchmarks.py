@@ -89,6 +89,21 @@ def test_bench_clicks_counts_kept_clicks_per_variant(tmp_path):
     assert "| rule on |" in proc.stdout
 
 
+def test_trace_click_steps_traces_every_object_step(tmp_path):
+    """trace_click_steps wraps the engine's click rule as the predictor calls it (every setting passed on)."""
+    from dcm.data.cases import atomic_savez
+    from dcm.data.synthetic import generate_case
+
+    cases = tmp_path / "cases"
+    atomic_savez(cases / "CT_tiny.npz", **generate_case("CT", seed=5, shape=(16, 32, 32), n_objects=2))
+    out = tmp_path / "steps.csv"
+    proc = _run("trace_click_steps.py", "--cases", str(cases), "--csv", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _rows(out)
+    assert len(rows) == 2 * 5 and {r["step"] for r in rows} == {"1", "2", "3", "4", "5"}
+    assert "prediction failed" not in proc.stdout + proc.stderr
+
+
 def test_bench_point_head_tiny(tmp_path):
     out = tmp_path / "point_head.csv"
     proc = _run("bench_point_head.py", "--model", "vista3d_reduced", "--window", "32", "--repeats", "1",

@@ -399,7 +399,8 @@ def test_update_scope_a_click_step_changes_the_mask_only_the_way_the_click_asks(
     prob = (first | far_new).astype(np.float32)
     experts = {"global": MapExpert("global", prob)}
     obj = ObjectPrompts(1, box=Box(5, 15, 10, 3, 3, 36, 36), clicks=[Click((10, 10, 14), True)])
-    cfg = {"policy": "global_only", "fusion": "local_overrides", "update_scope": scope}
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "update_scope": scope,
+           "max_removal": 0}  # the whole answer's removal below: no cap
     segs = DCMPredictor(experts, cfg)(_case([obj], prev))
     assert _all_kept(segs, [obj])
     assert (segs[cap] == 1).all()                  # the addition the click asked for is taken
@@ -424,6 +425,31 @@ def test_update_scope_negative_click_only_removes():
     assert _all_kept(segs, [obj])
     assert (segs[bump] == 0).all() and (segs[first] == 1).all()
     assert (segs[_ball((10, 30, 30), 3)] == 0).all()
+
+
+def test_max_removal_takes_at_most_that_fraction_nearest_the_click():
+    # The previous mask is a ball; after a negative click at its edge the expert keeps only a small piece on
+    # the far side. With max_removal 0.25 the step removes at most a quarter of the ball, the voxels nearest
+    # the click; without the cap the expert's answer stands.
+    ball = _ball((10, 20, 20), 6)
+    piece = ball & (np.indices(SHAPE)[2] <= 16)
+    prev = ball.astype(np.uint8)
+    experts = {"global": MapExpert("global", piece.astype(np.float32))}
+    click = (10, 20, 26)
+    obj = ObjectPrompts(1, box=Box(4, 16, 10, 14, 14, 26, 26), clicks=[Click(click, False)])
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_removal": 0.25,
+           "click_correction": {"methods": []}}
+    segs = DCMPredictor(experts, cfg)(_case([obj], prev))
+    assert _all_kept(segs, [obj])
+    removed = ball & (segs != 1)
+    assert 0 < removed.sum() <= 0.25 * ball.sum() + 1  # + the click neighbourhood's own voxels, if any
+    distance = np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), click)))  # spacing 1
+    kept_answer_removed = ball & (segs == 1) & ~piece  # what the expert removed and the cap kept
+    assert kept_answer_removed.any() and distance[removed].max() <= distance[kept_answer_removed].min() + 1e-9
+    free = DCMPredictor(experts, {**cfg, "max_removal": 0})(_case([obj], prev))
+    assert ((free == 1) == piece).all()
+    with pytest.raises(ValueError, match="max_removal"):
+        DCMPredictor(experts, {"max_removal": 1.5})
 
 
 def test_update_scope_is_checked():

@@ -18,6 +18,9 @@ answer, :class:`ClickProtection` in the label writer):
    asks: ``click_sign`` takes only additions after a positive click and only removals after a negative one;
    ``click_part`` takes, of those, only the connected parts touching the click. ``whole`` takes the answer
    as it is. The rest keeps the previous mask, so a click cannot wreck the object away from where it was given.
+   *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): a click step removes at most
+   that fraction of the object's previous mask; of a larger removal only the voxels nearest the newest click
+   (in mm) are taken. Additions are not capped.
 
 1. *Reject*: an expert's update that would flip a promised voxel the previous mask had right is rejected on
    the connected part of that change (the 26-connected component of the voxels it removes, or adds, that
@@ -220,6 +223,7 @@ def honour_clicks(
     threshold: float = 0.5,
     correction: Optional[Mapping[str, Any]] = None,
     update_scope: str = "whole",
+    max_removal: float = 0.0,
 ) -> Optional[FusedPrediction]:
     """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 0-3).
 
@@ -233,6 +237,7 @@ def honour_clicks(
         threshold: the engine's mask threshold.
         correction: ``engine.click_correction`` (checked by :func:`check_click_correction`).
         update_scope: ``engine.update_scope``: ``whole`` | ``click_sign`` | ``click_part`` (step 0).
+        max_removal: ``engine.max_removal``: the removal cap of step 0 (0: none).
 
     Returns:
         A ``FusedPrediction`` on a region that holds the expert RoIs and the promised voxels: NaN where the
@@ -253,6 +258,10 @@ def honour_clicks(
 
     if update_scope != "whole" and prev_pred is not None and obj.last_click is not None:
         _limit_update(work, obj.last_click.zyx, bool(obj.last_click.positive), update_scope == "click_part")
+    if max_removal > 0 and prev_pred is not None and obj.last_click is not None:
+        # the object's whole previous mask, not only the part on this region (which depends on the policy)
+        limit = int(max_removal * _count_label(prev_pred, obj.label))
+        _cap_removal(work, obj.last_click.zyx, limit, spacing_zyx)
     _reject_flips(work, promise)
     kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
     for index in np.flatnonzero(~kept):
@@ -290,6 +299,28 @@ def _limit_update(work: _Work, click_zyx: Sequence[int], positive: bool, connect
     touching = np.unique(components[tuple(near.T)]) if len(near) else np.zeros(0, components.dtype)
     touching = touching[touching > 0]
     work.keep_previous(change & ~np.isin(components, touching))
+
+
+def _count_label(label_map: np.ndarray, label: int, slab_voxels: int = 1 << 20) -> int:
+    """Voxels of ``label`` in a (z, y, x) label map, counted slab by slab along z (no full-size temporary: the
+    engine's memory stays per object)."""
+    step = max(1, slab_voxels // max(1, int(np.prod(label_map.shape[1:]))))
+    return sum(int(np.count_nonzero(label_map[z:z + step] == label)) for z in range(0, label_map.shape[0], step))
+
+
+def _cap_removal(work: _Work, click_zyx: Sequence[int], limit: int, spacing_zyx: Sequence[float]) -> None:
+    """Step 0, removal cap (``engine.max_removal``): of the previous mask's voxels the answer removes, take at
+    most ``limit`` (that fraction of the object's previous mask), the ones nearest the click in mm; the others
+    keep the previous mask."""
+    removed = np.argwhere(work.prev & ~work.mask)
+    if len(removed) <= limit:
+        return
+    origin = np.array([s.start for s in work.region])
+    offset = (removed + origin - np.asarray(click_zyx)) * np.asarray(spacing_zyx, dtype=np.float64)
+    farthest = removed[np.argsort((offset * offset).sum(axis=1), kind="stable")[limit:]]
+    part = np.zeros(work.mask.shape, dtype=bool)
+    part[tuple(farthest.T)] = True
+    work.keep_previous(part)
 
 
 def _reject_flips(work: _Work, promise: ClickPromise) -> None:
