@@ -15,14 +15,14 @@ anyway. :func:`use_pytorch_conv3d` undoes :func:`use_onednn_conv3d` (an expert's
 Linear layers in bfloat16 (:class:`OneDNNLinear`, :func:`use_onednn_linear`): a CPU bfloat16 ``F.linear`` hands
 oneDNN the plain (out, in) weight at every call, which oneDNN reorders into its blocked layout each time;
 a weight reordered once and kept (``torch.ops.mkldnn._reorder_linear_weight``) runs the same products on the
-same values 2-17 % faster for the SAM-Med3D ViT-B's layers at 512 tokens (bit-equal outputs there; with a
-few tokens oneDNN may sum in another order, a bfloat16 rounding apart), about 5 % of a global first click.
-The packed copy costs the weights' size again in memory.
+same values (bit-equal outputs at the SAM-Med3D encoder's 512 tokens; with a few tokens oneDNN may sum in
+another order, a bfloat16 rounding apart), 4-6 % less time per global first click
+(``benchmarks/profile_first_click.py --ab-linear``). The packed copy costs the weights' size again in memory.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -121,14 +121,15 @@ class OneDNNLinear(nn.Linear):
     (a new tensor or an in-place update such as ``load_state_dict``).
     """
 
-    _packed: Optional[tuple] = None
+    _packed: Optional[Tuple[Tuple[int, int], torch.Tensor, Optional[torch.Tensor]]] = None
 
     def __getstate__(self):
         state = dict(super().__getstate__())
         state.pop("_packed", None)  # an opaque oneDNN tensor: not copyable, made again when needed
         return state
 
-    def _packed_for(self, weight: torch.Tensor) -> torch.Tensor:
+    def _packed_for(self, weight: torch.Tensor) -> Tuple[Tuple[int, int], torch.Tensor, Optional[torch.Tensor]]:
+        """(the weight's identity, its packed copy, the bias in bfloat16), made again when the weight changed."""
         key = (weight.data_ptr(), weight._version)
         if self._packed is None or self._packed[0] != key:
             bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
