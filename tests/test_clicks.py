@@ -452,6 +452,41 @@ def test_max_removal_takes_at_most_that_fraction_nearest_the_click():
         DCMPredictor(experts, {"max_removal": 1.5})
 
 
+@pytest.mark.parametrize("overlap", ["later_wins", "highest_prob"])
+def test_max_removal_bounds_what_a_later_object_takes_of_an_earlier_one(overlap):
+    # Object 1 holds a ball from the last step; object 2's answer claims 60 % of it. Under the cap a step's
+    # answers take at most a quarter of object 1's previous mask, the voxels nearest object 2's click; what
+    # object 1 gained in this very step is not capped; keep_others and max_taken 0 behave as before.
+    ball = _ball((10, 20, 20), 6)
+    prev = ball.astype(np.uint8)
+    claim = ball & (np.indices(SHAPE)[2] >= 18)
+    region = tuple(slice(0, n) for n in SHAPE)
+    click = (10, 20, 27)
+
+    def written(max_taken, overlap=overlap, prob_1=None, claim=claim):
+        segs = prev.copy()
+        writer = LabelWriter(segs, overlap, max_taken=max_taken, prev_pred=prev)
+        if prob_1 is not None:
+            writer.write(1, FusedPrediction(region, prob_1 * 0.6, True))
+        writer.write(2, FusedPrediction(region, claim.astype(np.float32) * 0.9, True), anchor_zyx=click)
+        return segs
+
+    segs = written(0.25)
+    taken = ball & (segs == 2)
+    assert 0 < taken.sum() <= int(0.25 * ball.sum()) < claim.sum()
+    distance = np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), click)))
+    kept = claim & (segs == 1)
+    assert kept.any() and distance[taken].max() <= distance[kept].min() + 1e-9
+    assert ((written(0.0) == 2) == claim).all()
+    assert ((written(0.25, "keep_others") == 2).sum() == 0)
+    growth = _ball((10, 20, 28), 3) & ~ball  # object 1 grows there this step; object 2 claims it all
+    segs = written(0.25, prob_1=(ball | growth).astype(np.float32), claim=claim | growth)
+    assert ((segs == 2) & growth).sum() == growth.sum() > 0
+    assert 0 < ((segs == 2) & ball).sum() <= int(0.25 * ball.sum())
+    with pytest.raises(ValueError, match="max_taken"):
+        DCMPredictor({}, {"max_taken": -0.1})
+
+
 def test_update_scope_is_checked():
     with pytest.raises(ValueError, match="update_scope"):
         DCMPredictor({}, {"update_scope": "nearby"})

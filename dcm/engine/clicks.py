@@ -20,7 +20,12 @@ answer, :class:`ClickProtection` in the label writer):
    as it is. The rest keeps the previous mask, so a click cannot wreck the object away from where it was given.
    *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): a click step removes at most
    that fraction of the object's previous mask; of a larger removal only the voxels nearest the newest click
-   (in mm) are taken. Additions are not capped.
+   (in mm) are taken. Additions are not capped. *Taking cap* (``engine.max_taken``, 0 by default: off): in
+   one click step of predict.sh / the evaluator the other objects' answers take at most that fraction of an
+   object's previous mask (the label writer keeps the claimed voxels farthest from the taking object's
+   newest click with their object). Not in the interactive session, where each write is one action on one
+   object that the user sees and can undo: there it would make an object's mask depend on whether another
+   object's step was undone.
 
 1. *Reject*: an expert's update that would flip a promised voxel the previous mask had right is rejected on
    the connected part of that change (the 26-connected component of the voxels it removes, or adds, that
@@ -50,7 +55,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.config_schema import CORRECTION_METHODS, ClickCorrectionConfig
-from dcm.engine.fusion import FusedPrediction, component_at
+from dcm.engine.fusion import FusedPrediction, component_at, count_label, nearest_first
 from dcm.experts.base import RoISlices as Region
 from dcm.prompts import ZYX, ObjectPrompts
 from dcm.regions import points_bbox, union_region, within
@@ -260,7 +265,7 @@ def honour_clicks(
         _limit_update(work, obj.last_click.zyx, bool(obj.last_click.positive), update_scope == "click_part")
     if max_removal > 0 and prev_pred is not None and obj.last_click is not None:
         # the object's whole previous mask, not only the part on this region (which depends on the policy)
-        limit = int(max_removal * _count_label(prev_pred, obj.label))
+        limit = int(max_removal * count_label(prev_pred, obj.label))
         _cap_removal(work, obj.last_click.zyx, limit, spacing_zyx)
     _reject_flips(work, promise)
     kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
@@ -301,13 +306,6 @@ def _limit_update(work: _Work, click_zyx: Sequence[int], positive: bool, connect
     work.keep_previous(change & ~np.isin(components, touching))
 
 
-def _count_label(label_map: np.ndarray, label: int, slab_voxels: int = 1 << 20) -> int:
-    """Voxels of ``label`` in a (z, y, x) label map, counted slab by slab along z (no full-size temporary: the
-    engine's memory stays per object)."""
-    step = max(1, slab_voxels // max(1, int(np.prod(label_map.shape[1:]))))
-    return sum(int(np.count_nonzero(label_map[z:z + step] == label)) for z in range(0, label_map.shape[0], step))
-
-
 def _cap_removal(work: _Work, click_zyx: Sequence[int], limit: int, spacing_zyx: Sequence[float]) -> None:
     """Step 0, removal cap (``engine.max_removal``): of the previous mask's voxels the answer removes, take at
     most ``limit`` (that fraction of the object's previous mask), the ones nearest the click in mm; the others
@@ -316,8 +314,7 @@ def _cap_removal(work: _Work, click_zyx: Sequence[int], limit: int, spacing_zyx:
     if len(removed) <= limit:
         return
     origin = np.array([s.start for s in work.region])
-    offset = (removed + origin - np.asarray(click_zyx)) * np.asarray(spacing_zyx, dtype=np.float64)
-    farthest = removed[np.argsort((offset * offset).sum(axis=1), kind="stable")[limit:]]
+    farthest = removed[nearest_first(removed + origin, click_zyx, spacing_zyx)[limit:]]
     part = np.zeros(work.mask.shape, dtype=bool)
     part[tuple(farthest.T)] = True
     work.keep_previous(part)

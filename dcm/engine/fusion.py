@@ -37,7 +37,7 @@ from dcm.prompts import ball_offsets
 from dcm.regions import union_region, within
 
 __all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins",
-           "take_local_near_clicks", "LabelWriter"]
+           "take_local_near_clicks", "LabelWriter", "count_label", "nearest_first"]
 
 
 
@@ -244,24 +244,42 @@ class LabelWriter:
         segs: the label map to update in place (start from the previous output so that objects that are not
             re-predicted keep their masks).
         overlap: one of :data:`OVERLAP_RULES`.
-
         protection: the objects' positive click neighbourhoods (:class:`dcm.engine.clicks.ClickProtection`):
             an object always gets its own, and never takes another object's, whatever the overlap rule.
+        max_taken: ``engine.max_taken`` (with ``honour_clicks``; 0: no limit): in one writer's pass (one
+            click step) the other objects' answers take at most this fraction of an object's previous mask;
+            of a larger claim the voxels nearest the taking object's newest click (``anchor_zyx`` of
+            :meth:`write`, in mm) are taken and the others stay with their object.
+        prev_pred: the (z, y, x) label map before this pass (what "previous mask" means above); None: ``segs``
+            as it is when the writer is made (a writer that writes one object, like the session's).
+        spacing_zyx: voxel size in mm, for "nearest".
 
     ``highest_prob`` keeps the probability with which each voxel was won (float16) in 32^3 blocks allocated
     where objects win voxels, not as a map of the whole volume.
     """
 
-    def __init__(self, segs: np.ndarray, overlap: str = "later_wins", protection: Optional[Any] = None):
+    def __init__(self, segs: np.ndarray, overlap: str = "later_wins", protection: Optional[Any] = None,
+                 max_taken: float = 0.0, prev_pred: Optional[np.ndarray] = None,
+                 spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)):
         if overlap not in OVERLAP_RULES:
             raise ValueError(f"unknown overlap rule {overlap!r}; choose from {OVERLAP_RULES}")
         self.segs = segs
         self.overlap = overlap
         self.protection = protection
         self._owner_prob = _BlockMap(segs.shape) if overlap == "highest_prob" else None
+        self.max_taken = float(max_taken)
+        self._prev = prev_pred if prev_pred is not None else segs
+        self.spacing_zyx = tuple(float(s) for s in spacing_zyx)
+        self._prev_counts: Dict[int, int] = {}
+        self._taken: Dict[int, int] = {}
 
-    def write(self, label: int, fused: FusedPrediction, threshold: float = 0.5) -> None:
-        """RoI update of object ``label``: inside the covered voxels, its mask becomes the fused answer."""
+    def write(self, label: int, fused: FusedPrediction, threshold: float = 0.5,
+              anchor_zyx: Optional[Sequence[int]] = None) -> None:
+        """RoI update of object ``label``: inside the covered voxels, its mask becomes the fused answer.
+
+        ``anchor_zyx``: the object's newest click (the voxels it takes from others under ``max_taken`` are the
+        nearest to it); None: the centre of the answer's region.
+        """
         view = self.segs[fused.region]
         fg = fused.mask(threshold)
         own, others = self._protected(label, fused.region)
@@ -278,11 +296,17 @@ class LabelWriter:
             np.copyto(view, np.uint8(label), where=fg)
             return
         if self._owner_prob is None:
+            if self.max_taken > 0:
+                self._limit_taking(label, fused.region, view, fg, anchor_zyx)
+            if own is not None:
+                fg[own] = True
             np.copyto(view, np.uint8(label), where=fg)
             return
         owner = self._owner_prob.read(fused.region)
         p = np.nan_to_num(fused.prob).astype(np.float16)
         win = fg & ((view == 0) | (view == label) | (p > owner))
+        if self.max_taken > 0:
+            self._limit_taking(label, fused.region, view, win, anchor_zyx)
         if own is not None:
             win[own] = True
         view[win] = label
@@ -290,6 +314,28 @@ class LabelWriter:
         if not fused.complete:
             cleared &= fused.covered
         self._owner_prob.write(fused.region, np.where(win, p, np.float16(0)), win | cleared)
+
+    def _limit_taking(self, label: int, region: RoISlices, view: np.ndarray, win: np.ndarray,
+                      anchor_zyx: Optional[Sequence[int]]) -> None:
+        """``max_taken``: drop from ``win`` (in place) the other objects' previous voxels beyond each one's
+        allowance, farthest from the anchor first."""
+        prev = self._prev[region]
+        taken = win & (view != 0) & (view != label) & (view == prev)  # others' voxels held since the last pass
+        if not taken.any():
+            return
+        if anchor_zyx is None:
+            anchor_zyx = [(s.start + s.stop - 1) / 2 for s in region]
+        origin = np.array([s.start for s in region])
+        for other in np.unique(view[taken]):
+            other = int(other)
+            if other not in self._prev_counts:
+                self._prev_counts[other] = count_label(self._prev, other)
+            allowed = max(0, int(self.max_taken * self._prev_counts[other]) - self._taken.get(other, 0))
+            claimed = np.argwhere(taken & (view == other))
+            if len(claimed) > allowed:
+                farthest = claimed[nearest_first(claimed + origin, anchor_zyx, self.spacing_zyx)[allowed:]]
+                win[tuple(farthest.T)] = False
+            self._taken[other] = self._taken.get(other, 0) + min(len(claimed), allowed)
 
     def _protected(self, label: int, region: RoISlices) -> Tuple[Optional[Tuple[np.ndarray, ...]],
                                                                  Optional[Tuple[np.ndarray, ...]]]:
@@ -301,3 +347,16 @@ class LabelWriter:
             return None, None
         mine = labels == label
         return tuple(voxels[mine].T), tuple(voxels[~mine].T)
+
+
+def count_label(label_map: np.ndarray, label: int, slab_voxels: int = 1 << 20) -> int:
+    """Voxels of ``label`` in a (z, y, x) label map, counted slab by slab along z (no full-size temporary: the
+    engine's memory stays per object)."""
+    step = max(1, slab_voxels // max(1, int(np.prod(label_map.shape[1:]))))
+    return sum(int(np.count_nonzero(label_map[z:z + step] == label)) for z in range(0, label_map.shape[0], step))
+
+
+def nearest_first(voxels_zyx: np.ndarray, anchor_zyx: Sequence[float], spacing_zyx: Sequence[float]) -> np.ndarray:
+    """Order (indices) of the (n, 3) ``voxels_zyx`` by distance in mm to ``anchor_zyx``, nearest first (stable)."""
+    offset = (np.asarray(voxels_zyx) - np.asarray(anchor_zyx, dtype=np.float64)) * np.asarray(spacing_zyx, np.float64)
+    return np.argsort((offset * offset).sum(axis=1), kind="stable")

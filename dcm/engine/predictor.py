@@ -213,7 +213,9 @@ class DCMPredictor:
             segs = np.zeros(case.shape, dtype=np.uint8)
         promises = (promises_of([o for o in case.objects if not o.problem], case.shape)
                     if cfg["honour_clicks"] else {})
-        writer = LabelWriter(segs, cfg["overlap"], ClickProtection(promises) if promises else None)
+        writer = LabelWriter(segs, cfg["overlap"], ClickProtection(promises) if promises else None,
+                             max_taken=cfg["max_taken"] if cfg["honour_clicks"] else 0.0,
+                             prev_pred=case.prev_pred, spacing_zyx=case.spacing_zyx)
         kept = [obj.label for obj in case.objects if obj.problem]
         attempted, failures = 0, []
         for obj in case.objects:
@@ -229,7 +231,8 @@ class DCMPredictor:
                 kept.append(obj.label)
                 continue
             if fused is not None:
-                writer.write(obj.label, fused, float(cfg["threshold"]))
+                writer.write(obj.label, fused, float(cfg["threshold"]),
+                             obj.last_click.zyx if obj.last_click is not None else None)
         where = case.path or case.name
         if attempted and len(failures) == attempted:
             raise DCMError(" ".join(f"{where}: prediction failed for every object ({failures[0][1]})".split()))
