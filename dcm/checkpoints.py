@@ -558,21 +558,65 @@ def combine(global_path: PathLike, local_path: PathLike, out_path: PathLike, tru
     return atomic_torch_save({"model_state_dict": global_sd, "model": local_sd}, out_path)
 
 
+def interpolate(from_path: PathLike, to_path: PathLike, alpha: float, out_path: PathLike,
+                trusted: bool = False) -> Path:
+    """Write ``(1 - alpha) * from + alpha * to``, tensor by tensor, for two checkpoints of the same model.
+
+    Both inputs are DCM inference files (the sections ``model_state_dict`` and ``model`` are interpolated each
+    with its counterpart) or plain state dicts; floating-point tensors are interpolated, others (counters,
+    integer buffers) are taken from ``from``. Meant for two fine-tunings from one start (weight
+    interpolation, "model soups"). The output is written atomically.
+
+    Raises:
+        DCMError: the two do not hold the same tensors (names, shapes), or ``alpha`` is not in [0, 1].
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise DCMError(f"alpha {alpha} is not in [0, 1]")
+    sections = ("model_state_dict", "model")
+    objs = [load_checkpoint(p, trusted=trusted) for p in (from_path, to_path)]
+    if all(isinstance(o, Mapping) and set(sections) <= set(o) for o in objs):
+        pairs = {key: [load_state_dict(o, key=key, trusted=trusted) for o in objs] for key in sections}
+    else:
+        pairs = {"": [load_state_dict(o, trusted=trusted) for o in objs]}
+    out: Dict[str, Any] = {}
+    for key, (a, b) in pairs.items():
+        if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
+            where = f" ({key})" if key else ""
+            raise DCMError(f"{from_path} and {to_path} do not hold the same tensors{where}: not one model")
+        mixed = {k: (torch.lerp(a[k].float(), b[k].float(), float(alpha)).to(a[k].dtype)
+                     if a[k].is_floating_point() else a[k].clone()) for k in a}
+        if key:
+            out[key] = mixed
+        else:
+            out = mixed
+    return atomic_torch_save(out, out_path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcm.checkpoints",
-                                     description="Checkpoint tools: combine two expert checkpoints into DCM's file.")
+                                     description="Checkpoint tools: combine two expert checkpoints into DCM's file; "
+                                                 "interpolate two checkpoints of one model.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("combine", help="global + local checkpoints -> one inference file")
     c.add_argument("--global", dest="global_path", required=True, help="global-RoI expert checkpoint")
     c.add_argument("--local", dest="local_path", required=True, help="local-RoI expert (VISTA3D) checkpoint")
     c.add_argument("--out", required=True)
     c.add_argument("--trust-checkpoint", action="store_true")
+    i = sub.add_parser("interpolate", help="(1 - alpha) * FROM + alpha * TO, for two checkpoints of one model")
+    i.add_argument("--from", dest="from_path", required=True)
+    i.add_argument("--to", dest="to_path", required=True)
+    i.add_argument("--alpha", type=float, required=True, help="0: FROM, 1: TO")
+    i.add_argument("--out", required=True)
+    i.add_argument("--trust-checkpoint", action="store_true")
     args = parser.parse_args(argv)
     try:
         check_writable(args.out)  # before two checkpoints are read
-        out = combine(args.global_path, args.local_path, args.out, args.trust_checkpoint)
+        if args.command == "interpolate":
+            out = interpolate(args.from_path, args.to_path, args.alpha, args.out, args.trust_checkpoint)
+        else:
+            out = combine(args.global_path, args.local_path, args.out, args.trust_checkpoint)
     except DCMError as e:
-        print(" ".join(f"combine: {e}".split()), file=sys.stderr)
+        print(" ".join(f"{args.command}: {e}".split()), file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

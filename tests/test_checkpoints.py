@@ -19,7 +19,7 @@ from dcm.checkpoints import (
     load_state_dict,
     strip_prefixes,
 )
-from dcm.errors import CheckpointError
+from dcm.errors import CheckpointError, DCMError
 from dcm.models import build_sam_med3d, load_model_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -337,3 +337,25 @@ def test_combine_two_training_checkpoints(tmp_path):
     out = combine(tmp_path / "g.pt", tmp_path / "l.pt", tmp_path / "dcm.pt")
     assert set(load_state_dict(out)) == {"image_encoder.w"}
     assert set(load_state_dict(out, key="model")) == {"image_encoder.v"}
+
+
+def test_interpolate_two_checkpoints_of_one_model(tmp_path, capsys):
+    from dcm.checkpoints import interpolate, load_state_dict, main
+
+    def dcm_file(name, value):
+        sections = {"model_state_dict": {"image_encoder.w": torch.full((2,), value), "steps": torch.tensor([7])},
+                    "model": {"image_encoder.v": torch.full((3,), 2 * value)}}
+        torch.save(sections, tmp_path / name)
+        return tmp_path / name
+
+    a, b = dcm_file("a.pt", 0.0), dcm_file("b.pt", 4.0)
+    out = interpolate(a, b, 0.25, tmp_path / "soup.pt")
+    assert torch.equal(load_state_dict(out)["image_encoder.w"], torch.full((2,), 1.0))
+    assert torch.equal(load_state_dict(out)["steps"], torch.tensor([7]))  # not floating point: taken from FROM
+    assert torch.equal(load_state_dict(out, key="model")["image_encoder.v"], torch.full((3,), 2.0))
+    torch.save({"image_encoder.w": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(DCMError, match="same tensors"):
+        interpolate(tmp_path / "other.pt", b, 0.5, tmp_path / "x.pt")
+    assert main(["interpolate", "--from", str(a), "--to", str(b), "--alpha", "2", "--out", str(tmp_path / "y.pt")]) == 2
+    assert "interpolate: alpha 2.0 is not in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
