@@ -325,6 +325,10 @@ class EngineConfig(Section):
     #: claimed voxels farthest from the taking object's newest click with their object). 0: no limit, chosen
     #: on the validation split (0.25 cost 0.017 DSC AUC there: adjacent tissues must take from each other).
     max_taken: float = 0.0
+    #: the most one click step may add to an object's previous mask, as a multiple of it (with
+    #: ``honour_clicks``; an empty previous mask is not capped): beyond it, the added voxels farthest from the
+    #: newest click stay as they were. 0: no limit. 2: chosen on the validation split of the real images.
+    max_addition: float = 2.0
     #: none: an object whose expert raises keeps its previous mask. local_case (the released predict.sh's
     #: except branch): a case without boxes, or one on which the global expert raised, is predicted again by
     #: the local expert alone, every object from its clicks on an empty label map (previous masks ignored).
@@ -348,6 +352,7 @@ class EngineConfig(Section):
         self.local_click_radius = _number(self.local_click_radius, f"{where}.local_click_radius", 0.0, 1e4)
         self.max_removal = _number(self.max_removal, f"{where}.max_removal", 0.0, 1.0)
         self.max_taken = _number(self.max_taken, f"{where}.max_taken", 0.0, 1.0)
+        self.max_addition = _number(self.max_addition, f"{where}.max_addition", 0.0, 1e3)
         _flag(self.honour_clicks, f"{where}.honour_clicks")
 
 

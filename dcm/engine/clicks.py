@@ -20,7 +20,9 @@ answer, :class:`ClickProtection` in the label writer):
    as it is. The rest keeps the previous mask, so a click cannot wreck the object away from where it was given.
    *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): a click step removes at most
    that fraction of the object's previous mask; of a larger removal only the voxels nearest the newest click
-   (in mm) are taken. Additions are not capped. *Taking cap* (``engine.max_taken``, 0 by default: off): in
+   (in mm) are taken. *Addition cap* (``engine.max_addition``, 2 by default, 0 turns it off): likewise a
+   click step adds at most that multiple of the object's previous mask (not capped when it is empty), the
+   voxels nearest the newest click. *Taking cap* (``engine.max_taken``, 0 by default: off): in
    one click step of predict.sh / the evaluator the other objects' answers take at most that fraction of an
    object's previous mask (the label writer keeps the claimed voxels farthest from the taking object's
    newest click with their object). Not in the interactive session, where each write is one action on one
@@ -229,6 +231,7 @@ def honour_clicks(
     correction: Optional[Mapping[str, Any]] = None,
     update_scope: str = "whole",
     max_removal: float = 0.0,
+    max_addition: float = 0.0,
 ) -> Optional[FusedPrediction]:
     """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 0-3).
 
@@ -243,6 +246,7 @@ def honour_clicks(
         correction: ``engine.click_correction`` (checked by :func:`check_click_correction`).
         update_scope: ``engine.update_scope``: ``whole`` | ``click_sign`` | ``click_part`` (step 0).
         max_removal: ``engine.max_removal``: the removal cap of step 0 (0: none).
+        max_addition: ``engine.max_addition``: the addition cap of step 0 (0: none).
 
     Returns:
         A ``FusedPrediction`` on a region that holds the expert RoIs and the promised voxels: NaN where the
@@ -263,10 +267,13 @@ def honour_clicks(
 
     if update_scope != "whole" and prev_pred is not None and obj.last_click is not None:
         _limit_update(work, obj.last_click.zyx, bool(obj.last_click.positive), update_scope == "click_part")
-    if max_removal > 0 and prev_pred is not None and obj.last_click is not None:
+    if (max_removal > 0 or max_addition > 0) and prev_pred is not None and obj.last_click is not None:
         # the object's whole previous mask, not only the part on this region (which depends on the policy)
-        limit = int(max_removal * count_label(prev_pred, obj.label))
-        _cap_removal(work, obj.last_click.zyx, limit, spacing_zyx)
+        size = count_label(prev_pred, obj.label)
+        if max_removal > 0:
+            _cap_change(work, obj.last_click.zyx, int(max_removal * size), spacing_zyx, added=False)
+        if max_addition > 0 and size:
+            _cap_change(work, obj.last_click.zyx, int(max_addition * size), spacing_zyx, added=True)
     _reject_flips(work, promise)
     kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
     for index in np.flatnonzero(~kept):
@@ -306,15 +313,16 @@ def _limit_update(work: _Work, click_zyx: Sequence[int], positive: bool, connect
     work.keep_previous(change & ~np.isin(components, touching))
 
 
-def _cap_removal(work: _Work, click_zyx: Sequence[int], limit: int, spacing_zyx: Sequence[float]) -> None:
-    """Step 0, removal cap (``engine.max_removal``): of the previous mask's voxels the answer removes, take at
-    most ``limit`` (that fraction of the object's previous mask), the ones nearest the click in mm; the others
-    keep the previous mask."""
-    removed = np.argwhere(work.prev & ~work.mask)
-    if len(removed) <= limit:
+def _cap_change(work: _Work, click_zyx: Sequence[int], limit: int, spacing_zyx: Sequence[float],
+                added: bool) -> None:
+    """Step 0, the removal cap (``added`` False) or the addition cap: of the voxels the answer removes from
+    (adds to) the previous mask, take at most ``limit``, the ones nearest the click in mm; the others keep the
+    previous mask."""
+    changed = np.argwhere(work.mask & ~work.prev if added else work.prev & ~work.mask)
+    if len(changed) <= limit:
         return
     origin = np.array([s.start for s in work.region])
-    farthest = removed[nearest_first(removed + origin, click_zyx, spacing_zyx)[limit:]]
+    farthest = changed[nearest_first(changed + origin, click_zyx, spacing_zyx)[limit:]]
     part = np.zeros(work.mask.shape, dtype=bool)
     part[tuple(farthest.T)] = True
     work.keep_previous(part)

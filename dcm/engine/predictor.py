@@ -149,7 +149,8 @@ def predict_object(
     if promise is None:
         promise = promises_of([obj], case.shape)[obj.label]
     return honour_clicks(fused, obj, promise, case.image, case.spacing_zyx, case.prev_pred, threshold,
-                         cfg["click_correction"], cfg["update_scope"], cfg["max_removal"])
+                         cfg["click_correction"], cfg["update_scope"], cfg["max_removal"],
+                         cfg["max_addition"])
 
 
 class DCMPredictor:
