@@ -114,7 +114,8 @@ def test_roi_update_keeps_previous_mask_outside_rois():
     prev[0:3, 0:3, 0:3] = 1  # far from every RoI
     prev[10, 10, 10] = 1
     case = _case([Click((10, 10, 10), False)], prev=prev)
-    segs = DCMPredictor(_experts(g=0.9, l=0.1), {"policy": "dual"})(case)
+    # max_addition 0: the global RoI's answer adds far more than twice this tiny previous mask
+    segs = DCMPredictor(_experts(g=0.9, l=0.1), {"policy": "dual", "max_addition": 0})(case)
     assert segs[0:3, 0:3, 0:3].all()
     assert segs[10, 10, 10] == 0  # the local window says background
     assert segs[6, 6, 6] == 1  # global RoI, outside the local window
