@@ -325,10 +325,14 @@ class EngineConfig(Section):
     #: claimed voxels farthest from the taking object's newest click with their object). 0: no limit, chosen
     #: on the validation split (0.25 cost 0.017 DSC AUC there: adjacent tissues must take from each other).
     max_taken: float = 0.0
-    #: the most one click step may add to an object's previous mask, as a multiple of it (with
-    #: ``honour_clicks``; an empty previous mask is not capped): beyond it, the added voxels farthest from the
-    #: newest click stay as they were. 0: no limit. 2: chosen on the validation split of the real images.
+    #: the most one click step may add to an object's previous mask, as a multiple of the larger of that mask
+    #: and ``addition_floor`` times the object's box volume (with ``honour_clicks``; an empty previous mask is
+    #: not capped): beyond it, the added voxels farthest from the newest click stay as they were. 0: no limit.
+    #: 2: chosen on the validation split of the real images.
     max_addition: float = 2.0
+    #: the addition cap's floor, a fraction of the object's box volume (0 without a box), so that a small mask
+    #: in a large box is not held back for several clicks (README "Addition cap").
+    addition_floor: float = 0.25
     #: none: an object whose expert raises keeps its previous mask. local_case (the released predict.sh's
     #: except branch): a case without boxes, or one on which the global expert raised, is predicted again by
     #: the local expert alone, every object from its clicks on an empty label map (previous masks ignored).
@@ -353,6 +357,7 @@ class EngineConfig(Section):
         self.max_removal = _number(self.max_removal, f"{where}.max_removal", 0.0, 1.0)
         self.max_taken = _number(self.max_taken, f"{where}.max_taken", 0.0, 1.0)
         self.max_addition = _number(self.max_addition, f"{where}.max_addition", 0.0, 1e3)
+        self.addition_floor = _number(self.addition_floor, f"{where}.addition_floor", 0.0, 1.0)
         _flag(self.honour_clicks, f"{where}.honour_clicks")
 
 

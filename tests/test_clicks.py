@@ -454,15 +454,16 @@ def test_max_removal_takes_at_most_that_fraction_nearest_the_click():
 
 def test_max_addition_adds_at_most_that_multiple_nearest_the_click():
     # The previous mask is a small ball; after a positive click at its edge the expert answers with a slab
-    # far larger. With max_addition 2 the step adds at most twice the ball, the voxels nearest the click;
-    # without the cap (0) the answer stands; an empty previous mask is not capped.
+    # far larger. With max_addition 2 (and no floor) the step adds at most twice the ball, the voxels nearest
+    # the click; with the floor, twice a quarter of the box; without the cap (0) the answer stands; an empty
+    # previous mask is not capped.
     ball = _ball((10, 20, 20), 3)
     slab = np.zeros(SHAPE, bool)
     slab[4:16, 10:30, 10:30] = True
     experts = {"global": MapExpert("global", (ball | slab).astype(np.float32))}
     click = (10, 20, 23)
     obj = ObjectPrompts(1, box=Box(4, 15, 10, 10, 10, 29, 29), clicks=[Click(click, True)])
-    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_addition": 2.0,
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_addition": 2.0, "addition_floor": 0.0,
            "click_correction": {"methods": []}}
     segs = DCMPredictor(experts, cfg)(_case([obj], ball.astype(np.uint8)))
     assert _all_kept(segs, [obj]) and ((segs == 1) >= ball).all()
@@ -470,12 +471,17 @@ def test_max_addition_adds_at_most_that_multiple_nearest_the_click():
     assert 0 < added.sum() <= 2 * ball.sum()
     distance = np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), click)))  # spacing 1
     assert distance[added].max() <= distance[slab & ~ball & (segs != 1)].min() + 1e-9
+    floored = DCMPredictor(experts, {**cfg, "addition_floor": 0.25})(_case([obj], ball.astype(np.uint8)))
+    box_volume = 12 * 20 * 20
+    assert 2 * ball.sum() < ((floored == 1) & ~ball).sum() <= 2 * 0.25 * box_volume
     free = DCMPredictor(experts, {**cfg, "max_addition": 0})(_case([obj], ball.astype(np.uint8)))
     assert ((free == 1) == (ball | slab)).all()
     fresh = DCMPredictor(experts, cfg)(_case([obj], np.zeros(SHAPE, np.uint8)))
     assert ((fresh == 1) == (ball | slab)).all()
     with pytest.raises(ValueError, match="max_addition"):
         DCMPredictor(experts, {"max_addition": -1})
+    with pytest.raises(ValueError, match="addition_floor"):
+        DCMPredictor(experts, {"addition_floor": 2})
 
 
 @pytest.mark.parametrize("overlap", ["later_wins", "highest_prob"])

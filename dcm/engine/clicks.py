@@ -21,8 +21,9 @@ answer, :class:`ClickProtection` in the label writer):
    *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): a click step removes at most
    that fraction of the object's previous mask; of a larger removal only the voxels nearest the newest click
    (in mm) are taken. *Addition cap* (``engine.max_addition``, 2 by default, 0 turns it off): likewise a
-   click step adds at most that multiple of the object's previous mask (not capped when it is empty), the
-   voxels nearest the newest click. *Taking cap* (``engine.max_taken``, 0 by default: off): in
+   click step adds at most that multiple of the larger of the object's previous mask and
+   ``engine.addition_floor`` (0.25) times its box's volume (not capped when the previous mask is empty), the
+   voxels nearest the newest click: a small mask in a large box may still grow to the object at once. *Taking cap* (``engine.max_taken``, 0 by default: off): in
    one click step of predict.sh / the evaluator the other objects' answers take at most that fraction of an
    object's previous mask (the label writer keeps the claimed voxels farthest from the taking object's
    newest click with their object). Not in the interactive session, where each write is one action on one
@@ -232,6 +233,7 @@ def honour_clicks(
     update_scope: str = "whole",
     max_removal: float = 0.0,
     max_addition: float = 0.0,
+    addition_floor: float = 0.0,
 ) -> Optional[FusedPrediction]:
     """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 0-3).
 
@@ -246,7 +248,8 @@ def honour_clicks(
         correction: ``engine.click_correction`` (checked by :func:`check_click_correction`).
         update_scope: ``engine.update_scope``: ``whole`` | ``click_sign`` | ``click_part`` (step 0).
         max_removal: ``engine.max_removal``: the removal cap of step 0 (0: none).
-        max_addition: ``engine.max_addition``: the addition cap of step 0 (0: none).
+        max_addition: ``engine.max_addition``: the addition cap of step 0 (0: none), a multiple of the larger of
+            the object's previous mask and ``addition_floor`` (``engine.addition_floor``) times its box's volume.
 
     Returns:
         A ``FusedPrediction`` on a region that holds the expert RoIs and the promised voxels: NaN where the
@@ -273,7 +276,8 @@ def honour_clicks(
         if max_removal > 0:
             _cap_change(work, obj.last_click.zyx, int(max_removal * size), spacing_zyx, added=False)
         if max_addition > 0 and size:
-            _cap_change(work, obj.last_click.zyx, int(max_addition * size), spacing_zyx, added=True)
+            base = max(size, addition_floor * _box_volume(obj))
+            _cap_change(work, obj.last_click.zyx, int(max_addition * base), spacing_zyx, added=True)
     _reject_flips(work, promise)
     kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
     for index in np.flatnonzero(~kept):
@@ -404,12 +408,19 @@ def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int,
     return work
 
 
+def _box_volume(obj: ObjectPrompts) -> float:
+    """Voxels of the object's box (0 without one)."""
+    if obj.box is None:
+        return 0.0
+    return float(np.prod([hi - lo + 1 for lo, hi in obj.box.bounds_zyx]))
+
+
 def _correction_cap(obj: ObjectPrompts, fraction: float) -> float:
     """Voxels a correction may change: ``fraction`` of the object's box volume (infinite without a box or
     with ``fraction`` 0)."""
     if fraction <= 0 or obj.box is None:
         return float("inf")
-    return fraction * float(np.prod([hi - lo + 1 for lo, hi in obj.box.bounds_zyx]))
+    return fraction * _box_volume(obj)
 
 
 def _probability_region(prob: np.ndarray, at: Tuple[int, ...], positive: bool, mask: np.ndarray,

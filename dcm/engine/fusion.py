@@ -251,7 +251,7 @@ class LabelWriter:
             of a larger claim the voxels nearest the taking object's newest click (``anchor_zyx`` of
             :meth:`write`, in mm) are taken and the others stay with their object.
         prev_pred: the (z, y, x) label map before this pass (what "previous mask" means above); None: ``segs``
-            as it is when the writer is made (a writer that writes one object, like the session's).
+            itself, which is right only for a writer that writes one object.
         spacing_zyx: voxel size in mm, for "nearest".
 
     ``highest_prob`` keeps the probability with which each voxel was won (float16) in 32^3 blocks allocated

@@ -150,7 +150,7 @@ def predict_object(
         promise = promises_of([obj], case.shape)[obj.label]
     return honour_clicks(fused, obj, promise, case.image, case.spacing_zyx, case.prev_pred, threshold,
                          cfg["click_correction"], cfg["update_scope"], cfg["max_removal"],
-                         cfg["max_addition"])
+                         cfg["max_addition"], cfg["addition_floor"])
 
 
 class DCMPredictor:
