@@ -574,8 +574,12 @@ def interpolate(from_path: PathLike, to_path: PathLike, alpha: float, out_path: 
         raise DCMError(f"alpha {alpha} is not in [0, 1]")
     sections = ("model_state_dict", "model")
     objs = [load_checkpoint(p, trusted=trusted) for p in (from_path, to_path)]
-    if all(isinstance(o, Mapping) and set(sections) <= set(o) for o in objs):
+    combined = [isinstance(o, Mapping) and set(sections) <= set(o) for o in objs]
+    if all(combined):
         pairs = {key: [load_state_dict(o, key=key, trusted=trusted) for o in objs] for key in sections}
+    elif any(combined):
+        raise DCMError(f"one of {from_path} and {to_path} is a combined DCM file (global and local expert), the "
+                       f"other is not: not one model")
     else:
         pairs = {"": [load_state_dict(o, trusted=trusted) for o in objs]}
     out: Dict[str, Any] = {}
@@ -583,13 +587,18 @@ def interpolate(from_path: PathLike, to_path: PathLike, alpha: float, out_path: 
         if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
             where = f" ({key})" if key else ""
             raise DCMError(f"{from_path} and {to_path} do not hold the same tensors{where}: not one model")
-        mixed = {k: (torch.lerp(a[k].float(), b[k].float(), float(alpha)).to(a[k].dtype)
-                     if a[k].is_floating_point() else a[k].clone()) for k in a}
+        mixed = {k: (_lerp(a[k], b[k], float(alpha)) if a[k].is_floating_point() else a[k].clone()) for k in a}
         if key:
             out[key] = mixed
         else:
             out = mixed
     return atomic_torch_save(out, out_path)
+
+
+def _lerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) a + alpha b`` computed in at least float32, returned in ``a``'s dtype."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return torch.lerp(a.to(dtype), b.to(dtype), alpha).to(a.dtype)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

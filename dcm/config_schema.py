@@ -316,19 +316,20 @@ class EngineConfig(Section):
     #: anywhere) | click_sign (a positive click only adds, a negative one only removes) | click_part (and only
     #: the connected part of that change at the newest click) (:mod:`dcm.engine.clicks`).
     update_scope: str = "whole"
-    #: the most one click step may remove of an object's previous mask, as a fraction of it (with
-    #: ``honour_clicks``): beyond it, the removed voxels farthest from the newest click keep the previous mask.
-    #: 0: no limit (:mod:`dcm.engine.clicks`). 0.25: chosen on the validation split of the real images.
+    #: the most the experts' answer may remove in one click step of an object's previous mask, as a
+    #: fraction of it (with ``honour_clicks``; the click corrections come on top): beyond it, the removed
+    #: voxels farthest from the newest click keep the previous mask. 0: no limit (:mod:`dcm.engine.clicks`).
+    #: 0.25: chosen on the validation split of the real images.
     max_removal: float = 0.25
     #: the most the other objects' answers may take of an object's previous mask in one click step of
-    #: predict.sh / the evaluator, as a fraction of it (with ``honour_clicks``; the label writer keeps the
-    #: claimed voxels farthest from the taking object's newest click with their object). 0: no limit, chosen
-    #: on the validation split (0.25 cost 0.017 DSC AUC there: adjacent tissues must take from each other).
-    max_taken: float = 0.0
-    #: the most one click step may add to an object's previous mask, as a multiple of the larger of that mask
-    #: and ``addition_floor`` times the object's box volume (with ``honour_clicks``; an empty previous mask is
-    #: not capped): beyond it, the added voxels farthest from the newest click stay as they were. 0: no limit.
-    #: 2: chosen on the validation split of the real images.
+    #: predict.sh / the evaluator (not the box step: no previous masks), as a fraction of it (with
+    #: ``honour_clicks``; the label writer keeps the claimed voxels farthest from the taking object's newest
+    #: click with their object). 0: no limit. 0.25 (max_removal's value): kept on the validation split.
+    max_taken: float = 0.25
+    #: the most the experts' answer may add in one click step to an object's previous mask (the click
+    #: corrections come on top), as a multiple of the larger of that mask and ``addition_floor`` times the
+    #: object's box volume (with ``honour_clicks``; an empty previous mask is not capped): beyond it, the added
+    #: voxels farthest from the newest click stay as they were. 0: no limit. 2: chosen on the validation split.
     max_addition: float = 2.0
     #: the addition cap's floor, a fraction of the object's box volume (0 without a box), so that a small mask
     #: in a large box is not held back for several clicks (README "Addition cap").

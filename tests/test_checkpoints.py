@@ -354,8 +354,15 @@ def test_interpolate_two_checkpoints_of_one_model(tmp_path, capsys):
     assert torch.equal(load_state_dict(out)["steps"], torch.tensor([7]))  # not floating point: taken from FROM
     assert torch.equal(load_state_dict(out, key="model")["image_encoder.v"], torch.full((3,), 2.0))
     torch.save({"image_encoder.w": torch.zeros(3)}, tmp_path / "other.pt")
+    torch.save({"image_encoder.w": torch.zeros(2), "steps": torch.tensor([7])}, tmp_path / "plain.pt")
     with pytest.raises(DCMError, match="same tensors"):
-        interpolate(tmp_path / "other.pt", b, 0.5, tmp_path / "x.pt")
+        interpolate(tmp_path / "other.pt", tmp_path / "plain.pt", 0.5, tmp_path / "x.pt")
+    with pytest.raises(DCMError, match="combined"):  # a plain state dict against a combined file
+        interpolate(tmp_path / "plain.pt", b, 0.5, tmp_path / "x.pt")
+    torch.save({"w": torch.tensor([0.1], dtype=torch.float64)}, tmp_path / "d.pt")
+    torch.save({"w": torch.tensor([0.7], dtype=torch.float64)}, tmp_path / "e.pt")
+    assert torch.equal(load_state_dict(interpolate(tmp_path / "d.pt", tmp_path / "e.pt", 0.0, tmp_path / "z.pt"))["w"],
+                       torch.tensor([0.1], dtype=torch.float64))  # float64 stays float64, exactly
     assert main(["interpolate", "--from", str(a), "--to", str(b), "--alpha", "2", "--out", str(tmp_path / "y.pt")]) == 2
     assert "interpolate: alpha 2.0 is not in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()

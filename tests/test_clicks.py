@@ -468,12 +468,12 @@ def test_max_addition_adds_at_most_that_multiple_nearest_the_click():
     segs = DCMPredictor(experts, cfg)(_case([obj], ball.astype(np.uint8)))
     assert _all_kept(segs, [obj]) and ((segs == 1) >= ball).all()
     added = (segs == 1) & ~ball
-    assert 0 < added.sum() <= 2 * ball.sum()
+    assert added.sum() == 2 * ball.sum()
     distance = np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), click)))  # spacing 1
     assert distance[added].max() <= distance[slab & ~ball & (segs != 1)].min() + 1e-9
     floored = DCMPredictor(experts, {**cfg, "addition_floor": 0.25})(_case([obj], ball.astype(np.uint8)))
     box_volume = 12 * 20 * 20
-    assert 2 * ball.sum() < ((floored == 1) & ~ball).sum() <= 2 * 0.25 * box_volume
+    assert ((floored == 1) & ~ball).sum() == int(2 * 0.25 * box_volume) > 2 * ball.sum()
     free = DCMPredictor(experts, {**cfg, "max_addition": 0})(_case([obj], ball.astype(np.uint8)))
     assert ((free == 1) == (ball | slab)).all()
     fresh = DCMPredictor(experts, cfg)(_case([obj], np.zeros(SHAPE, np.uint8)))
@@ -485,27 +485,29 @@ def test_max_addition_adds_at_most_that_multiple_nearest_the_click():
 
 
 @pytest.mark.parametrize("overlap", ["later_wins", "highest_prob"])
-def test_max_removal_bounds_what_a_later_object_takes_of_an_earlier_one(overlap):
+def test_max_taken_bounds_what_a_later_object_takes_of_an_earlier_one(overlap):
     # Object 1 holds a ball from the last step; object 2's answer claims 60 % of it. Under the cap a step's
     # answers take at most a quarter of object 1's previous mask, the voxels nearest object 2's click; what
-    # object 1 gained in this very step is not capped; keep_others and max_taken 0 behave as before.
+    # object 1 gained in this very step is not capped; object 2's own click neighbourhood is written and
+    # counts; without a previous map (the box step), keep_others and max_taken 0 nothing is capped.
     ball = _ball((10, 20, 20), 6)
     prev = ball.astype(np.uint8)
     claim = ball & (np.indices(SHAPE)[2] >= 18)
     region = tuple(slice(0, n) for n in SHAPE)
     click = (10, 20, 27)
 
-    def written(max_taken, overlap=overlap, prob_1=None, claim=claim):
+    def written(max_taken, overlap=overlap, prob_1=None, claim=claim, protection=None, prev_pred=prev):
         segs = prev.copy()
-        writer = LabelWriter(segs, overlap, max_taken=max_taken, prev_pred=prev)
+        writer = LabelWriter(segs, overlap, protection, max_taken=max_taken, prev_pred=prev_pred)
         if prob_1 is not None:
             writer.write(1, FusedPrediction(region, prob_1 * 0.6, True))
         writer.write(2, FusedPrediction(region, claim.astype(np.float32) * 0.9, True), anchor_zyx=click)
         return segs
 
+    allowance = int(0.25 * ball.sum())
     segs = written(0.25)
     taken = ball & (segs == 2)
-    assert 0 < taken.sum() <= int(0.25 * ball.sum()) < claim.sum()
+    assert taken.sum() == allowance < claim.sum()
     distance = np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), click)))
     kept = claim & (segs == 1)
     assert kept.any() and distance[taken].max() <= distance[kept].min() + 1e-9
@@ -514,7 +516,12 @@ def test_max_removal_bounds_what_a_later_object_takes_of_an_earlier_one(overlap)
     growth = _ball((10, 20, 28), 3) & ~ball  # object 1 grows there this step; object 2 claims it all
     segs = written(0.25, prob_1=(ball | growth).astype(np.float32), claim=claim | growth)
     assert ((segs == 2) & growth).sum() == growth.sum() > 0
-    assert 0 < ((segs == 2) & ball).sum() <= int(0.25 * ball.sum())
+    assert ((segs == 2) & ball).sum() == allowance  # the growth did not use up the allowance
+    assert ((written(0.25, prev_pred=None) == 2) == claim).all()  # no previous map: nothing to cap
+    far = (10, 20, 15)  # object 2's click deep in object 1: its neighbourhood is written and counts
+    two = ObjectPrompts(2, clicks=[Click(far, True)])
+    segs = written(0.25, claim=claim | _ball(far, 1), protection=ClickProtection(promises_of([two], SHAPE)))
+    assert _all_kept(segs, [two]) and (ball & (segs == 2)).sum() == allowance
     with pytest.raises(ValueError, match="max_taken"):
         DCMPredictor({}, {"max_taken": -0.1})
 

@@ -18,17 +18,19 @@ answer, :class:`ClickProtection` in the label writer):
    asks: ``click_sign`` takes only additions after a positive click and only removals after a negative one;
    ``click_part`` takes, of those, only the connected parts touching the click. ``whole`` takes the answer
    as it is. The rest keeps the previous mask, so a click cannot wreck the object away from where it was given.
-   *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): a click step removes at most
-   that fraction of the object's previous mask; of a larger removal only the voxels nearest the newest click
-   (in mm) are taken. *Addition cap* (``engine.max_addition``, 2 by default, 0 turns it off): likewise a
-   click step adds at most that multiple of the larger of the object's previous mask and
+   *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): in a click step the experts'
+   answer removes at most that fraction of the object's previous mask; of a larger removal only the voxels
+   nearest the newest click (in mm) are taken. *Addition cap* (``engine.max_addition``, 2 by default, 0 turns
+   it off): likewise the answer adds at most that multiple of the larger of the object's previous mask and
    ``engine.addition_floor`` (0.25) times its box's volume (not capped when the previous mask is empty), the
-   voxels nearest the newest click: a small mask in a large box may still grow to the object at once. *Taking cap* (``engine.max_taken``, 0 by default: off): in
-   one click step of predict.sh / the evaluator the other objects' answers take at most that fraction of an
-   object's previous mask (the label writer keeps the claimed voxels farthest from the taking object's
-   newest click with their object). Not in the interactive session, where each write is one action on one
-   object that the user sees and can undo: there it would make an object's mask depend on whether another
-   object's step was undone.
+   voxels nearest the newest click: a small mask in a large box may still grow to the object at once. Both
+   act on the experts' answer only: the corrections and neighbourhoods of steps 2-3 come on top.
+   *Taking cap* (``engine.max_taken``, 0.25 by default, 0 turns it off): in one click step of predict.sh /
+   the evaluator (not the box step, which has no previous masks) the other objects' answers take at most
+   that fraction of an object's previous mask (the label writer keeps the claimed voxels farthest from the
+   taking object's newest click with their object; its own positive neighbourhoods are written whatever, and
+   count). Not in the interactive session, where each write is one action on one object that the user sees
+   and can undo: there it would make an object's mask depend on whether another object's step was undone.
 
 1. *Reject*: an expert's update that would flip a promised voxel the previous mask had right is rejected on
    the connected part of that change (the 26-connected component of the voxels it removes, or adds, that

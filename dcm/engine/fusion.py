@@ -247,11 +247,12 @@ class LabelWriter:
         protection: the objects' positive click neighbourhoods (:class:`dcm.engine.clicks.ClickProtection`):
             an object always gets its own, and never takes another object's, whatever the overlap rule.
         max_taken: ``engine.max_taken`` (with ``honour_clicks``; 0: no limit): in one writer's pass (one
-            click step) the other objects' answers take at most this fraction of an object's previous mask;
-            of a larger claim the voxels nearest the taking object's newest click (``anchor_zyx`` of
-            :meth:`write`, in mm) are taken and the others stay with their object.
-        prev_pred: the (z, y, x) label map before this pass (what "previous mask" means above); None: ``segs``
-            itself, which is right only for a writer that writes one object.
+            click step) the other objects' answers take at most this fraction of an object's previous mask
+            (an object's own positive click neighbourhoods are always written, and count towards it); of a
+            larger claim the voxels nearest the taking object's newest click (``anchor_zyx`` of :meth:`write`,
+            in mm) are taken and the others stay with their object.
+        prev_pred: the (z, y, x) label map before this pass (what "previous mask" means above); None: no
+            previous masks (the box step), nothing is capped.
         spacing_zyx: voxel size in mm, for "nearest".
 
     ``highest_prob`` keeps the probability with which each voxel was won (float16) in 32^3 blocks allocated
@@ -267,8 +268,8 @@ class LabelWriter:
         self.overlap = overlap
         self.protection = protection
         self._owner_prob = _BlockMap(segs.shape) if overlap == "highest_prob" else None
-        self.max_taken = float(max_taken)
-        self._prev = prev_pred if prev_pred is not None else segs
+        self.max_taken = float(max_taken) if prev_pred is not None else 0.0
+        self._prev = prev_pred
         self.spacing_zyx = tuple(float(s) for s in spacing_zyx)
         self._prev_counts: Dict[int, int] = {}
         self._taken: Dict[int, int] = {}
@@ -296,19 +297,19 @@ class LabelWriter:
             np.copyto(view, np.uint8(label), where=fg)
             return
         if self._owner_prob is None:
-            if self.max_taken > 0:
-                self._limit_taking(label, fused.region, view, fg, anchor_zyx)
             if own is not None:
                 fg[own] = True
+            if self.max_taken > 0:
+                self._limit_taking(label, fused.region, view, fg, own, anchor_zyx)
             np.copyto(view, np.uint8(label), where=fg)
             return
         owner = self._owner_prob.read(fused.region)
         p = np.nan_to_num(fused.prob).astype(np.float16)
         win = fg & ((view == 0) | (view == label) | (p > owner))
-        if self.max_taken > 0:
-            self._limit_taking(label, fused.region, view, win, anchor_zyx)
         if own is not None:
             win[own] = True
+        if self.max_taken > 0:
+            self._limit_taking(label, fused.region, view, win, own, anchor_zyx)
         view[win] = label
         cleared = np.greater(view == 0, fg)  # free and not fg
         if not fused.complete:
@@ -316,9 +317,10 @@ class LabelWriter:
         self._owner_prob.write(fused.region, np.where(win, p, np.float16(0)), win | cleared)
 
     def _limit_taking(self, label: int, region: RoISlices, view: np.ndarray, win: np.ndarray,
-                      anchor_zyx: Optional[Sequence[int]]) -> None:
+                      own: Optional[Tuple[np.ndarray, ...]], anchor_zyx: Optional[Sequence[int]]) -> None:
         """``max_taken``: drop from ``win`` (in place) the other objects' previous voxels beyond each one's
-        allowance, farthest from the anchor first."""
+        allowance, farthest from the anchor first; ``own`` (the object's protected voxels) are never dropped
+        but count."""
         prev = self._prev[region]
         taken = win & (view != 0) & (view != label) & (view == prev)  # others' voxels held since the last pass
         if not taken.any():
@@ -326,16 +328,25 @@ class LabelWriter:
         if anchor_zyx is None:
             anchor_zyx = [(s.start + s.stop - 1) / 2 for s in region]
         origin = np.array([s.start for s in region])
-        for other in np.unique(view[taken]):
+        forced = np.zeros(view.shape, dtype=bool)
+        if own is not None:
+            forced[own] = True
+        claimed = np.argwhere(taken)
+        owners = view[tuple(claimed.T)]
+        is_forced = forced[tuple(claimed.T)]
+        for other in np.unique(owners):
             other = int(other)
             if other not in self._prev_counts:
                 self._prev_counts[other] = count_label(self._prev, other)
             allowed = max(0, int(self.max_taken * self._prev_counts[other]) - self._taken.get(other, 0))
-            claimed = np.argwhere(taken & (view == other))
-            if len(claimed) > allowed:
-                farthest = claimed[nearest_first(claimed + origin, anchor_zyx, self.spacing_zyx)[allowed:]]
+            mine = owners == other
+            must = int(np.count_nonzero(mine & is_forced))
+            free = claimed[mine & ~is_forced]
+            room = max(0, allowed - must)
+            if len(free) > room:
+                farthest = free[nearest_first(free + origin, anchor_zyx, self.spacing_zyx)[room:]]
                 win[tuple(farthest.T)] = False
-            self._taken[other] = self._taken.get(other, 0) + min(len(claimed), allowed)
+            self._taken[other] = self._taken.get(other, 0) + must + min(len(free), room)
 
     def _protected(self, label: int, region: RoISlices) -> Tuple[Optional[Tuple[np.ndarray, ...]],
                                                                  Optional[Tuple[np.ndarray, ...]]]:

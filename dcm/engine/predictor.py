@@ -216,7 +216,7 @@ class DCMPredictor:
                     if cfg["honour_clicks"] else {})
         writer = LabelWriter(segs, cfg["overlap"], ClickProtection(promises) if promises else None,
                              max_taken=cfg["max_taken"] if cfg["honour_clicks"] else 0.0,
-                             prev_pred=case.prev_pred, spacing_zyx=case.spacing_zyx)
+                             prev_pred=None if local_case else case.prev_pred, spacing_zyx=case.spacing_zyx)
         kept = [obj.label for obj in case.objects if obj.problem]
         attempted, failures = 0, []
         for obj in case.objects:
