@@ -95,6 +95,11 @@ class Box:
         )
 
     @property
+    def size_zyx(self) -> Tuple[int, int, int]:
+        """Voxels along ``(z, y, x)`` (bounds inclusive)."""
+        return tuple(hi - lo + 1 for lo, hi in self.bounds_zyx)  # type: ignore[return-value]
+
+    @property
     def center_zyx(self) -> Tuple[float, float, float]:
         """Mean of min and max per axis, ``(z, y, x)`` (may be a half-integer): :func:`box_center`."""
         return box_center(self)

@@ -174,6 +174,7 @@ def test_trainer_click_form_round_trip():
 def test_box_center_rule():
     assert box_center(BOX_A) == BOX_A.center_zyx == (4.5, 9.5, 11.5)
     assert box_center(BOX_A, to_voxel=True) == (4, 9, 11)
+    assert BOX_A.size_zyx == (6, 12, 18)  # bounds inclusive
     assert box_center_click(BOX_A) == Click((4, 9, 11), True)
     assert box_center_in_frame(64) == (31, 31, 31) and box_center_in_frame(128) == (63, 63, 63)
     # the voxel is int() of the exact centre (the engine's former rule) and (lo + hi) // 2 (the local expert's)

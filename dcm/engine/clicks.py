@@ -359,7 +359,7 @@ def _object_radius_mm(obj: ObjectPrompts, work: _Work, spacing_zyx: Sequence[flo
     large as its current mask; infinite when neither is known (the crop is then ``radius_mm``)."""
     mm = np.asarray(spacing_zyx, dtype=np.float64)
     if obj.box is not None:
-        extent = np.array([hi - lo + 1 for lo, hi in obj.box.bounds_zyx], dtype=np.float64) * mm
+        extent = np.array(obj.box.size_zyx, dtype=np.float64) * mm
         return float(extent.max()) / 2.0
     voxels = int(np.count_nonzero(work.mask))
     if voxels == 0:
@@ -414,7 +414,7 @@ def _box_volume(obj: ObjectPrompts) -> float:
     """Voxels of the object's box (0 without one)."""
     if obj.box is None:
         return 0.0
-    return float(np.prod([hi - lo + 1 for lo, hi in obj.box.bounds_zyx]))
+    return float(np.prod(obj.box.size_zyx))
 
 
 def _correction_cap(obj: ObjectPrompts, fraction: float) -> float:
