@@ -53,6 +53,11 @@ def _ball(center, radius):
     return (z - center[0]) ** 2 + (y - center[1]) ** 2 + (x - center[2]) ** 2 <= radius ** 2
 
 
+def _distance(zyx):
+    """Distance of every voxel of SHAPE to ``zyx`` (spacing 1)."""
+    return np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), zyx)))
+
+
 def _case(objects, prev=None):
     return Case(name="CT_test", image=_image(), spacing_xyz=SPACING_XYZ, objects=objects, prev_pred=prev)
 
@@ -443,7 +448,7 @@ def test_max_removal_takes_at_most_that_fraction_nearest_the_click():
     assert _all_kept(segs, [obj])
     removed = ball & (segs != 1)
     assert 0 < removed.sum() <= 0.25 * ball.sum() + 1  # + the click neighbourhood's own voxels, if any
-    distance = np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), click)))  # spacing 1
+    distance = _distance(click)
     kept_answer_removed = ball & (segs == 1) & ~piece  # what the expert removed and the cap kept
     assert kept_answer_removed.any() and distance[removed].max() <= distance[kept_answer_removed].min() + 1e-9
     free = DCMPredictor(experts, {**cfg, "max_removal": 0})(_case([obj], prev))
@@ -469,7 +474,7 @@ def test_max_addition_adds_at_most_that_multiple_nearest_the_click():
     assert _all_kept(segs, [obj]) and ((segs == 1) >= ball).all()
     added = (segs == 1) & ~ball
     assert added.sum() == 2 * ball.sum()
-    distance = np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), click)))  # spacing 1
+    distance = _distance(click)
     assert distance[added].max() <= distance[slab & ~ball & (segs != 1)].min() + 1e-9
     floored = DCMPredictor(experts, {**cfg, "addition_floor": 0.25})(_case([obj], ball.astype(np.uint8)))
     box_volume = 12 * 20 * 20
@@ -508,7 +513,7 @@ def test_max_taken_bounds_what_a_later_object_takes_of_an_earlier_one(overlap):
     segs = written(0.25)
     taken = ball & (segs == 2)
     assert taken.sum() == allowance < claim.sum()
-    distance = np.sqrt(sum((g - c) ** 2.0 for g, c in zip(np.indices(SHAPE), click)))
+    distance = _distance(click)
     kept = claim & (segs == 1)
     assert kept.any() and distance[taken].max() <= distance[kept].min() + 1e-9
     assert ((written(0.0) == 2) == claim).all()
