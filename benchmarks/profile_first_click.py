@@ -2,6 +2,7 @@
 
     python benchmarks/profile_first_click.py [--path bf16|fp32] [--threads 2] [--repeats 5] [--top 25]
     python benchmarks/profile_first_click.py --ab-linear --repeats 10
+    python benchmarks/profile_first_click.py --ops --repeats 5
 
 Random weights, the CT-like 160 x 256 x 256 image of ``bench_experts.py`` (one ellipsoid and its box). Prints
 the first-click and encoder-only times (sorted, seconds) and the cProfile table by cumulative time.
@@ -10,6 +11,9 @@ the first-click and encoder-only times (sorted, seconds) and the cProfile table 
 for oneDNN (:class:`dcm.models.onednn.OneDNNLinear`, the default) and plain ``F.linear``, in one process, so
 that the machine's drift from run to run (often larger than the difference) cancels; prints min and median
 of each and whether the two answers are bit for bit equal.
+
+``--ops``: ``torch.profiler`` over ``--repeats`` first clicks instead of cProfile: the operators by self time
+per click (ms), each operator and input shape on its own row.
 """
 
 from __future__ import annotations
@@ -57,6 +61,23 @@ def ab_linear(expert, obj, prev, repeats: int) -> int:
     return 0
 
 
+def ops_table(expert, obj, prev, repeats: int, top: int) -> int:
+    """``--ops``: operator self time per first click, by operator and input shapes (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(repeats):
+            expert.clear_cache()
+            expert.predict(obj, prev)
+    rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows) / repeats / 1e3
+    print(f"self CPU time per first click: {total:.1f} ms (profiler overhead included)")
+    print(f"{'ms / click':>10}  {'calls':>5}  operator  input shapes")
+    for e in rows[:top]:
+        print(f"{e.self_cpu_time_total / repeats / 1e3:10.1f}  {e.count // repeats:5d}  {e.key}  {e.input_shapes}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", choices=["fp32", "bf16"], default="bf16")
@@ -64,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--ab-linear", action="store_true", help="interleaved A/B: packed oneDNN linear vs F.linear")
+    parser.add_argument("--ops", action="store_true", help="torch.profiler operator table instead of cProfile")
     args = parser.parse_args(argv)
     if args.ab_linear and args.path != "bf16":
         parser.error("--ab-linear compares bfloat16 paths (--path bf16)")
@@ -82,6 +104,8 @@ def main(argv=None) -> int:
     expert.predict(obj, prev)  # warm-up
     if args.ab_linear:
         return ab_linear(expert, obj, prev, args.repeats)
+    if args.ops:
+        return ops_table(expert, obj, prev, args.repeats, args.top)
     first, encode = [], []
     x = torch.randn(1, 1, 64, 64, 64)
     for _ in range(args.repeats):
