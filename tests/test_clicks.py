@@ -9,7 +9,7 @@ import pytest
 
 from dcm.data.cases import Box, Case, Click, ObjectPrompts
 from dcm.engine.clicks import ClickProtection, click_neighbourhood, clicks_kept, honour_clicks, promises_of
-from dcm.engine.fusion import FUSION_RULES, OVERLAP_RULES, FusedPrediction, LabelWriter
+from dcm.engine.fusion import FUSION_RULES, OVERLAP_RULES, FusedPrediction, LabelWriter, label_counts
 from dcm.engine.policies import POLICIES
 from dcm.engine.predictor import DCMPredictor
 from dcm.engine.session import InteractiveSession
@@ -487,6 +487,14 @@ def test_max_addition_adds_at_most_that_multiple_nearest_the_click():
         DCMPredictor(experts, {"max_addition": -1})
     with pytest.raises(ValueError, match="addition_floor"):
         DCMPredictor(experts, {"addition_floor": 2})
+
+
+def test_label_counts_counts_every_label_in_one_pass_slab_by_slab():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 256, size=(7, 5, 6)).astype(np.uint8)
+    expected = np.bincount(labels.ravel(), minlength=256)
+    for slab in (1, 29, 30, 1 << 20):  # below one z-slice, one slice and a bit, everything
+        assert np.array_equal(label_counts(labels, slab_voxels=slab), expected)
 
 
 @pytest.mark.parametrize("overlap", ["later_wins", "highest_prob"])

@@ -60,7 +60,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.config_schema import CORRECTION_METHODS, ClickCorrectionConfig
-from dcm.engine.fusion import FusedPrediction, component_at, count_label, nearest_first
+from dcm.engine.fusion import FusedPrediction, component_at, label_counts, nearest_first
 from dcm.experts.base import RoISlices as Region
 from dcm.prompts import ZYX, ObjectPrompts
 from dcm.regions import points_bbox, union_region, within
@@ -236,6 +236,7 @@ def honour_clicks(
     max_removal: float = 0.0,
     max_addition: float = 0.0,
     addition_floor: float = 0.0,
+    prev_counts: Optional[np.ndarray] = None,
 ) -> Optional[FusedPrediction]:
     """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 0-3).
 
@@ -252,6 +253,8 @@ def honour_clicks(
         max_removal: ``engine.max_removal``: the removal cap of step 0 (0: none).
         max_addition: ``engine.max_addition``: the addition cap of step 0 (0: none), a multiple of the larger of
             the object's previous mask and ``addition_floor`` (``engine.addition_floor``) times its box's volume.
+        prev_counts: :func:`~dcm.engine.fusion.label_counts` of ``prev_pred`` when the caller has it (one pass
+            per click step for all objects); counted here otherwise.
 
     Returns:
         A ``FusedPrediction`` on a region that holds the expert RoIs and the promised voxels: NaN where the
@@ -274,7 +277,7 @@ def honour_clicks(
         _limit_update(work, obj.last_click.zyx, bool(obj.last_click.positive), update_scope == "click_part")
     if (max_removal > 0 or max_addition > 0) and prev_pred is not None and obj.last_click is not None:
         # the object's whole previous mask, not only the part on this region (which depends on the policy)
-        size = count_label(prev_pred, obj.label)
+        size = int((label_counts(prev_pred) if prev_counts is None else prev_counts)[obj.label])
         if max_removal > 0:
             _cap_change(work, obj.last_click.zyx, int(max_removal * size), spacing_zyx, added=False)
         if max_addition > 0 and size:

@@ -37,7 +37,7 @@ from dcm.prompts import ball_offsets
 from dcm.regions import union_region, within
 
 __all__ = ["FUSION_RULES", "OVERLAP_RULES", "FusedPrediction", "fuse_predictions", "click_margins",
-           "take_local_near_clicks", "LabelWriter", "count_label", "nearest_first"]
+           "take_local_near_clicks", "LabelWriter", "label_counts", "nearest_first"]
 
 
 
@@ -254,6 +254,7 @@ class LabelWriter:
         prev_pred: the (z, y, x) label map before this pass (what "previous mask" means above); None: no
             previous masks (the box step), nothing is capped.
         spacing_zyx: voxel size in mm, for "nearest".
+        prev_counts: :func:`label_counts` of ``prev_pred`` when the caller has it (counted here otherwise, once).
 
     ``highest_prob`` keeps the probability with which each voxel was won (float16) in 32^3 blocks allocated
     where objects win voxels, not as a map of the whole volume.
@@ -261,7 +262,7 @@ class LabelWriter:
 
     def __init__(self, segs: np.ndarray, overlap: str = "later_wins", protection: Optional[Any] = None,
                  max_taken: float = 0.0, prev_pred: Optional[np.ndarray] = None,
-                 spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)):
+                 spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0), prev_counts: Optional[np.ndarray] = None):
         if overlap not in OVERLAP_RULES:
             raise ValueError(f"unknown overlap rule {overlap!r}; choose from {OVERLAP_RULES}")
         self.segs = segs
@@ -271,7 +272,7 @@ class LabelWriter:
         self.max_taken = float(max_taken) if prev_pred is not None else 0.0
         self._prev = prev_pred
         self.spacing_zyx = tuple(float(s) for s in spacing_zyx)
-        self._prev_counts: Dict[int, int] = {}
+        self._prev_counts = prev_counts
         self._taken: Dict[int, int] = {}
 
     def write(self, label: int, fused: FusedPrediction, threshold: float = 0.5,
@@ -328,16 +329,17 @@ class LabelWriter:
         if anchor_zyx is None:
             anchor_zyx = [(s.start + s.stop - 1) / 2 for s in region]
         origin = np.array([s.start for s in region])
-        forced = np.zeros(view.shape, dtype=bool)
-        if own is not None:
-            forced[own] = True
         claimed = np.argwhere(taken)
         owners = view[tuple(claimed.T)]
-        is_forced = forced[tuple(claimed.T)]
+        if own is not None:  # a few voxels per click: compared by flat index, no region-sized array
+            is_forced = np.isin(np.ravel_multi_index(tuple(claimed.T), view.shape),
+                                np.ravel_multi_index(own, view.shape))
+        else:
+            is_forced = np.zeros(len(claimed), dtype=bool)
+        if self._prev_counts is None:
+            self._prev_counts = label_counts(self._prev)
         for other in np.unique(owners):
             other = int(other)
-            if other not in self._prev_counts:
-                self._prev_counts[other] = count_label(self._prev, other)
             allowed = max(0, int(self.max_taken * self._prev_counts[other]) - self._taken.get(other, 0))
             mine = owners == other
             must = int(np.count_nonzero(mine & is_forced))
@@ -360,11 +362,14 @@ class LabelWriter:
         return tuple(voxels[mine].T), tuple(voxels[~mine].T)
 
 
-def count_label(label_map: np.ndarray, label: int, slab_voxels: int = 1 << 20) -> int:
-    """Voxels of ``label`` in a (z, y, x) label map, counted slab by slab along z (no full-size temporary: the
-    engine's memory stays per object)."""
+def label_counts(label_map: np.ndarray, slab_voxels: int = 1 << 20) -> np.ndarray:
+    """Voxels of every label value 0..255 of a (z, y, x) uint8 label map, one pass, slab by slab along z (no
+    full-size temporary: the engine's memory stays per object). Returns (256,) int64."""
     step = max(1, slab_voxels // max(1, int(np.prod(label_map.shape[1:]))))
-    return sum(int(np.count_nonzero(label_map[z:z + step] == label)) for z in range(0, label_map.shape[0], step))
+    counts = np.zeros(256, dtype=np.int64)
+    for z in range(0, label_map.shape[0], step):
+        counts += np.bincount(label_map[z:z + step].ravel(), minlength=256)[:256]
+    return counts
 
 
 def nearest_first(voxels_zyx: np.ndarray, anchor_zyx: Sequence[float], spacing_zyx: Sequence[float]) -> np.ndarray:

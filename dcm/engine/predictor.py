@@ -23,7 +23,7 @@ import numpy as np
 from dcm.data.cases import Case
 from dcm.config_schema import EngineConfig
 from dcm.engine.clicks import ClickPromise, ClickProtection, honour_clicks, promises_of
-from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions, take_local_near_clicks
+from dcm.engine.fusion import FusedPrediction, LabelWriter, fuse_predictions, label_counts, take_local_near_clicks
 from dcm.engine.policies import GLOBAL, LOCAL, route
 from dcm.errors import DCMError
 from dcm.experts.base import Expert, RoIPrediction
@@ -100,6 +100,7 @@ def predict_object(
     cfg: Dict[str, Any],
     budget: Optional[CallBudget] = None,
     promise: Optional[ClickPromise] = None,
+    prev_counts: Optional[np.ndarray] = None,
 ) -> Optional[FusedPrediction]:
     """Route one object's prompts to the experts and fuse their answers (None: keep the previous mask).
 
@@ -111,6 +112,8 @@ def predict_object(
         budget: when given, an expert call that would overrun it is skipped with a message.
         promise: the object's click promise among all objects of the image (``promises_of``); by default its
             own clicks alone. Used when ``cfg['honour_clicks']``.
+        prev_counts: :func:`~dcm.engine.fusion.label_counts` of ``case.prev_pred``, counted once per click step
+            by the caller (counted per object otherwise).
     """
     if obj.problem or not obj.has_prompt:
         return None
@@ -150,7 +153,7 @@ def predict_object(
         promise = promises_of([obj], case.shape)[obj.label]
     return honour_clicks(fused, obj, promise, case.image, case.spacing_zyx, case.prev_pred, threshold,
                          cfg["click_correction"], cfg["update_scope"], cfg["max_removal"],
-                         cfg["max_addition"], cfg["addition_floor"])
+                         cfg["max_addition"], cfg["addition_floor"], prev_counts)
 
 
 class DCMPredictor:
@@ -214,9 +217,13 @@ class DCMPredictor:
             segs = np.zeros(case.shape, dtype=np.uint8)
         promises = (promises_of([o for o in case.objects if not o.problem], case.shape)
                     if cfg["honour_clicks"] else {})
+        # one pass over the previous label map per click step: the caps of every object read its sizes
+        prev_counts = (label_counts(case.prev_pred) if cfg["honour_clicks"] and case.prev_pred is not None
+                       else None)
         writer = LabelWriter(segs, cfg["overlap"], ClickProtection(promises) if promises else None,
                              max_taken=cfg["max_taken"] if cfg["honour_clicks"] else 0.0,
-                             prev_pred=None if local_case else case.prev_pred, spacing_zyx=case.spacing_zyx)
+                             prev_pred=None if local_case else case.prev_pred, spacing_zyx=case.spacing_zyx,
+                             prev_counts=prev_counts)
         kept = [obj.label for obj in case.objects if obj.problem]
         attempted, failures = 0, []
         for obj in case.objects:
@@ -224,7 +231,7 @@ class DCMPredictor:
                 continue
             attempted += 1
             try:
-                fused = predict_object(case, obj, experts, cfg, budget, promises.get(obj.label))
+                fused = predict_object(case, obj, experts, cfg, budget, promises.get(obj.label), prev_counts)
             except _GlobalExpertFailed:
                 raise
             except Exception as e:  # one object's failure must not cost the others their masks
