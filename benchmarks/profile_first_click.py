@@ -1,10 +1,12 @@
 """Where the global expert's first click goes: cProfile of one cold-cache ``predict`` of full-size SAM-Med3D-64.
 
     python benchmarks/profile_first_click.py [--path bf16|fp32] [--threads 2] [--repeats 5] [--top 25]
+                                             [--model sam_med3d_64] [--shape 160 256 256]
     python benchmarks/profile_first_click.py --ab-linear --repeats 10
     python benchmarks/profile_first_click.py --ops --repeats 5
 
-Random weights, the CT-like 160 x 256 x 256 image of ``bench_experts.py`` (one ellipsoid and its box). Prints
+Random weights, the CT-like 160 x 256 x 256 image of ``bench_experts.py`` (one ellipsoid and its box; ``--model``
+and ``--shape`` choose another model of ``configs/models`` and image size, e.g. the small one for a quick check). Prints
 the first-click and encoder-only times (sorted, seconds) and the cProfile table by cumulative time.
 
 ``--ab-linear`` (bf16): first clicks alternating between the image encoder's linear layers on weights packed
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--ab-linear", action="store_true", help="interleaved A/B: packed oneDNN linear vs F.linear")
     parser.add_argument("--ops", action="store_true", help="torch.profiler operator table instead of cProfile")
+    parser.add_argument("--model", default="sam_med3d_64", help="global model config (configs/models)")
+    parser.add_argument("--shape", type=int, nargs=3, default=[160, 256, 256], metavar=("D", "H", "W"),
+                        help="(z, y, x) size of the image")
     args = parser.parse_args(argv)
     if args.ab_linear and args.path != "bf16":
         parser.error("--ab-linear compares bfloat16 paths (--path bf16)")
@@ -95,8 +100,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    image, _, box, _, _ = make_image((160, 256, 256))
-    expert = GlobalRoIExpert.from_config({"model": {**load_model_config("sam_med3d_64"), "attention": "fast"},
+    image, _, box, _, _ = make_image(tuple(args.shape))
+    expert = GlobalRoIExpert.from_config({"model": {**load_model_config(args.model), "attention": "fast"},
                                           "device": "cpu", **expert_settings(args.path, False, True, "cpu")})
     expert.set_image(image, (2.5, 0.8, 0.8))
     prev = np.zeros(image.shape, np.uint8)
@@ -107,7 +112,8 @@ def main(argv=None) -> int:
     if args.ops:
         return ops_table(expert, obj, prev, args.repeats, args.top)
     first, encode = [], []
-    x = torch.randn(1, 1, 64, 64, 64)
+    side = int(expert.backbone.model.image_encoder.img_size)
+    x = torch.randn(1, 1, side, side, side)
     for _ in range(args.repeats):
         expert.clear_cache()
         t0 = time.perf_counter()

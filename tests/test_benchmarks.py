@@ -47,6 +47,21 @@ def test_bench_experts_paths_and_step(tmp_path):
     assert all(float(r["call_s"]) > 0 and float(r["predict_s"]) >= 0 for r in steps)
 
 
+@pytest.mark.parametrize("mode", [[], ["--ops"], ["--ab-linear"]])
+def test_profile_first_click_runs_on_the_small_model(mode):
+    """The first-click profiler runs end to end (small model, small image); its timings are not checked."""
+    path = ["--path", "bf16"] if mode == ["--ab-linear"] else ["--path", "fp32"]
+    proc = _run("profile_first_click.py", "--model", "sam_med3d_64_small", "--shape", "24", "40", "40",
+                "--repeats", "1", "--threads", "1", "--top", "5", *path, *mode)
+    out = proc.stdout + proc.stderr
+    if mode == ["--ab-linear"] and proc.returncode == 1:  # no oneDNN bf16 linear kernels on this CPU
+        assert "no packed linear layers" in out
+        return
+    assert proc.returncode == 0, out
+    expected = {"--ops": "self CPU time per first click", "--ab-linear": "answers bit for bit equal"}
+    assert (expected[mode[0]] if mode else "first click s:") in out
+
+
 def test_bench_nsd_values_match(tmp_path):
     out = tmp_path / "nsd.csv"
     proc = _run("bench_nsd.py", "--shape", "24", "48", "48", "--radii", "6", "--repeats", "1", "--csv", str(out))
