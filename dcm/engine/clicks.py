@@ -25,7 +25,7 @@ answer, :class:`ClickProtection` in the label writer):
    ``engine.addition_floor`` (0.25) times its box's volume (not capped when the previous mask is empty), the
    voxels nearest the newest click: a small mask in a large box may still grow to the object at once. Both
    act on the experts' answer only: the corrections and neighbourhoods of steps 2-3 come on top.
-   *Taking cap* (``engine.max_taken``, 0.25 by default, 0 turns it off): in one click step of predict.sh /
+   *Taking cap* (``engine.max_taken``, 0.01 by default, 0 turns it off): in one click step of predict.sh /
    the evaluator (not the box step, which has no previous masks) the other objects' answers take at most
    that fraction of an object's previous mask (the label writer keeps the claimed voxels farthest from the
    taking object's newest click with their object; its own positive neighbourhoods are written whatever, and
