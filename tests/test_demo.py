@@ -39,3 +39,20 @@ def test_demo_mri_case_is_skipped_with_one_line_without_nilearn(tmp_path, capsys
     out = capsys.readouterr().out
     assert len(paths) == 1 and paths[0].name.startswith("CT_")
     assert out.count("\n") == 1 and "MRI case skipped: nilearn is not installed" in out
+
+
+def test_demo_cases_only_writes_the_cases_and_stops(tmp_path, capsys):
+    """--cases-only: the same cases as a full run with those settings (a synthetic validation set), no run."""
+    import dcm.cli.demo as demo
+    import numpy as np
+
+    rc = demo.main(["--out", str(tmp_path / "val"), "--cases", "1", "--seed", "7", "--flavours", "CT,US",
+                    "--no-mri", "--shape", "16", "32", "32", "--cases-only", "--no-progress"])
+    assert rc == 0
+    written = sorted((tmp_path / "val" / "cases").glob("*.npz"))
+    assert len(written) == 2 and not (tmp_path / "val" / "dual").exists()
+    assert "2 demo cases in" in capsys.readouterr().out
+    again = demo.make_cases(tmp_path / "again", 1, 7, (16, 32, 32), ["CT", "US"], mri=False)
+    for a, b in zip(written, sorted(again)):
+        with np.load(a) as x, np.load(b) as y:
+            assert np.array_equal(x["imgs"], y["imgs"]) and np.array_equal(x["gts"], y["gts"])

@@ -363,6 +363,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--figure", default="figs/demo.png", help="figure path (default %(default)s)")
     p.add_argument("--random-init", action="store_true", help="no weights: check the pipeline only")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cases-only", action="store_true",
+                   help="write the cases to OUT/cases and stop (e.g. a synthetic validation set for "
+                        "benchmarks/bench_clicks.py)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. engine.fusion=average)")
     args = p.parse_args(argv)
 
@@ -378,6 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = make_cases(cases_dir, args.cases, args.seed, args.shape, flavours, mri=not args.no_mri,
                        progress=not args.no_progress)
     print(f"{len(paths)} demo cases in {cases_dir} (synthetic seed {args.seed}, shape {tuple(args.shape)})")
+    if args.cases_only:
+        return 0
     try:
         results = run_demo(cases_dir, out, args.config, args.weights, policies, random_init=args.random_init,
                            progress=not args.no_progress, overrides=args.overrides)
