@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     expert = GlobalRoIExpert.from_config({"model": {**load_model_config(args.model), "attention": "fast"},
                                           "device": "cpu", **expert_settings(args.path, False, True, "cpu")})
     expert.set_image(image, (2.5, 0.8, 0.8))
+    print(f"{args.model} on a {tuple(args.shape)} image, {args.path}, {args.threads} threads")
     prev = np.zeros(image.shape, np.uint8)
     obj = ObjectPrompts(label=1, box=box)
     expert.predict(obj, prev)  # warm-up

@@ -325,7 +325,8 @@ class EngineConfig(Section):
     #: predict.sh / the evaluator (not the box step: no previous masks), as a fraction of it (with
     #: ``honour_clicks``; the label writer keeps the claimed voxels farthest from the taking object's newest
     #: click with their object). 0: no limit. 0.01 (an object all but keeps its previous voxels once it has
-    #: them): chosen on the validation split of the real images among 0.25, 0.1, 0.05, 0.02, 0.01, 0.005.
+    #: them; one under 100 voxels keeps all of them): chosen on the validation split of the real images among
+    #: 0.25, 0.1, 0.05, 0.02, 0.01, 0.005.
     max_taken: float = 0.01
     #: the most the experts' answer may add in one click step to an object's previous mask (the click
     #: corrections come on top), as a multiple of the larger of that mask and ``addition_floor`` times the

@@ -489,12 +489,14 @@ def test_max_addition_adds_at_most_that_multiple_nearest_the_click():
         DCMPredictor(experts, {"addition_floor": 2})
 
 
-def test_label_counts_counts_every_label_in_one_pass_slab_by_slab():
+def test_label_counts_counts_every_label_slab_by_slab():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 256, size=(7, 5, 6)).astype(np.uint8)
     expected = np.bincount(labels.ravel(), minlength=256)
-    for slab in (1, 29, 30, 1 << 20):  # below one z-slice, one slice and a bit, everything
+    for slab in (1, 30, 60, 90, 1 << 20):  # 1, 2, 3 slices of 30 voxels (a partial last slab), everything
         assert np.array_equal(label_counts(labels, slab_voxels=slab), expected)
+    with pytest.raises(TypeError, match="uint8"):
+        label_counts(labels.astype(np.int32))
 
 
 @pytest.mark.parametrize("overlap", ["later_wins", "highest_prob"])
@@ -509,9 +511,11 @@ def test_max_taken_bounds_what_a_later_object_takes_of_an_earlier_one(overlap):
     region = tuple(slice(0, n) for n in SHAPE)
     click = (10, 20, 27)
 
-    def written(max_taken, overlap=overlap, prob_1=None, claim=claim, protection=None, prev_pred=prev):
+    def written(max_taken, overlap=overlap, prob_1=None, claim=claim, protection=None, prev_pred=prev,
+                prev_counts=None):
         segs = prev.copy()
-        writer = LabelWriter(segs, overlap, protection, max_taken=max_taken, prev_pred=prev_pred)
+        writer = LabelWriter(segs, overlap, protection, max_taken=max_taken, prev_pred=prev_pred,
+                             prev_counts=prev_counts)
         if prob_1 is not None:
             writer.write(1, FusedPrediction(region, prob_1 * 0.6, True))
         writer.write(2, FusedPrediction(region, claim.astype(np.float32) * 0.9, True), anchor_zyx=click)
@@ -519,6 +523,7 @@ def test_max_taken_bounds_what_a_later_object_takes_of_an_earlier_one(overlap):
 
     allowance = int(0.25 * ball.sum())
     segs = written(0.25)
+    assert np.array_equal(segs, written(0.25, prev_counts=label_counts(prev)))  # the caller's counts: the same
     taken = ball & (segs == 2)
     assert taken.sum() == allowance < claim.sum()
     distance = _distance(click)

@@ -365,6 +365,8 @@ class LabelWriter:
 def label_counts(label_map: np.ndarray, slab_voxels: int = 1 << 20) -> np.ndarray:
     """Voxels of every label value 0..255 of a (z, y, x) uint8 label map, one pass, slab by slab along z (no
     full-size temporary: the engine's memory stays per object). Returns (256,) int64."""
+    if label_map.dtype != np.uint8:
+        raise TypeError(f"label_counts needs a uint8 label map, got {label_map.dtype}")
     step = max(1, slab_voxels // max(1, int(np.prod(label_map.shape[1:]))))
     counts = np.zeros(256, dtype=np.int64)
     for z in range(0, label_map.shape[0], step):
