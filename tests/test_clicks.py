@@ -493,8 +493,10 @@ def test_label_counts_counts_every_label_slab_by_slab():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 256, size=(7, 5, 6)).astype(np.uint8)
     expected = np.bincount(labels.ravel(), minlength=256)
-    for slab in (1, 30, 60, 90, 1 << 20):  # 1, 2, 3 slices of 30 voxels (a partial last slab), everything
-        assert np.array_equal(label_counts(labels, slab_voxels=slab), expected)
+    for chunk in (1, 29, 30, 60, 90, 1 << 20):  # chunks across slices, a partial last chunk, everything
+        assert np.array_equal(label_counts(labels, chunk_voxels=chunk), expected)
+        strided = labels[:, :, ::2]  # not contiguous: counted z slab by z slab (3 voxels a slice here)
+        assert np.array_equal(label_counts(strided, chunk_voxels=chunk), np.bincount(strided.ravel(), minlength=256))
     with pytest.raises(TypeError, match="uint8"):
         label_counts(labels.astype(np.int32))
 
