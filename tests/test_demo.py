@@ -52,6 +52,10 @@ def test_demo_cases_only_writes_the_cases_and_stops(tmp_path, capsys):
     written = sorted((tmp_path / "val" / "cases").glob("*.npz"))
     assert len(written) == 2 and not (tmp_path / "val" / "dual").exists()
     assert "2 demo cases in" in capsys.readouterr().out
+    assert demo.main(["--out", str(tmp_path / "other"), "--cases", "1", "--flavours", "CT", "--no-mri",
+                      "--shape", "16", "32", "32", "--cases-only", "--no-progress", "--policies", "dual",
+                      "engine.fusion=average"]) == 0
+    assert "--policies, config overrides had no effect" in capsys.readouterr().out
     again = demo.make_cases(tmp_path / "again", 1, 7, (16, 32, 32), ["CT", "US"], mri=False)
     for a, b in zip(written, sorted(again)):
         with np.load(a) as x, np.load(b) as y:

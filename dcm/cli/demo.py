@@ -382,6 +382,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        progress=not args.no_progress)
     print(f"{len(paths)} demo cases in {cases_dir} (synthetic seed {args.seed}, shape {tuple(args.shape)})")
     if args.cases_only:
+        unused = [name for name, given in (("--policies", args.policies != ",".join(POLICIES)),
+                                           ("--weights", args.weights is not None),
+                                           ("config overrides", bool(args.overrides))) if given]
+        if unused:
+            print(f"--cases-only: nothing is run, so {', '.join(unused)} had no effect")
         return 0
     try:
         results = run_demo(cases_dir, out, args.config, args.weights, policies, random_init=args.random_init,
