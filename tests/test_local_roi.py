@@ -434,6 +434,24 @@ def test_percentiles_equal_numpy_bitwise(dtype):
             expected = tuple(float(v) for v in np.percentile(values, list(pair)))
             assert intensity_percentiles(values.reshape(1, 1, -1), *pair) == expected, (n, pair)
 
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16])
+def test_value_counts_chunked_contiguous_or_strided(dtype):
+    """The histogram behind the percentiles (and the engine's label counts): index i counts iinfo.min + i, the
+    same from chunks of the flat array, from first-axis slabs of a strided view, and against np.unique."""
+    from dcm.data.intensity import value_counts
+
+    info = np.iinfo(dtype)
+    values = np.random.default_rng(4).integers(max(info.min, -300), min(info.max, 700), (6, 5, 8)).astype(dtype)
+    for view in (values, values[:, :, ::3]):
+        found, counts = np.unique(view, return_counts=True)
+        for chunk in (1, 7, 40, 1 << 22):
+            histogram = value_counts(view, chunk)
+            assert histogram.sum() == view.size
+            assert np.array_equal(histogram[found.astype(np.int64) - info.min], counts)
+    with pytest.raises(TypeError, match="8- or 16-bit"):
+        value_counts(values.astype(np.int32))
+
 def test_constant_image_normalises_to_zeros():
     image = np.full((8, 8, 8), 77, dtype=np.uint8)
     with np.errstate(all="raise"):

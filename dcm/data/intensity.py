@@ -13,7 +13,7 @@ import numpy as np
 
 from dcm.errors import ConfigError
 
-__all__ = ["intensity_percentiles", "scale_intensity"]
+__all__ = ["intensity_percentiles", "scale_intensity", "value_counts"]
 
 
 def intensity_percentiles(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> Tuple[float, float]:
@@ -30,22 +30,41 @@ def intensity_percentiles(image: np.ndarray, lower: float = 1.0, upper: float = 
     return float(lo), float(hi)
 
 
-def _integer_percentiles(values: np.ndarray, percents: Sequence[float], slab: int = 1 << 22) -> Tuple[float, ...]:
-    """``np.percentile(values, percents)`` (method ``linear``) of an 8- or 16-bit integer array from its histogram."""
+def value_counts(values: np.ndarray, chunk_voxels: int = 1 << 22) -> np.ndarray:
+    """Histogram of an 8- or 16-bit integer array, chunk by chunk (``np.bincount`` widens each chunk to int64;
+    no full-size temporary): ``counts[i]`` is how many elements equal ``i - offset``, ``offset`` being
+    ``2 ** (bits - 1)`` for a signed dtype and 0 for an unsigned one; ``2 ** bits`` int64 entries.
+
+    A C-contiguous array is read in chunks of its flat view; any other in slabs along its first axis, each
+    copied as it is counted.
+    """
+    if values.dtype.kind not in "iu" or values.dtype.itemsize > 2:
+        raise TypeError(f"value_counts needs an 8- or 16-bit integer array, got {values.dtype}")
     bits = 8 * values.dtype.itemsize
-    flat = values.reshape(-1)
     # Signed values viewed as unsigned with the sign bit flipped are v + 2**(bits - 1): same order, and
-    # np.bincount takes them without a widening copy of the slab.
-    offset = (1 << (bits - 1)) if values.dtype.kind == "i" else 0
-    unsigned = flat.view(np.dtype(f"u{values.dtype.itemsize}"))
-    flip = unsigned.dtype.type(offset)
+    # np.bincount takes them without a widening copy of the chunk.
+    offset = -int(np.iinfo(values.dtype).min)
+    unsigned = np.dtype(f"u{values.dtype.itemsize}")
+    flip = unsigned.type(offset)
+    if values.flags.c_contiguous:
+        flat = values.reshape(-1)
+        chunks = (flat[start:start + chunk_voxels] for start in range(0, flat.size, chunk_voxels))
+    else:
+        step = max(1, chunk_voxels // max(1, int(np.prod(values.shape[1:]))))
+        chunks = (values[z:z + step].ravel() for z in range(0, values.shape[0], step))
     counts = np.zeros(1 << bits, dtype=np.int64)
-    for start in range(0, flat.size, slab):
-        chunk = unsigned[start:start + slab]
+    for chunk in chunks:
+        chunk = chunk.view(unsigned)
         counts += np.bincount(chunk ^ flip if offset else chunk, minlength=counts.size)
+    return counts
+
+
+def _integer_percentiles(values: np.ndarray, percents: Sequence[float]) -> Tuple[float, ...]:
+    """``np.percentile(values, percents)`` (method ``linear``) of an 8- or 16-bit integer array from its histogram."""
+    counts = value_counts(values)
     cumulative = np.cumsum(counts)
-    n = flat.size
-    vmin = -offset
+    n = values.size
+    vmin = int(np.iinfo(values.dtype).min)  # counts[i] holds the value vmin + i
 
     def order_statistic(rank: int) -> np.float64:
         """The value at 0-based position ``rank`` of the sorted array."""

@@ -33,6 +33,7 @@ import numpy as np
 
 from dcm.experts.base import RoIPrediction, RoISlices
 from dcm.config_schema import FUSION_RULES, OVERLAP_RULES, click_margins
+from dcm.data.intensity import value_counts
 from dcm.prompts import ball_offsets
 from dcm.regions import union_region, within
 
@@ -364,20 +365,11 @@ class LabelWriter:
 
 def label_counts(label_map: np.ndarray, chunk_voxels: int = 1 << 17) -> np.ndarray:
     """Voxels of every label value 0..255 of a (z, y, x) uint8 label map, in one pass over chunks of
-    ``chunk_voxels`` (``np.bincount`` widens each chunk to int64: 1 MB at a time, not a full-size temporary;
-    the engine's memory stays per object). Returns (256,) int64."""
+    ``chunk_voxels`` (:func:`dcm.data.intensity.value_counts`: 1 MB of int64 at a time, not a full-size
+    temporary; the engine's memory stays per object). Returns (256,) int64."""
     if label_map.dtype != np.uint8:
         raise TypeError(f"label_counts needs a uint8 label map, got {label_map.dtype}")
-    counts = np.zeros(256, dtype=np.int64)
-    if label_map.flags.c_contiguous:
-        flat = label_map.reshape(-1)
-        for start in range(0, flat.size, chunk_voxels):
-            counts += np.bincount(flat[start:start + chunk_voxels], minlength=256)
-        return counts
-    step = max(1, chunk_voxels // max(1, int(np.prod(label_map.shape[1:]))))
-    for z in range(0, label_map.shape[0], step):  # a strided view: whole z slabs, each copied as it is counted
-        counts += np.bincount(label_map[z:z + step].ravel(), minlength=256)
-    return counts
+    return value_counts(label_map, chunk_voxels)
 
 
 def nearest_first(voxels_zyx: np.ndarray, anchor_zyx: Sequence[float], spacing_zyx: Sequence[float]) -> np.ndarray:
