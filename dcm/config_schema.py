@@ -48,6 +48,8 @@ FUSION_RULES = ("local_overrides", "average", "confidence", "click_region")
 OVERLAP_RULES = ("later_wins", "highest_prob", "keep_others")
 CORRECTION_METHODS = ("probability", "random_walker")
 UPDATE_SCOPES = ("whole", "click_sign", "click_part")
+#: what the engine does with an experts' change beyond a cap (engine.removal_beyond_cap / addition_beyond_cap).
+BEYOND_CAP = ("trim", "reject", "reject_without_box")
 #: ``engine.fallback``: what a failing expert costs (:mod:`dcm.engine.predictor`).
 FALLBACKS = ("none", "local_case")
 #: ``local_expert.window_inferer``: how the local windows are run (:mod:`dcm.experts.local_roi`).
@@ -234,6 +236,10 @@ class ClickCorrectionConfig(Section):
     #: crop of half the radius, three times at most, then dropped); 0: no bound. 0.25 chosen on the realsets
     #: validation split (README "Clicks are kept").
     max_box_fraction: float = 0.25
+    #: a correction also stays within the click step's removal cap (negative click) or addition cap (positive
+    #: click) of ``engine`` (a larger one is retried on a smaller crop, as above); false: the corrections come
+    #: on top of the caps.
+    within_step_caps: bool = False
 
     def check(self, where: str) -> None:
         methods = self.methods
@@ -257,6 +263,7 @@ class ClickCorrectionConfig(Section):
         if not _is_number(self.max_box_fraction) or not float(self.max_box_fraction) >= 0:
             raise ConfigError(f"{where}.max_box_fraction must be a number >= 0, got {self.max_box_fraction!r}")
         self.max_box_fraction = float(self.max_box_fraction)
+        _flag(self.within_step_caps, f"{where}.within_step_caps")
         self.methods = list(methods)
         self.radius_mm, self.radius_object_factor = float(radius), float(self.radius_object_factor)
         self.probability_levels = sorted((float(v) for v in levels), reverse=True)
@@ -321,6 +328,11 @@ class EngineConfig(Section):
     #: voxels farthest from the newest click keep the previous mask. 0: no limit (:mod:`dcm.engine.clicks`).
     #: 0.25: chosen on the validation split of the real images.
     max_removal: float = 0.25
+    #: what becomes of a removal beyond ``max_removal``: trim (the removed voxels nearest the newest click are
+    #: taken up to the cap) | reject (none is taken: an answer that drops that much of the mask is a collapse,
+    #: and the click gets its correction instead) | reject_without_box (reject for objects without a box,
+    #: trim for the others; chosen on the validation sets: README "Beyond a cap").
+    removal_beyond_cap: str = "reject_without_box"
     #: the most the other objects' answers may take of an object's previous mask in one click step of
     #: predict.sh / the evaluator (not the box step: no previous masks), as a fraction of it (with
     #: ``honour_clicks``; the label writer keeps the claimed voxels farthest from the taking object's newest
@@ -336,6 +348,8 @@ class EngineConfig(Section):
     #: the addition cap's floor, a fraction of the object's box volume (0 without a box), so that a small mask
     #: in a large box is not held back for several clicks (README "Addition cap").
     addition_floor: float = 0.25
+    #: what becomes of an addition beyond ``max_addition``: trim | reject (as ``removal_beyond_cap``).
+    addition_beyond_cap: str = "trim"
     #: none: an object whose expert raises keeps its previous mask. local_case (the released predict.sh's
     #: except branch): a case without boxes, or one on which the global expert raised, is predicted again by
     #: the local expert alone, every object from its clicks on an empty label map (previous masks ignored).
@@ -346,7 +360,8 @@ class EngineConfig(Section):
     def check(self, where: str) -> None:
         choices = {"policy": POLICY_NAMES, "fusion": FUSION_RULES, "overlap": OVERLAP_RULES,
                    "without_box": ("policy", "global", "local"), "local_at_box_step": ("box_center", "skip"),
-                   "update_scope": UPDATE_SCOPES, "fallback": FALLBACKS}
+                   "update_scope": UPDATE_SCOPES, "fallback": FALLBACKS,
+                   "removal_beyond_cap": BEYOND_CAP, "addition_beyond_cap": BEYOND_CAP}
         for key, allowed in choices.items():
             value = getattr(self, key)
             if not isinstance(value, str) or value not in allowed:

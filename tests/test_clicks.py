@@ -489,6 +489,84 @@ def test_max_addition_adds_at_most_that_multiple_nearest_the_click():
         DCMPredictor(experts, {"addition_floor": 2})
 
 
+def test_beyond_cap_reject_takes_none_of_a_removal_or_addition_past_its_cap():
+    # A negative click at the ball's edge; the expert keeps only a far piece (a removal past the 0.25 cap):
+    # with removal_beyond_cap reject the ball stays but for the click's correction (none here: the click's
+    # neighbourhood alone). A removal within the cap is taken whatever the mode. Then a positive click
+    # answered with a slab far larger than twice the ball: with addition_beyond_cap reject nothing of it is
+    # added but the click's neighbourhood.
+    ball = _ball((10, 20, 20), 6)
+    piece = ball & (np.indices(SHAPE)[2] <= 16)
+    click = (10, 20, 26)
+    obj = ObjectPrompts(1, box=Box(4, 16, 10, 14, 14, 26, 26), clicks=[Click(click, False)])
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_removal": 0.25,
+           "removal_beyond_cap": "reject", "click_correction": {"methods": []}}
+    segs = DCMPredictor({"global": MapExpert("global", piece.astype(np.float32))}, cfg)(
+        _case([obj], ball.astype(np.uint8)))
+    assert _all_kept(segs, [obj])
+    neighbourhood = np.zeros(SHAPE, bool)
+    neighbourhood[tuple(click_neighbourhood(click, SHAPE).T)] = True
+    assert ((segs == 1) == (ball & ~neighbourhood)).all()
+    small = ball & ~(np.indices(SHAPE)[2] >= 25)  # removes under a quarter of the ball: taken as it is
+    assert (ball & ~small).sum() <= 0.25 * ball.sum()
+    segs = DCMPredictor({"global": MapExpert("global", small.astype(np.float32))}, cfg)(
+        _case([obj], ball.astype(np.uint8)))
+    assert ((segs == 1) == (small & ~neighbourhood)).all()
+
+    little = _ball((10, 20, 20), 3)
+    slab = np.zeros(SHAPE, bool)
+    slab[4:16, 10:30, 10:30] = True
+    grow = ObjectPrompts(1, box=Box(4, 15, 10, 10, 10, 29, 29), clicks=[Click((10, 20, 23), True)])
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_addition": 2.0, "addition_floor": 0.0,
+           "addition_beyond_cap": "reject", "click_correction": {"methods": []}}
+    segs = DCMPredictor({"global": MapExpert("global", (little | slab).astype(np.float32))}, cfg)(
+        _case([grow], little.astype(np.uint8)))
+    near = np.zeros(SHAPE, bool)
+    near[tuple(click_neighbourhood((10, 20, 23), SHAPE).T)] = True
+    assert ((segs == 1) == (little | near)).all()
+    with pytest.raises(ValueError, match="removal_beyond_cap"):
+        DCMPredictor({}, {"removal_beyond_cap": "cut"})
+
+
+def test_reject_without_box_rejects_for_objects_without_a_box_and_trims_for_the_others():
+    ball = _ball((10, 20, 20), 6)
+    piece = ball & (np.indices(SHAPE)[2] <= 16)
+    experts = {"global": MapExpert("global", piece.astype(np.float32))}
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_removal": 0.25,
+           "removal_beyond_cap": "reject_without_box", "click_correction": {"methods": []}}
+    click = Click((10, 20, 26), False)
+    boxed = ObjectPrompts(1, box=Box(4, 16, 10, 14, 14, 26, 26), clicks=[click])
+    unboxed = ObjectPrompts(1, box=None, clicks=[click])
+    trimmed = DCMPredictor(experts, cfg)(_case([boxed], ball.astype(np.uint8)))
+    assert 0.2 * ball.sum() < (ball & (trimmed != 1)).sum() <= 0.25 * ball.sum() + 1
+    kept = DCMPredictor(experts, cfg)(_case([unboxed], ball.astype(np.uint8)))
+    assert _all_kept(kept, [unboxed]) and (ball & (kept != 1)).sum() <= 7  # the click's neighbourhood only
+
+
+def test_correction_within_step_caps_is_retried_on_smaller_crops_until_it_fits_the_removal_cap():
+    # The expert keeps the whole ball (0.6 everywhere on it) although the user clicked its edge negative; the
+    # probability correction (level 0.3: prob < 0.7) removes the ball on its crop (half-size 6 voxels: the
+    # object's radius), 628 of 925 voxels. Within the step's caps it may remove a quarter of the previous
+    # mask at most: refused on that crop, taken on the next (half-size 3: 185 voxels).
+    ball = _ball((10, 20, 20), 6)
+    click = (10, 20, 25)
+    obj = ObjectPrompts(1, box=Box(4, 16, 10, 14, 14, 26, 26), clicks=[Click(click, False)])
+    correction = {"methods": ["probability"], "probability_levels": [0.3], "max_box_fraction": 0}
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_removal": 0.25,
+           "click_correction": correction}
+    experts = {"global": MapExpert("global", 0.6 * ball.astype(np.float32))}
+    free = DCMPredictor(experts, cfg)(_case([obj], ball.astype(np.uint8)))
+    crop6 = np.zeros(SHAPE, bool)
+    crop6[4:17, 14:27, 19:32] = True
+    assert _all_kept(free, [obj]) and ((free == 1) == (ball & ~crop6)).all()
+    cfg["click_correction"] = {**correction, "within_step_caps": True}
+    capped = DCMPredictor(experts, cfg)(_case([obj], ball.astype(np.uint8)))
+    assert _all_kept(capped, [obj])
+    crop = np.zeros(SHAPE, bool)
+    crop[7:14, 17:24, 22:29] = True
+    assert ((capped == 1) == (ball & ~crop)).all() and (ball & crop).sum() <= 0.25 * ball.sum()
+
+
 def test_label_counts_counts_every_label_slab_by_slab():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 256, size=(7, 5, 6)).astype(np.uint8)

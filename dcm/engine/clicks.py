@@ -24,7 +24,10 @@ answer, :class:`ClickProtection` in the label writer):
    it off): likewise the answer adds at most that multiple of the larger of the object's previous mask and
    ``engine.addition_floor`` (0.25) times its box's volume (not capped when the previous mask is empty), the
    voxels nearest the newest click: a small mask in a large box may still grow to the object at once. Both
-   act on the experts' answer only: the corrections and neighbourhoods of steps 2-3 come on top.
+   act on the experts' answer only: the corrections and neighbourhoods of steps 2-3 come on top. With
+   ``engine.removal_beyond_cap`` (``addition_beyond_cap``) ``reject`` instead of ``trim``, a removal (an
+   addition) beyond its cap is not taken at all: the answer is treated as a collapse (a jump), and a click
+   it leaves unkept is corrected by step 2.
    *Taking cap* (``engine.max_taken``, 0.01 by default, 0 turns it off): in one click step of predict.sh /
    the evaluator (not the box step, which has no previous masks) the other objects' answers take at most
    that fraction of an object's previous mask (the label writer keeps the claimed voxels farthest from the
@@ -237,6 +240,8 @@ def honour_clicks(
     max_addition: float = 0.0,
     addition_floor: float = 0.0,
     prev_counts: Optional[np.ndarray] = None,
+    removal_beyond_cap: str = "reject_without_box",
+    addition_beyond_cap: str = "trim",
 ) -> Optional[FusedPrediction]:
     """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 0-3).
 
@@ -255,6 +260,10 @@ def honour_clicks(
             the object's previous mask and ``addition_floor`` (``engine.addition_floor``) times its box's volume.
         prev_counts: :func:`~dcm.engine.fusion.label_counts` of ``prev_pred`` when the caller has it (one pass
             per click step for all objects); counted here otherwise.
+        removal_beyond_cap, addition_beyond_cap: ``engine.removal_beyond_cap`` / ``addition_beyond_cap``: of a
+            change beyond its cap, ``trim`` takes the voxels nearest the newest click up to the cap, ``reject``
+            takes none of it, ``reject_without_box`` rejects for an object without a box and trims otherwise
+            (step 0).
 
     Returns:
         A ``FusedPrediction`` on a region that holds the expert RoIs and the promised voxels: NaN where the
@@ -275,18 +284,26 @@ def honour_clicks(
 
     if update_scope != "whole" and prev_pred is not None and obj.last_click is not None:
         _limit_update(work, obj.last_click.zyx, bool(obj.last_click.positive), update_scope == "click_part")
+    step_caps = (float("inf"), float("inf"))  # (removal, addition) voxels the corrections may change
     if (max_removal > 0 or max_addition > 0) and prev_pred is not None and obj.last_click is not None:
         # the object's whole previous mask, not only the part on this region (which depends on the policy)
         size = int((label_counts(prev_pred) if prev_counts is None else prev_counts)[obj.label])
         if max_removal > 0:
-            _cap_change(work, obj.last_click.zyx, int(max_removal * size), spacing_zyx, added=False)
+            removal_cap = int(max_removal * size)
+            _cap_change(work, obj.last_click.zyx, removal_cap, spacing_zyx, added=False,
+                        reject=_rejects(removal_beyond_cap, obj))
+            step_caps = (removal_cap, step_caps[1])
         if max_addition > 0 and size:
-            base = max(size, addition_floor * _box_volume(obj))
-            _cap_change(work, obj.last_click.zyx, int(max_addition * base), spacing_zyx, added=True)
+            addition_cap = int(max_addition * max(size, addition_floor * _box_volume(obj)))
+            _cap_change(work, obj.last_click.zyx, addition_cap, spacing_zyx, added=True,
+                        reject=_rejects(addition_beyond_cap, obj))
+            step_caps = (step_caps[0], addition_cap)
+    if not cfg["within_step_caps"]:
+        step_caps = (float("inf"), float("inf"))
     _reject_flips(work, promise)
     kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
     for index in np.flatnonzero(~kept):
-        work = _correct(work, obj, promise, int(index), image, spacing_zyx, prev_pred, cfg)
+        work = _correct(work, obj, promise, int(index), image, spacing_zyx, prev_pred, cfg, step_caps)
     _enforce(work, promise)
     complete = not bool(np.isnan(work.prob).any())
     return FusedPrediction(work.region, work.prob, complete)
@@ -322,12 +339,22 @@ def _limit_update(work: _Work, click_zyx: Sequence[int], positive: bool, connect
     work.keep_previous(change & ~np.isin(components, touching))
 
 
+def _rejects(beyond_cap: str, obj: ObjectPrompts) -> bool:
+    """Whether ``engine.removal_beyond_cap`` / ``addition_beyond_cap`` rejects an over-cap change of ``obj``."""
+    return beyond_cap == "reject" or (beyond_cap == "reject_without_box" and obj.box is None)
+
+
 def _cap_change(work: _Work, click_zyx: Sequence[int], limit: int, spacing_zyx: Sequence[float],
-                added: bool) -> None:
+                added: bool, reject: bool = False) -> None:
     """Step 0, the removal cap (``added`` False) or the addition cap: of the voxels the answer removes from
-    (adds to) the previous mask, take at most ``limit``, the ones nearest the click in mm; the others keep the
-    previous mask."""
-    changed = np.argwhere(work.mask & ~work.prev if added else work.prev & ~work.mask)
+    (adds to) the previous mask, take at most ``limit``, the ones nearest the click in mm (with ``reject``:
+    none when there are more than ``limit``); the others keep the previous mask."""
+    change = work.mask & ~work.prev if added else work.prev & ~work.mask
+    if reject:
+        if np.count_nonzero(change) > limit:
+            work.keep_previous(change)
+        return
+    changed = np.argwhere(change)
     if len(changed) <= limit:
         return
     origin = np.array([s.start for s in work.region])
@@ -377,17 +404,19 @@ def _crop_around(zyx: Sequence[int], shape: Sequence[int], spacing_zyx: Sequence
 
 
 def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int, image: np.ndarray,
-             spacing_zyx: Sequence[float], prev_pred: Optional[np.ndarray], cfg: Mapping[str, Any]) -> _Work:
+             spacing_zyx: Sequence[float], prev_pred: Optional[np.ndarray], cfg: Mapping[str, Any],
+             step_caps: Tuple[float, float] = (float("inf"), float("inf"))) -> _Work:
     """Step 2 for click ``index``: the first method that gives a region containing the click is applied.
 
-    With ``max_box_fraction`` a region larger than that fraction of the object's box volume is refused and
-    the methods are tried again on a crop of half the radius (three times at most); then the click keeps its
-    neighbourhood alone (step 3)."""
+    With ``max_box_fraction`` a region larger than that fraction of the object's box volume (or, for a
+    negative / positive click, than ``step_caps``' removal / addition voxels) is refused and the methods are
+    tried again on a crop of half the radius (three times at most); then the click keeps its neighbourhood
+    alone (step 3)."""
     if not cfg["methods"]:
         return work
     click = obj.clicks[index]
     radius = min(cfg["radius_mm"], cfg["radius_object_factor"] * _object_radius_mm(obj, work, spacing_zyx))
-    cap = _correction_cap(obj, cfg["max_box_fraction"])
+    cap = min(_correction_cap(obj, cfg["max_box_fraction"]), step_caps[1] if click.positive else step_caps[0])
     for _ in range(4 if np.isfinite(cap) else 1):
         crop = _crop_around(click.zyx, image.shape, spacing_zyx, radius)
         work = work.grow(union_region([work.region, crop]), obj.label, prev_pred)

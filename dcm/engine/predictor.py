@@ -153,7 +153,8 @@ def predict_object(
         promise = promises_of([obj], case.shape)[obj.label]
     return honour_clicks(fused, obj, promise, case.image, case.spacing_zyx, case.prev_pred, threshold,
                          cfg["click_correction"], cfg["update_scope"], cfg["max_removal"],
-                         cfg["max_addition"], cfg["addition_floor"], prev_counts)
+                         cfg["max_addition"], cfg["addition_floor"], prev_counts,
+                         cfg["removal_beyond_cap"], cfg["addition_beyond_cap"])
 
 
 class DCMPredictor:
