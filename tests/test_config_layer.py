@@ -271,3 +271,18 @@ def test_schema_choices_are_the_implemented_ones():
     from dcm.engine.policies import POLICIES
 
     assert tuple(POLICIES) == POLICY_NAMES
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_ablation_variant_is_a_checked_config_that_differs_from_the_others(path):
+    import yaml
+
+    from dcm.cli.ablate import variant_configs
+    from dcm.config_schema import check_dcm_config
+
+    variants = variant_configs(yaml.safe_load(path.read_text()))
+    assert len(variants) >= 2
+    checked = {name: check_dcm_config(cfg) for name, (cfg, _) in variants.items()}
+    seen = [repr(sorted(c.items())) for c in checked.values()]
+    weights = [w for _, w in variants.values()]
+    assert len(set(zip(seen, weights))) == len(seen), f"{path.name}: two variants run the same thing"
