@@ -236,9 +236,10 @@ class ClickCorrectionConfig(Section):
     #: crop of half the radius, three times at most, then dropped); 0: no bound. 0.25 chosen on the realsets
     #: validation split (README "Clicks are kept").
     max_box_fraction: float = 0.25
-    #: a correction also stays within the click step's removal cap (negative click) or addition cap (positive
-    #: click) of ``engine`` (a larger one is retried on a smaller crop, as above); false: the corrections come
-    #: on top of the caps.
+    #: each correction changes at most as many voxels as the click step's removal cap (negative click) or
+    #: addition cap (positive click) of ``engine`` allows (a larger one is retried on a smaller crop, as
+    #: above); the cap is not shared with the experts' change or other corrections of the step, so a step
+    #: may still change more. false: the corrections come on top of the caps.
     within_step_caps: bool = False
 
     def check(self, where: str) -> None:
@@ -325,14 +326,16 @@ class EngineConfig(Section):
     update_scope: str = "whole"
     #: the most the experts' answer may remove in one click step of an object's previous mask, as a
     #: fraction of it (with ``honour_clicks``; the click corrections come on top): beyond it, the removed
-    #: voxels farthest from the newest click keep the previous mask. 0: no limit (:mod:`dcm.engine.clicks`).
+    #: voxels farthest from the newest click keep the previous mask (with ``removal_beyond_cap: trim``).
+    #: 0: no limit (:mod:`dcm.engine.clicks`).
     #: 0.25: chosen on the validation split of the real images.
     max_removal: float = 0.25
     #: what becomes of a removal beyond ``max_removal``: trim (the removed voxels nearest the newest click are
-    #: taken up to the cap) | reject (none is taken: an answer that drops that much of the mask is a collapse,
-    #: and the click gets its correction instead) | reject_without_box (reject for objects without a box,
-    #: trim for the others; chosen on the validation sets: README "Beyond a cap").
-    removal_beyond_cap: str = "reject_without_box"
+    #: taken up to the cap) | reject (none is taken: an answer that removes more than the cap is treated as a
+    #: collapse, and the click gets its correction instead) | reject_without_box (reject for objects without
+    #: a box, trim for the others). configs/dcm_small.yaml sets reject_without_box (chosen there, where the
+    #: local expert alone answers objects without a box: README "Beyond a cap").
+    removal_beyond_cap: str = "trim"
     #: the most the other objects' answers may take of an object's previous mask in one click step of
     #: predict.sh / the evaluator (not the box step: no previous masks), as a fraction of it (with
     #: ``honour_clicks``; the label writer keeps the claimed voxels farthest from the taking object's newest
@@ -348,7 +351,8 @@ class EngineConfig(Section):
     #: the addition cap's floor, a fraction of the object's box volume (0 without a box), so that a small mask
     #: in a large box is not held back for several clicks (README "Addition cap").
     addition_floor: float = 0.25
-    #: what becomes of an addition beyond ``max_addition``: trim | reject (as ``removal_beyond_cap``).
+    #: what becomes of an addition beyond ``max_addition``: trim | reject | reject_without_box (as
+    #: ``removal_beyond_cap``).
     addition_beyond_cap: str = "trim"
     #: none: an object whose expert raises keeps its previous mask. local_case (the released predict.sh's
     #: except branch): a case without boxes, or one on which the global expert raised, is predicted again by

@@ -543,6 +543,66 @@ def test_reject_without_box_rejects_for_objects_without_a_box_and_trims_for_the_
     assert _all_kept(kept, [unboxed]) and (ball & (kept != 1)).sum() <= 7  # the click's neighbourhood only
 
 
+def test_reject_takes_a_removal_of_exactly_the_cap_and_refuses_one_voxel_more():
+    ball = _ball((10, 20, 20), 6)
+    click = (10, 20, 26)
+    cap = int(0.25 * ball.sum())
+    voxels = np.argwhere(ball)
+    order = np.argsort(_distance(click)[ball], kind="stable")
+    obj = ObjectPrompts(1, box=Box(4, 16, 10, 14, 14, 26, 26), clicks=[Click(click, False)])
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_removal": 0.25,
+           "removal_beyond_cap": "reject", "click_correction": {"methods": []}}
+    neighbourhood = np.zeros(SHAPE, bool)
+    neighbourhood[tuple(click_neighbourhood(click, SHAPE).T)] = True
+    for removed, taken in ((cap, True), (cap + 1, False)):
+        answer = ball.copy()
+        answer[tuple(voxels[order[:removed]].T)] = False
+        segs = DCMPredictor({"global": MapExpert("global", answer.astype(np.float32))}, cfg)(
+            _case([obj], ball.astype(np.uint8)))
+        assert ((segs == 1) == ((answer if taken else ball) & ~neighbourhood)).all(), removed
+
+
+def test_addition_reject_without_box_rejects_a_jump_without_a_box_and_trims_with_one():
+    little = _ball((10, 20, 20), 3)
+    slab = np.zeros(SHAPE, bool)
+    slab[4:16, 10:30, 10:30] = True
+    experts = {"global": MapExpert("global", (little | slab).astype(np.float32))}
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_addition": 2.0, "addition_floor": 0.0,
+           "addition_beyond_cap": "reject_without_box", "click_correction": {"methods": []}}
+    click = Click((10, 20, 23), True)
+    near = np.zeros(SHAPE, bool)
+    near[tuple(click_neighbourhood(click.zyx, SHAPE).T)] = True
+    boxed = DCMPredictor(experts, cfg)(_case([ObjectPrompts(1, box=Box(4, 15, 10, 10, 10, 29, 29), clicks=[click])],
+                                             little.astype(np.uint8)))
+    assert ((boxed == 1) & ~little & ~near).sum() >= 2 * little.sum() - len(click_neighbourhood(click.zyx, SHAPE))
+    unboxed = DCMPredictor(experts, cfg)(_case([ObjectPrompts(1, box=None, clicks=[click])], little.astype(np.uint8)))
+    assert ((unboxed == 1) == (little | near)).all()
+
+
+def test_positive_correction_within_step_caps_is_held_to_the_addition_cap():
+    # The expert answers 0.4 on a slab around a small ball (below the threshold): the positive click beside
+    # the ball is not kept, and the probability correction (prob > 0.3) would add the slab on its crop.
+    # Within the step's addition cap (0.5 times the 123-voxel ball: 61 voxels) every crop down to 5^3 is too
+    # large, so the click keeps its neighbourhood alone.
+    little = _ball((10, 20, 20), 3)
+    slab = np.zeros(SHAPE, bool)
+    slab[4:16, 10:30, 10:30] = True
+    prob = np.where(little, 1.0, np.where(slab, 0.4, 0.0)).astype(np.float32)
+    click = Click((10, 20, 26), True)
+    obj = ObjectPrompts(1, box=Box(4, 15, 10, 10, 10, 29, 29), clicks=[click])
+    correction = {"methods": ["probability"], "probability_levels": [0.3], "max_box_fraction": 0}
+    cfg = {"policy": "global_only", "fusion": "local_overrides", "max_addition": 0.5, "addition_floor": 0.0,
+           "click_correction": correction}
+    experts = {"global": MapExpert("global", prob)}
+    free = DCMPredictor(experts, cfg)(_case([obj], little.astype(np.uint8)))
+    assert ((free == 1) & ~little).sum() > 0.5 * little.sum()
+    cfg["click_correction"] = {**correction, "within_step_caps": True}
+    capped = DCMPredictor(experts, cfg)(_case([obj], little.astype(np.uint8)))
+    near = np.zeros(SHAPE, bool)
+    near[tuple(click_neighbourhood(click.zyx, SHAPE).T)] = True
+    assert _all_kept(capped, [obj]) and ((capped == 1) == (little | near)).all()
+
+
 def test_correction_within_step_caps_is_retried_on_smaller_crops_until_it_fits_the_removal_cap():
     # The expert keeps the whole ball (0.6 everywhere on it) although the user clicked its edge negative; the
     # probability correction (level 0.3: prob < 0.7) removes the ball on its crop (half-size 6 voxels: the

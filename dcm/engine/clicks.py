@@ -20,14 +20,16 @@ answer, :class:`ClickProtection` in the label writer):
    as it is. The rest keeps the previous mask, so a click cannot wreck the object away from where it was given.
    *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): in a click step the experts'
    answer removes at most that fraction of the object's previous mask; of a larger removal only the voxels
-   nearest the newest click (in mm) are taken. *Addition cap* (``engine.max_addition``, 2 by default, 0 turns
+   nearest the newest click (in mm) are taken (``trim``; but see ``reject`` below). *Addition cap* (``engine.max_addition``, 2 by default, 0 turns
    it off): likewise the answer adds at most that multiple of the larger of the object's previous mask and
    ``engine.addition_floor`` (0.25) times its box's volume (not capped when the previous mask is empty), the
    voxels nearest the newest click: a small mask in a large box may still grow to the object at once. Both
-   act on the experts' answer only: the corrections and neighbourhoods of steps 2-3 come on top. With
+   act on the experts' answer only: the corrections and neighbourhoods of steps 2-3 come on top (with
+   ``engine.click_correction.within_step_caps`` each correction is held to the same cap, on its own). With
    ``engine.removal_beyond_cap`` (``addition_beyond_cap``) ``reject`` instead of ``trim``, a removal (an
    addition) beyond its cap is not taken at all: the answer is treated as a collapse (a jump), and a click
-   it leaves unkept is corrected by step 2.
+   it leaves unkept is corrected by step 2; ``reject_without_box`` does so for objects without a box only
+   (``configs/dcm_small.yaml``).
    *Taking cap* (``engine.max_taken``, 0.01 by default, 0 turns it off): in one click step of predict.sh /
    the evaluator (not the box step, which has no previous masks) the other objects' answers take at most
    that fraction of an object's previous mask (the label writer keeps the claimed voxels farthest from the
@@ -240,7 +242,7 @@ def honour_clicks(
     max_addition: float = 0.0,
     addition_floor: float = 0.0,
     prev_counts: Optional[np.ndarray] = None,
-    removal_beyond_cap: str = "reject_without_box",
+    removal_beyond_cap: str = "trim",
     addition_beyond_cap: str = "trim",
 ) -> Optional[FusedPrediction]:
     """One object's fused answer, changed so that it keeps the object's clicks (module docstring, 0-3).
@@ -417,6 +419,8 @@ def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int,
     click = obj.clicks[index]
     radius = min(cfg["radius_mm"], cfg["radius_object_factor"] * _object_radius_mm(obj, work, spacing_zyx))
     cap = min(_correction_cap(obj, cfg["max_box_fraction"]), step_caps[1] if click.positive else step_caps[0])
+    if cap <= 0:
+        return work
     for _ in range(4 if np.isfinite(cap) else 1):
         crop = _crop_around(click.zyx, image.shape, spacing_zyx, radius)
         work = work.grow(union_region([work.region, crop]), obj.label, prev_pred)
