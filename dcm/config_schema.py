@@ -241,6 +241,9 @@ class ClickCorrectionConfig(Section):
     #: above); the cap is not shared with the experts' change or other corrections of the step, so a step
     #: may still change more. false: the corrections come on top of the caps.
     within_step_caps: bool = False
+    #: a correction changes at most this fraction of the object's previous mask (a larger one is retried on a
+    #: smaller crop, as above); 0, or an empty previous mask: no such bound.
+    max_mask_fraction: float = 0.0
 
     def check(self, where: str) -> None:
         methods = self.methods
@@ -265,6 +268,9 @@ class ClickCorrectionConfig(Section):
             raise ConfigError(f"{where}.max_box_fraction must be a number >= 0, got {self.max_box_fraction!r}")
         self.max_box_fraction = float(self.max_box_fraction)
         _flag(self.within_step_caps, f"{where}.within_step_caps")
+        if not _is_number(self.max_mask_fraction) or not float(self.max_mask_fraction) >= 0:
+            raise ConfigError(f"{where}.max_mask_fraction must be a number >= 0, got {self.max_mask_fraction!r}")
+        self.max_mask_fraction = float(self.max_mask_fraction)
         self.methods = list(methods)
         self.radius_mm, self.radius_object_factor = float(radius), float(self.radius_object_factor)
         self.probability_levels = sorted((float(v) for v in levels), reverse=True)

@@ -603,7 +603,7 @@ def test_positive_correction_within_step_caps_is_held_to_the_addition_cap():
     assert _all_kept(capped, [obj]) and ((capped == 1) == (little | near)).all()
 
 
-def test_correction_within_step_caps_is_retried_on_smaller_crops_until_it_fits_the_removal_cap():
+def test_correction_within_the_removal_cap_or_mask_fraction_is_retried_on_smaller_crops_until_it_fits():
     # The expert keeps the whole ball (0.6 everywhere on it) although the user clicked its edge negative; the
     # probability correction (level 0.3: prob < 0.7) removes the ball on its crop (half-size 6 voxels: the
     # object's radius), 628 of 925 voxels. Within the step's caps it may remove a quarter of the previous
@@ -625,6 +625,12 @@ def test_correction_within_step_caps_is_retried_on_smaller_crops_until_it_fits_t
     crop = np.zeros(SHAPE, bool)
     crop[7:14, 17:24, 22:29] = True
     assert ((capped == 1) == (ball & ~crop)).all() and (ball & crop).sum() <= 0.25 * ball.sum()
+    # the same bound from click_correction.max_mask_fraction, with the step's caps off
+    cfg = {**cfg, "max_removal": 0, "click_correction": {**correction, "max_mask_fraction": 0.25}}
+    by_mask = DCMPredictor(experts, cfg)(_case([obj], ball.astype(np.uint8)))
+    assert (by_mask == capped).all()
+    with pytest.raises(ValueError, match="max_mask_fraction"):
+        DCMPredictor(experts, {"click_correction": {"max_mask_fraction": -1}})
 
 
 def test_label_counts_counts_every_label_slab_by_slab():

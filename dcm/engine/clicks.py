@@ -287,9 +287,11 @@ def honour_clicks(
     if update_scope != "whole" and prev_pred is not None and obj.last_click is not None:
         _limit_update(work, obj.last_click.zyx, bool(obj.last_click.positive), update_scope == "click_part")
     step_caps = (float("inf"), float("inf"))  # (removal, addition) voxels the corrections may change
-    if (max_removal > 0 or max_addition > 0) and prev_pred is not None and obj.last_click is not None:
-        # the object's whole previous mask, not only the part on this region (which depends on the policy)
+    size = 0  # the object's whole previous mask, not only the part on this region (which depends on the policy)
+    if (max_removal > 0 or max_addition > 0 or cfg["max_mask_fraction"] > 0) and prev_pred is not None \
+            and obj.last_click is not None:
         size = int((label_counts(prev_pred) if prev_counts is None else prev_counts)[obj.label])
+    if (max_removal > 0 or max_addition > 0) and prev_pred is not None and obj.last_click is not None:
         if max_removal > 0:
             removal_cap = int(max_removal * size)
             _cap_change(work, obj.last_click.zyx, removal_cap, spacing_zyx, added=False,
@@ -302,6 +304,8 @@ def honour_clicks(
             step_caps = (step_caps[0], addition_cap)
     if not cfg["within_step_caps"]:
         step_caps = (float("inf"), float("inf"))
+    if cfg["max_mask_fraction"] > 0 and size > 0:
+        step_caps = tuple(min(c, int(cfg["max_mask_fraction"] * size)) for c in step_caps)  # type: ignore
     _reject_flips(work, promise)
     kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
     for index in np.flatnonzero(~kept):
