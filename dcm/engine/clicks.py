@@ -20,8 +20,8 @@ answer, :class:`ClickProtection` in the label writer):
    as it is. The rest keeps the previous mask, so a click cannot wreck the object away from where it was given.
    *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): in a click step the experts'
    answer removes at most that fraction of the object's previous mask; of a larger removal only the voxels
-   nearest the newest click (in mm) are taken (``trim``; but see ``reject`` below). *Addition cap* (``engine.max_addition``, 2 by default, 0 turns
-   it off): likewise the answer adds at most that multiple of the larger of the object's previous mask and
+   nearest the newest click (in mm) are taken (``trim``; but see ``reject`` below). *Addition cap*
+   (``engine.max_addition``, 2 by default, 0 turns it off): likewise the answer adds at most that multiple of the larger of the object's previous mask and
    ``engine.addition_floor`` (0.25) times its box's volume (not capped when the previous mask is empty), the
    voxels nearest the newest click: a small mask in a large box may still grow to the object at once. Both
    act on the experts' answer only: the corrections and neighbourhoods of steps 2-3 come on top (with
