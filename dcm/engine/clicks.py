@@ -21,12 +21,13 @@ answer, :class:`ClickProtection` in the label writer):
    *Removal cap* (``engine.max_removal``, 0.25 by default, 0 turns it off): in a click step the experts'
    answer removes at most that fraction of the object's previous mask; of a larger removal only the voxels
    nearest the newest click (in mm) are taken (``trim``; but see ``reject`` below). *Addition cap*
-   (``engine.max_addition``, 2 by default, 0 turns it off): likewise the answer adds at most that multiple of the larger of the object's previous mask and
-   ``engine.addition_floor`` (0.25) times its box's volume (not capped when the previous mask is empty), the
-   voxels nearest the newest click: a small mask in a large box may still grow to the object at once. Both
-   act on the experts' answer only: the corrections and neighbourhoods of steps 2-3 come on top (with
-   ``engine.click_correction.within_step_caps`` each correction is held to the same cap, on its own). With
-   ``engine.removal_beyond_cap`` (``addition_beyond_cap``) ``reject`` instead of ``trim``, a removal (an
+   (``engine.max_addition``, 2 by default, 0 turns it off): likewise the answer adds at most that multiple of
+   the larger of the object's previous mask and ``engine.addition_floor`` (0.25) times its box's volume (not
+   capped when the previous mask is empty), the voxels nearest the newest click: a small mask in a large box
+   may still grow to the object at once. Both act on the experts' answer only: the corrections and
+   neighbourhoods of steps 2-3 come on top (with ``engine.click_correction.within_step_caps`` each
+   correction is held to the same cap, on its own).
+   With ``engine.removal_beyond_cap`` (``addition_beyond_cap``) ``reject`` instead of ``trim``, a removal (an
    addition) beyond its cap is not taken at all: the answer is treated as a collapse (a jump), and a click
    it leaves unkept is corrected by step 2; ``reject_without_box`` does so for objects without a box only
    (``configs/dcm_small.yaml``).
@@ -284,32 +285,30 @@ def honour_clicks(
             prob[within(fused.region, region)] = fused.prob
     work = _Work.start(region, prob, obj.label, prev_pred, threshold)
 
-    if update_scope != "whole" and prev_pred is not None and obj.last_click is not None:
+    click_step = prev_pred is not None and obj.last_click is not None
+    if click_step and update_scope != "whole":
         _limit_update(work, obj.last_click.zyx, bool(obj.last_click.positive), update_scope == "click_part")
-    step_caps = (float("inf"), float("inf"))  # (removal, addition) voxels the corrections may change
     size = 0  # the object's whole previous mask, not only the part on this region (which depends on the policy)
-    if (max_removal > 0 or max_addition > 0 or cfg["max_mask_fraction"] > 0) and prev_pred is not None \
-            and obj.last_click is not None:
+    if click_step and (max_removal > 0 or max_addition > 0 or cfg["max_mask_fraction"] > 0):
         size = int((label_counts(prev_pred) if prev_counts is None else prev_counts)[obj.label])
-    if (max_removal > 0 or max_addition > 0) and prev_pred is not None and obj.last_click is not None:
-        if max_removal > 0:
-            removal_cap = int(max_removal * size)
-            _cap_change(work, obj.last_click.zyx, removal_cap, spacing_zyx, added=False,
-                        reject=_rejects(removal_beyond_cap, obj))
-            step_caps = (removal_cap, step_caps[1])
-        if max_addition > 0 and size:
-            addition_cap = int(max_addition * max(size, addition_floor * _box_volume(obj)))
-            _cap_change(work, obj.last_click.zyx, addition_cap, spacing_zyx, added=True,
-                        reject=_rejects(addition_beyond_cap, obj))
-            step_caps = (step_caps[0], addition_cap)
-    if not cfg["within_step_caps"]:
-        step_caps = (float("inf"), float("inf"))
+    removal_cap = addition_cap = float("inf")  # voxels the experts' answer may remove / add in this step
+    if click_step and max_removal > 0:
+        removal_cap = int(max_removal * size)
+        _cap_change(work, obj.last_click.zyx, removal_cap, spacing_zyx, added=False,
+                    reject=_rejects(removal_beyond_cap, obj))
+    if click_step and max_addition > 0 and size:
+        addition_cap = int(max_addition * max(size, addition_floor * _box_volume(obj)))
+        _cap_change(work, obj.last_click.zyx, addition_cap, spacing_zyx, added=True,
+                    reject=_rejects(addition_beyond_cap, obj))
+    correction_caps = (float("inf"), float("inf"))  # (removal, addition) voxels each correction may change
+    if cfg["within_step_caps"]:
+        correction_caps = (removal_cap, addition_cap)
     if cfg["max_mask_fraction"] > 0 and size > 0:
-        step_caps = tuple(min(c, int(cfg["max_mask_fraction"] * size)) for c in step_caps)  # type: ignore
+        correction_caps = tuple(min(c, int(cfg["max_mask_fraction"] * size)) for c in correction_caps)  # type: ignore
     _reject_flips(work, promise)
     kept = promise.kept(work.mask[tuple(_local_voxels(work, promise).T)])
     for index in np.flatnonzero(~kept):
-        work = _correct(work, obj, promise, int(index), image, spacing_zyx, prev_pred, cfg, step_caps)
+        work = _correct(work, obj, promise, int(index), image, spacing_zyx, prev_pred, cfg, correction_caps)
     _enforce(work, promise)
     complete = not bool(np.isnan(work.prob).any())
     return FusedPrediction(work.region, work.prob, complete)
@@ -411,18 +410,18 @@ def _crop_around(zyx: Sequence[int], shape: Sequence[int], spacing_zyx: Sequence
 
 def _correct(work: _Work, obj: ObjectPrompts, promise: ClickPromise, index: int, image: np.ndarray,
              spacing_zyx: Sequence[float], prev_pred: Optional[np.ndarray], cfg: Mapping[str, Any],
-             step_caps: Tuple[float, float] = (float("inf"), float("inf"))) -> _Work:
+             caps: Tuple[float, float] = (float("inf"), float("inf"))) -> _Work:
     """Step 2 for click ``index``: the first method that gives a region containing the click is applied.
 
     With ``max_box_fraction`` a region larger than that fraction of the object's box volume (or, for a
-    negative / positive click, than ``step_caps``' removal / addition voxels) is refused and the methods are
+    negative / positive click, than ``caps``' removal / addition voxels) is refused and the methods are
     tried again on a crop of half the radius (three times at most); then the click keeps its neighbourhood
     alone (step 3)."""
     if not cfg["methods"]:
         return work
     click = obj.clicks[index]
     radius = min(cfg["radius_mm"], cfg["radius_object_factor"] * _object_radius_mm(obj, work, spacing_zyx))
-    cap = min(_correction_cap(obj, cfg["max_box_fraction"]), step_caps[1] if click.positive else step_caps[0])
+    cap = min(_correction_cap(obj, cfg["max_box_fraction"]), caps[1] if click.positive else caps[0])
     if cap <= 0:
         return work
     for _ in range(4 if np.isfinite(cap) else 1):

@@ -219,7 +219,8 @@ class DCMPredictor:
         promises = (promises_of([o for o in case.objects if not o.problem], case.shape)
                     if cfg["honour_clicks"] else {})
         # one pass over the previous label map per click step, when a cap reads the objects' sizes
-        capped = cfg["max_removal"] > 0 or cfg["max_addition"] > 0 or cfg["max_taken"] > 0
+        capped = (cfg["max_removal"] > 0 or cfg["max_addition"] > 0 or cfg["max_taken"] > 0
+                  or cfg["click_correction"]["max_mask_fraction"] > 0)
         prev_counts = (label_counts(case.prev_pred) if cfg["honour_clicks"] and capped and case.prev_pred is not None
                        else None)
         writer = LabelWriter(segs, cfg["overlap"], ClickProtection(promises) if promises else None,
