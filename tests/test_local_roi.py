@@ -452,6 +452,7 @@ def test_value_counts_chunked_contiguous_or_strided(dtype):
     with pytest.raises(TypeError, match="8- or 16-bit"):
         value_counts(values.astype(np.int32))
 
+
 def test_constant_image_normalises_to_zeros():
     image = np.full((8, 8, 8), 77, dtype=np.uint8)
     with np.errstate(all="raise"):
