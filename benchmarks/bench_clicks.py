@@ -26,7 +26,7 @@ import numpy as np
 
 from machine import write_csv  # benchmarks/machine.py (scripts run from their folder)
 
-COLUMNS = ["date", "machine", "variant", "case", "clicks_kept", "clicks", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6",
+COLUMNS = ["date", "machine", "variant", "case", "clicks_kept", "clicks", "kept_by_reference", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6",
            "worst_drop", "drops_over_0.1", "seconds"]
 
 
@@ -63,6 +63,7 @@ def run_variant(cases: Sequence[Path], config: str, overrides: Sequence[str], we
         per_step = np.stack([object_dice(case.gts, s, labels) for s in all_segs[1:]])  # steps 2..6
         drops = per_step[:-1] - per_step[1:]
         rows.append({"case": case.name, "clicks_kept": sum(result.clicks_kept), "clicks": sum(result.clicks),
+                     "kept_by_reference": sum(result.clicks_kept_by_reference),
                      "DSC_AUC": click_auc(result.dsc), "NSD_AUC": click_auc(result.nsd),
                      "DSC_Final": result.dsc[-1], "DSC_2": result.dsc[1], "DSC_6": result.dsc[-1],
                      "worst_drop": float(drops.max()) if drops.size else 0.0,
@@ -75,7 +76,9 @@ def summary_line(name: str, rows: Sequence[Dict[str, object]]) -> Dict[str, obje
     total = sum(int(r["clicks"]) for r in rows)
     mean = {k: float(np.mean([float(r[k]) for r in rows])) for k in ("DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2",
                                                                       "DSC_6", "seconds")}
+    reference = sum(int(r["kept_by_reference"]) for r in rows)
     return {"variant": name, "cases": len(rows), "kept": f"{kept}/{total} ({100.0 * kept / max(total, 1):.1f} %)",
+            "reference": f"{reference}/{total} ({100.0 * reference / max(total, 1):.1f} %)",
             **mean, "worst_drop": max(float(r["worst_drop"]) for r in rows),
             "drops_over_0.1": sum(int(r["drops_over_0.1"]) for r in rows)}
 
@@ -116,9 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(summary_line(name, rows))
         s = lines[-1]
         print(f"{name}: kept {s['kept']}, DSC AUC {s['DSC_AUC']:.3f}, DSC_Final {s['DSC_Final']:.3f}", flush=True)
-    header = ["variant", "cases", "clicks kept", "DSC AUC", "NSD AUC", "DSC_Final", "DSC step 2", "DSC step 6",
+    header = ["variant", "cases", "clicks kept", "kept by the reference", "DSC AUC", "NSD AUC", "DSC_Final", "DSC step 2", "DSC step 6",
               "worst drop", "drops > 0.1", "s / case"]
-    keys = ["variant", "cases", "kept", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6", "worst_drop",
+    keys = ["variant", "cases", "kept", "reference", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6", "worst_drop",
             "drops_over_0.1"]
     print(markdown_table(header, ([s[k] for k in keys] + [f"{s['seconds']:.1f}"] for s in lines), digits=3))
     write_csv(Path(args.csv), COLUMNS, csv_rows, append=args.append)

@@ -94,6 +94,27 @@ def test_contradicting_clicks_later_wins_and_earlier_objects_keep_their_positive
     assert clicks_kept(labels, [obj, other]) == (2, 3)
 
 
+def test_a_click_repeated_at_the_same_place_counts_each_time_it_is_not_kept():
+    """The organisers' rule repeats a click an answer ignored: the earlier copy owns no voxel of its own,
+    but the count must not pass it as kept (it did before 2026-12-02); the engine still corrects the owner."""
+    obj = ObjectPrompts(1, clicks=[Click((5, 5, 5), True), Click((5, 5, 5), True), Click((5, 5, 7), True)])
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[tuple(click_neighbourhood((5, 5, 7), SHAPE).T)] = 1
+    assert clicks_kept(labels, [obj]) == (1, 3)
+    promise = promises_of([obj], SHAPE)[1]
+    at = labels[tuple(promise.voxels.T)] == 1
+    assert promise.kept(at).tolist() == [True, False, True]  # the owner of the wrong voxels: what is corrected
+    assert promise.honoured(at).tolist() == [False, False, True]
+    labels[tuple(click_neighbourhood((5, 5, 5), SHAPE).T)] = 1
+    assert clicks_kept(labels, [obj]) == (3, 3)
+    # A later click of the other sign still excuses the earlier one where they overlap.
+    flip = ObjectPrompts(1, clicks=[Click((5, 5, 5), True), Click((5, 5, 6), False)])
+    labels = np.zeros(SHAPE, np.uint8)
+    promise = promises_of([flip], SHAPE)[1]
+    labels[tuple(promise.voxels[promise.positive].T)] = 1
+    assert clicks_kept(labels, [flip]) == (2, 2)
+
+
 def _run(policy, fusion, experts, objects, prev=None, overlap="later_wins", **engine):
     predictor = DCMPredictor(experts, {"policy": policy, "fusion": fusion, "overlap": overlap, **engine})
     return predictor(_case(objects, prev))

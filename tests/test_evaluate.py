@@ -98,3 +98,23 @@ def test_wrong_shape_and_missing_output(cases_dir, tmp_path):
     row = _rows(tmp_path / "o2")[0]
     assert float(row["DSC_Final"]) == 0.0
     assert "no output file" in (tmp_path / "o2" / "notes.txt").read_text()
+
+
+def test_clicks_kept_by_the_reference_bound_what_an_output_can_keep(cases_dir, tmp_path):
+    """clicks.csv counts, beside the output's kept clicks, those the reference label map itself keeps."""
+    from dcm.data.cases import load_case
+    from dcm.evaluate import InProcessPredictor, evaluate_case
+
+    case = load_case(sorted(cases_dir.glob("CT_*.npz"))[0])
+    empty = evaluate_case(case, InProcessPredictor(lambda c: np.zeros(c.shape, np.uint8)), tmp_path / "empty")
+    # An empty output keeps no positive click; the reference keeps the organisers' clicks in these thick blobs.
+    assert sum(empty.clicks) > 0 and sum(empty.clicks_kept) == 0
+    assert empty.clicks_kept_by_reference == empty.clicks
+    row = empty.clicks_row()
+    assert row["Kept_by_reference"] == row["Clicks"] and row["Kept"] == 0
+
+    out = tmp_path / "box_fill"
+    assert evaluate_main(["--cases", str(cases_dir), "--out", str(out), "--predictor", "box-fill"]) == 0
+    with open(out / "clicks.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(0 <= int(r["Kept_by_reference"]) <= int(r["Clicks"]) for r in rows)

@@ -60,8 +60,8 @@ Coordinates are (z, y, x) voxel indices throughout.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -101,12 +101,15 @@ class ClickPromise:
         positive: (n,) bool, the sign each voxel is promised with.
         click: (n,) int, the index (in ``ObjectPrompts.clicks``) of the click that owns the voxel.
         num_clicks: the object's number of clicks.
+        claims: (m, 2) int pairs (row of :attr:`voxels`, click index): every click whose neighbourhood holds
+            the voxel with the sign it is promised with (the owner and earlier clicks of the same sign).
     """
 
     voxels: np.ndarray
     positive: np.ndarray
     click: np.ndarray
     num_clicks: int
+    claims: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     @property
     def empty(self) -> bool:
@@ -127,6 +130,23 @@ class ClickPromise:
         kept[np.unique(self.click[wrong])] = False
         return kept
 
+    def honoured(self, mask_at: np.ndarray) -> np.ndarray:
+        """(num_clicks,) bool: what the user sees, for the clicks-kept count: click i is honoured when every
+        voxel it claims has its sign in ``mask_at``.
+
+        Unlike :meth:`kept` (which clicks own the wrong voxels: those the engine corrects) a click repeated
+        at the same place, as the organisers' rule repeats a click an answer ignored, is honoured only when
+        the later one is: the earlier click owns none of its voxels, so :meth:`kept` would pass it unseen.
+        Voxels a later click of the other sign took stay excused.
+
+        Args:
+            mask_at: (n,) bool, the object's mask at :attr:`voxels`.
+        """
+        wrong = np.asarray(mask_at, dtype=bool) != self.positive
+        honoured = np.ones(self.num_clicks, dtype=bool)
+        honoured[np.unique(self.claims[wrong[self.claims[:, 0]], 1])] = False
+        return honoured
+
 
 def promises_of(objects: Sequence[ObjectPrompts], shape: Sequence[int]) -> Dict[int, ClickPromise]:
     """Each object's promise (by label), with both contradiction rules applied (see the module docstring).
@@ -138,28 +158,36 @@ def promises_of(objects: Sequence[ObjectPrompts], shape: Sequence[int]) -> Dict[
     promises: Dict[int, ClickPromise] = {}
     for obj in objects:
         owner: Dict[ZYX, Tuple[bool, int]] = {}
+        claimants: Dict[ZYX, List[int]] = {}  # the clicks of the owner's sign holding the voxel
         for index, click in enumerate(obj.clicks):
+            sign = bool(click.positive)
             for v in click_neighbourhood(click.zyx, shape):
-                owner[(int(v[0]), int(v[1]), int(v[2]))] = (bool(click.positive), index)
+                key = (int(v[0]), int(v[1]), int(v[2]))
+                same = key in owner and owner[key][0] == sign
+                owner[key] = (sign, index)
+                claimants[key] = claimants[key] + [index] if same else [index]
         items = [(v, sign, index) for v, (sign, index) in owner.items() if not (sign and v in taken)]
         taken.update(v for v, sign, _ in items if sign)
+        claims = [(row, i) for row, (v, _, _) in enumerate(items) for i in claimants[v]]
         promises[obj.label] = ClickPromise(
             voxels=np.array([v for v, _, _ in items], dtype=np.int64).reshape(-1, 3),
             positive=np.array([s for _, s, _ in items], dtype=bool),
             click=np.array([i for _, _, i in items], dtype=np.int64),
             num_clicks=len(obj.clicks),
+            claims=np.array(claims, dtype=np.int64).reshape(-1, 2),
         )
     return promises
 
 
 def clicks_kept(labels: np.ndarray, objects: Sequence[ObjectPrompts]) -> Tuple[int, int]:
-    """``(kept, total)`` clicks of ``objects`` that the (z, y, x) label map ``labels`` keeps."""
+    """``(kept, total)`` clicks of ``objects`` that the (z, y, x) label map ``labels`` keeps
+    (:meth:`ClickPromise.honoured`: a repeated click counts once per time it was given, kept or not)."""
     kept = total = 0
     for label, promise in promises_of(objects, labels.shape).items():
         if promise.num_clicks == 0:
             continue
         at = labels[tuple(promise.voxels.T)] == label if not promise.empty else np.zeros(0, bool)
-        flags = promise.kept(at)
+        flags = promise.honoured(at)
         kept += int(flags.sum())
         total += promise.num_clicks
     return kept, total

@@ -100,6 +100,8 @@ class CaseResult:
     seconds: List[float] = field(default_factory=lambda: [0.0] * NUM_STEPS)
     clicks: List[int] = field(default_factory=lambda: [0] * NUM_STEPS)  # clicks given so far, per step
     clicks_kept: List[int] = field(default_factory=lambda: [0] * NUM_STEPS)  # of those, kept by the output
+    # of those, kept by the reference label map itself: the most an output that equals the reference keeps
+    clicks_kept_by_reference: List[int] = field(default_factory=lambda: [0] * NUM_STEPS)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -116,7 +118,8 @@ class CaseResult:
 
     def clicks_row(self) -> Dict[str, object]:
         """``clicks.csv``: per click step, the clicks given so far and how many the output kept."""
-        row: Dict[str, object] = {"CaseName": self.name, "Clicks": sum(self.clicks), "Kept": sum(self.clicks_kept)}
+        row: Dict[str, object] = {"CaseName": self.name, "Clicks": sum(self.clicks), "Kept": sum(self.clicks_kept),
+                                  "Kept_by_reference": sum(self.clicks_kept_by_reference)}
         for i in range(1, NUM_STEPS):
             row[f"Clicks_{i + 1}"], row[f"Kept_{i + 1}"] = self.clicks[i], self.clicks_kept[i]
         return row
@@ -533,6 +536,7 @@ def evaluate_case(
         result.dsc[step - 1], result.nsd[step - 1] = dsc, nsd_value
         if step > 1:
             result.clicks_kept[step - 1], result.clicks[step - 1] = clicks_kept(segs, prompts)
+            result.clicks_kept_by_reference[step - 1] = clicks_kept(gts, prompts)[0]
         if all_segs is not None:
             all_segs.append(segs.copy())
     in_file.unlink(missing_ok=True)
