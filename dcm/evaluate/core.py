@@ -20,7 +20,7 @@ as a sequential run's, apart from the time columns.
 Writes ``metrics.csv`` (official columns and order; ``CaseName`` is the file name with ``.npz``, as the
 organisers' evaluator writes it), ``summary.csv`` / ``summary.md`` (per-modality means),
 ``clicks.csv`` (per case and click step: the clicks given so far and how many the output keeps, see
-``dcm.engine.clicks``),
+``dcm.engine.clicks``; per case also how many the reference label map itself keeps),
 ``failures.csv`` (cases that could not be evaluated), ``notes.txt`` (per-step problems, with the last lines a
 failing predict command printed), and with ``--save-all-segs`` ``all_segs/<case>.npz``.
 """
@@ -117,7 +117,8 @@ class CaseResult:
         return self.total_seconds > self.runtime_upperbound
 
     def clicks_row(self) -> Dict[str, object]:
-        """``clicks.csv``: per click step, the clicks given so far and how many the output kept."""
+        """``clicks.csv``: per click step, the clicks given so far and how many the output kept; over all steps
+        also how many the reference kept (``Kept_by_reference``)."""
         row: Dict[str, object] = {"CaseName": self.name, "Clicks": sum(self.clicks), "Kept": sum(self.clicks_kept),
                                   "Kept_by_reference": sum(self.clicks_kept_by_reference)}
         for i in range(1, NUM_STEPS):
