@@ -26,8 +26,8 @@ import numpy as np
 
 from machine import write_csv  # benchmarks/machine.py (scripts run from their folder)
 
-COLUMNS = ["date", "machine", "variant", "case", "clicks_kept", "clicks", "kept_by_reference", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6",
-           "worst_drop", "drops_over_0.1", "seconds"]
+COLUMNS = ["date", "machine", "variant", "case", "clicks_kept", "clicks", "kept_by_reference", "DSC_AUC", "NSD_AUC",
+           "DSC_Final", "DSC_2", "DSC_6", "worst_drop", "drops_over_0.1", "seconds"]
 
 
 def parse_variant(text: str) -> Tuple[str, List[str]]:
@@ -119,10 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(summary_line(name, rows))
         s = lines[-1]
         print(f"{name}: kept {s['kept']}, DSC AUC {s['DSC_AUC']:.3f}, DSC_Final {s['DSC_Final']:.3f}", flush=True)
-    header = ["variant", "cases", "clicks kept", "kept by the reference", "DSC AUC", "NSD AUC", "DSC_Final", "DSC step 2", "DSC step 6",
-              "worst drop", "drops > 0.1", "s / case"]
-    keys = ["variant", "cases", "kept", "reference", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6", "worst_drop",
-            "drops_over_0.1"]
+    header = ["variant", "cases", "clicks kept", "kept by the reference", "DSC AUC", "NSD AUC", "DSC_Final",
+              "DSC step 2", "DSC step 6", "worst drop", "drops > 0.1", "s / case"]
+    keys = ["variant", "cases", "kept", "reference", "DSC_AUC", "NSD_AUC", "DSC_Final", "DSC_2", "DSC_6",
+            "worst_drop", "drops_over_0.1"]
     print(markdown_table(header, ([s[k] for k in keys] + [f"{s['seconds']:.1f}"] for s in lines), digits=3))
     write_csv(Path(args.csv), COLUMNS, csv_rows, append=args.append)
     return 0

@@ -60,7 +60,7 @@ Coordinates are (z, y, x) voxel indices throughout.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -109,7 +109,7 @@ class ClickPromise:
     positive: np.ndarray
     click: np.ndarray
     num_clicks: int
-    claims: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    claims: np.ndarray
 
     @property
     def empty(self) -> bool:
