@@ -107,6 +107,24 @@ def test_bench_clicks_counts_kept_clicks_per_variant(tmp_path):
     assert "| rule on |" in proc.stdout
 
 
+@pytest.mark.parametrize("points", [[], ["--points", "0", "2"]])
+def test_probe_local_expert_tables(tmp_path, points):
+    """The probe prints its per-object table, or with --points the oracle-point Dice per count over the cases."""
+    from dcm.data.cases import atomic_savez
+    from dcm.data.synthetic import generate_case
+
+    cases = [tmp_path / f"CT_tiny_{i}.npz" for i in range(2)]
+    for i, path in enumerate(cases):
+        atomic_savez(path, **generate_case("CT", seed=5 + i, shape=(16, 32, 32), n_objects=2))
+    proc = _run("probe_local_expert.py", "--case", *map(str, cases), *points)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if points:
+        rows = [line for line in proc.stdout.splitlines() if line.startswith("| 0 |") or line.startswith("| 2 |")]
+        assert len(rows) == 2 and all("| 4 |" in line for line in rows)  # 2 objects in each of the 2 cases
+    else:
+        assert "| voxels p > 0.5 |" in proc.stdout
+
+
 def test_trace_click_steps_traces_every_object_step(tmp_path):
     """trace_click_steps wraps the engine's click rule as the predictor calls it (every setting passed on)."""
     from dcm.data.cases import atomic_savez
