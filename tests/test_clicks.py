@@ -92,6 +92,7 @@ def test_contradicting_clicks_later_wins_and_earlier_objects_keep_their_positive
     assert clicks_kept(labels, [obj, other]) == (3, 3)
     labels[5, 5, 3] = 0
     assert clicks_kept(labels, [obj, other]) == (2, 3)
+    assert clicks_kept(labels, [obj, other], promises) == (2, 3)  # the caller's promises: the same count
 
 
 def test_a_click_repeated_at_the_same_place_counts_each_time_it_is_not_kept():

@@ -40,6 +40,7 @@ from dcm.data.cases import case_from_arrays, case_to_arrays, load_case
 from dcm.data.nifti import read_nifti, write_nifti
 from dcm.errors import CaseError, CheckpointError, OutputError
 from dcm.evaluate import CommandPredictor, evaluate_folder
+from dcm.evaluate.core import absolutise_command
 from dcm.runner import predict_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -441,6 +442,19 @@ def test_predict_cmd_runs_shell_syntax_and_resolves_relative_paths(tmp_path, mon
     assert (workdir / "outputs" / "second.txt").read_text() == "second\n"
     seconds, log = CommandPredictor(f"cd {there} && echo x > made.txt; echo to-log 2>&1")(workdir / "a.npz", workdir)
     assert (there / "made.txt").exists() and "to-log" in log
+
+
+def test_predict_cmd_keeps_a_bare_word_that_is_only_a_folder_here(tmp_path, monkeypatch):
+    """``--config dcm`` run from the repository root names the preset, not the package folder ``dcm/`` (the
+    evaluator made it ``/repo/dcm`` before 2026-12-02 and every step failed); files and folders written as
+    paths are still made absolute."""
+    (tmp_path / "dcm").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "predict.sh").write_text("")
+    monkeypatch.chdir(tmp_path)
+    command = absolutise_command("sh predict.sh --config dcm --out runs/ --cases ./runs")
+    assert command == (f"sh {tmp_path / 'predict.sh'} --config dcm --out {tmp_path / 'runs'} "
+                       f"--cases {tmp_path / 'runs'}")
 
 
 def test_nan_weights_are_refused_naming_file_and_tensor(tmp_path):

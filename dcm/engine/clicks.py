@@ -179,11 +179,17 @@ def promises_of(objects: Sequence[ObjectPrompts], shape: Sequence[int]) -> Dict[
     return promises
 
 
-def clicks_kept(labels: np.ndarray, objects: Sequence[ObjectPrompts]) -> Tuple[int, int]:
+def clicks_kept(labels: np.ndarray, objects: Sequence[ObjectPrompts],
+                promises: Optional[Mapping[int, ClickPromise]] = None) -> Tuple[int, int]:
     """``(kept, total)`` clicks of ``objects`` that the (z, y, x) label map ``labels`` keeps
-    (:meth:`ClickPromise.honoured`: a repeated click counts once per time it was given, kept or not)."""
+    (:meth:`ClickPromise.honoured`: a repeated click counts once per time it was given, kept or not).
+
+    ``promises``: :func:`promises_of` ``(objects, labels.shape)`` when the caller already has it (checking
+    several label maps against the same clicks builds them once)."""
     kept = total = 0
-    for label, promise in promises_of(objects, labels.shape).items():
+    if promises is None:
+        promises = promises_of(objects, labels.shape)
+    for label, promise in promises.items():
         if promise.num_clicks == 0:
             continue
         at = labels[tuple(promise.voxels.T)] == label if not promise.empty else np.zeros(0, bool)

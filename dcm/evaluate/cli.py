@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from dcm.errors import ConfigError, DCMError
 from dcm.evaluate import core
-from dcm.evaluate.core import (case_file_name, _exists, absolutise_command, PredictorSpec, check_predictor_spec, build_step_runner, load_records, select_case_files, write_results, evaluate_folder, write_manifest)
+from dcm.evaluate.core import (case_file_name, _names_path, absolutise_command, PredictorSpec, check_predictor_spec, build_step_runner, load_records, select_case_files, write_results, evaluate_folder, write_manifest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _spec_from_args(args: argparse.Namespace) -> PredictorSpec:
     """The predictor the arguments name, with paths made absolute (workers may run elsewhere)."""
     def absolute(path: Optional[str]) -> Optional[str]:
-        return str(Path(path).resolve()) if path and _exists(path) else path
+        return str(Path(path).resolve()) if path and _names_path(path) else path
 
     if args.predict_cmd:
         return PredictorSpec(command=absolutise_command(args.predict_cmd), timeout=args.timeout,

@@ -46,7 +46,7 @@ import numpy as np
 from dcm.atomic import atomic_path
 from dcm.data.cases import Case, atomic_savez, load_case, load_npz, prompts_to_arrays
 from dcm.errors import CaseError, ConfigError, DCMError
-from dcm.engine.clicks import clicks_kept
+from dcm.engine.clicks import clicks_kept, promises_of
 from dcm.metrics import case_scores, click_auc
 from dcm.prompts import ObjectPrompts
 from dcm.protocol import next_clicks
@@ -267,16 +267,20 @@ def _shell_words(command: str) -> List[Tuple[int, int, str]]:
     return words
 
 
-def _exists(value: str) -> bool:
+def _names_path(value: str) -> bool:
+    """Whether a command word names an existing file, or a directory written as a path (with a ``/``): a
+    bare word that is only a folder here is left as written (``--config dcm`` is the preset, not the package
+    folder ``dcm/`` next to ``predict.sh``)."""
     try:
-        return Path(value).exists()
+        path = Path(value)
+        return path.is_file() or ("/" in value and path.exists())
     except (OSError, ValueError):  # a name too long, a NUL byte
         return False
 
 
 def absolutise_command(command: str) -> str:
-    """The command with each word that names an existing relative path (where the evaluator runs) made
-    absolute; everything else (shell operators, redirections, variables, quoting) is kept as written, and the
+    """The command with each word that names an existing relative path (where the evaluator runs: a file, or
+    a folder written with a ``/``) made absolute; everything else (shell operators, redirections, variables, quoting) is kept as written, and the
     command runs through ``sh -c``.
 
     Raises:
@@ -292,7 +296,7 @@ def absolutise_command(command: str) -> str:
     for start, end, value in words:
         raw = command[start:end]
         if (value and not value.startswith("-") and not Path(value).is_absolute() and "$" not in raw
-                and "`" not in raw and _exists(value)):
+                and "`" not in raw and _names_path(value)):
             out.append(command[last:start] + shlex.quote(str(Path(value).resolve())))
             last = end
     return "".join(out) + command[last:]
@@ -536,8 +540,9 @@ def evaluate_case(
         dsc, nsd_value = case_scores(gts, segs, spacing)
         result.dsc[step - 1], result.nsd[step - 1] = dsc, nsd_value
         if step > 1:
-            result.clicks_kept[step - 1], result.clicks[step - 1] = clicks_kept(segs, prompts)
-            result.clicks_kept_by_reference[step - 1] = clicks_kept(gts, prompts)[0]
+            promises = promises_of(prompts, case.shape)
+            result.clicks_kept[step - 1], result.clicks[step - 1] = clicks_kept(segs, prompts, promises)
+            result.clicks_kept_by_reference[step - 1] = clicks_kept(gts, prompts, promises)[0]
         if all_segs is not None:
             all_segs.append(segs.copy())
     in_file.unlink(missing_ok=True)
