@@ -10,7 +10,7 @@ and ``--shape`` choose another model of ``configs/models`` and image size, e.g. 
 the first-click and encoder-only times (sorted, seconds) and the cProfile table by cumulative time.
 
 ``--ab-linear`` (bf16): first clicks alternating between the image encoder's linear layers on weights packed
-for oneDNN (:class:`dcm.models.onednn.OneDNNLinear`, the default) and plain ``F.linear``, in one process, so
+for oneDNN (:class:`dcm.models.onednn.OneDNNLinear`, the default without AMX) and plain ``F.linear``, in one process, so
 that the machine's drift from run to run (often larger than the difference) cancels; prints min and median
 of each and whether the two answers are bit for bit equal.
 
@@ -36,9 +36,12 @@ def ab_linear(expert, obj, prev, repeats: int) -> int:
     """Interleaved first clicks, packed oneDNN linear layers vs plain F.linear (see the module docstring)."""
     from torch import nn
 
-    from dcm.models.onednn import OneDNNLinear
+    from dcm.models.onednn import OneDNNLinear, onednn_linear_available, use_onednn_linear
 
-    layers = [m for m in expert.backbone.model.image_encoder.modules() if isinstance(m, OneDNNLinear)]
+    encoder = expert.backbone.model.image_encoder
+    if onednn_linear_available() and expert.backbone.autocast_dtype is not None:
+        use_onednn_linear(encoder)  # also where the default leaves them plain (a processor with AMX)
+    layers = [m for m in encoder.modules() if isinstance(m, OneDNNLinear)]
     if not layers:
         print("the image encoder has no packed linear layers here (no oneDNN linear kernels, or not bfloat16)")
         return 1

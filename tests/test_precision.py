@@ -33,7 +33,8 @@ from dcm.experts.global_roi import GlobalRoIExpert
 from dcm.experts.local_roi import LocalRoIExpert
 from dcm.models import build_sam_med3d, load_model_config
 from dcm.models import precision
-from dcm.models.onednn import OneDNNConv3d, OneDNNLinear, is_channels_last, onednn_linear_available
+from dcm.models.onednn import (OneDNNConv3d, OneDNNLinear, is_channels_last, onednn_linear_available,
+                               onednn_linear_pays)
 from dcm.models.precision import ChannelsLastInstanceNorm3d, autocast_dtype, channels_last_active, cpu_native
 from dcm.models.sam_med3d.image_encoder import fast_window_attention, reduced_window_attention
 from dcm.models.vista3d import build_vista3d, load_vista3d_config
@@ -286,14 +287,25 @@ def test_bf16_weights_stored_once_give_the_same_encoder_output():
     assert layers and all(m.weight.dtype is torch.bfloat16 for m in layers)
     assert all(m.bias is None or m.bias.dtype is torch.float32 for m in layers)
     assert all(p.dtype is torch.float32 for n, p in model.named_parameters() if "norm" in n)
-    if onednn_linear_available():  # the linear layers run on weights packed once for oneDNN, same values
-        encoder = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
-        assert encoder and all(type(m) is OneDNNLinear for m in encoder)
+    encoder = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    # the linear layers run on weights packed once for oneDNN where that pays (no AMX), same values
+    assert encoder and all(type(m) is (OneDNNLinear if onednn_linear_pays() else torch.nn.Linear) for m in encoder)
     emb = backbone.encode(x)
     assert torch.equal(emb, want)
     assert torch.equal(backbone.decode(emb, coords, labels, mask), want_logits)
     fp32 = make_backbone(build_sam_med3d(load_model_config("sam_med3d_64_reduced")).eval(), "sam_med3d")
     assert all(p.dtype is torch.float32 for p in fp32.model.parameters())
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="no oneDNN linear kernels in this torch build")
+@pytest.mark.parametrize("amx", [False, True])
+def test_packed_linear_layers_only_on_a_processor_without_amx(monkeypatch, amx):
+    """OneDNNLinear was measured faster on an avx512_bf16 processor and slower (and 100 MB larger) with AMX."""
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
+    model = build_sam_med3d(load_model_config("sam_med3d_64_reduced")).eval()
+    make_backbone(model, "sam_med3d", **BF16)
+    kinds = {type(m) for m in model.image_encoder.modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == ({torch.nn.Linear} if amx else {OneDNNLinear})
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 8), (14, 14, 14), (5, 7, 3)])

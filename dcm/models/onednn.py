@@ -16,8 +16,9 @@ Linear layers in bfloat16 (:class:`OneDNNLinear`, :func:`use_onednn_linear`): a 
 oneDNN the plain (out, in) weight at every call, which oneDNN reorders into its blocked layout each time;
 a weight reordered once and kept (``torch.ops.mkldnn._reorder_linear_weight``) runs the same products on the
 same values (bit-equal outputs at the SAM-Med3D encoder's 512 tokens; with a few tokens oneDNN may sum in
-another order, a bfloat16 rounding apart), 4-6 % less time per global first click
-(``benchmarks/profile_first_click.py --ab-linear``). The packed copy costs the weights' size again in memory.
+another order, a bfloat16 rounding apart), 4-6 % less time per global first click on a processor without AMX
+(``benchmarks/profile_first_click.py --ab-linear``); with AMX it is slower, so it is used only where
+:func:`onednn_linear_pays`. The packed copy costs the weights' size again in memory.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "channels_last_weights",
     "is_channels_last",
     "onednn_linear_available",
+    "onednn_linear_pays",
     "use_onednn_conv3d",
     "use_onednn_linear",
     "use_pytorch_conv3d",
@@ -108,6 +110,17 @@ def onednn_linear_available() -> bool:
         return hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     except (AttributeError, RuntimeError):
         return False
+
+
+def onednn_linear_pays() -> bool:
+    """Whether the SAM-Med3D encoder's linear layers go to :class:`OneDNNLinear` under CPU bfloat16 (an expert's
+    ``onednn: true``): where this torch has the kernels and the processor has no AMX. Measured on two 2-core
+    machines (README "Performance", ``benchmarks/profile_first_click.py --ab-linear``): an AMD EPYC with
+    ``avx512_bf16`` only, 4-6 % less time per global first click; an Intel Xeon with AMX, 5 % more time and
+    about 100 MB more memory, so there the plain ``F.linear`` runs."""
+    from dcm.models.precision import cpu_has_amx
+
+    return onednn_linear_available() and not cpu_has_amx()
 
 
 class OneDNNLinear(nn.Linear):

@@ -36,6 +36,7 @@ __all__ = [
     "autocast_dtype",
     "channels_last_active",
     "cpu_flags",
+    "cpu_has_amx",
     "cpu_native",
     "precision_label",
     "say_once",
@@ -82,6 +83,12 @@ def _torch_says(dtype: torch.dtype) -> Optional[str]:
         except Exception:  # a check this torch does not have
             continue
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether the processor has AMX bfloat16 tiles (PyTorch's check, else ``/proc/cpuinfo``)."""
+    return _torch_says(torch.bfloat16) == "amx_bf16" or "amx_bf16" in cpu_flags()
 
 
 @functools.lru_cache(maxsize=None)
