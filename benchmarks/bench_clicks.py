@@ -6,7 +6,8 @@
 Each variant is ``name=override override ...`` (config overrides, space-separated) on ``--config``; the experts
 are built once per distinct expert config. For every case the evaluator runs the protocol in-process
 (``dcm.evaluate.evaluate_case``, the organisers' click rule); after each click step the output is checked
-against every click given so far (the evaluator's ``clicks.csv`` count, ``dcm.engine.clicks.clicks_kept``). Per variant it prints: clicks kept,
+against every click given so far (the evaluator's ``clicks.csv`` count, ``dcm.engine.clicks.clicks_kept``).
+Per variant it prints: clicks kept,
 mean DSC AUC / NSD AUC / DSC_Final, mean DSC at steps 2 and 6, the largest DSC loss of one object between
 two consecutive click steps and how many objects lost more than 0.1, and seconds per case. A CSV per case
 goes to ``--csv`` (default ``benchmarks/results/bench_clicks.csv``).

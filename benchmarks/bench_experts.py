@@ -155,7 +155,8 @@ def make_image(shape, seed: int = 0):
     image[inside] += 180
     zs, ys, xs = np.nonzero(inside)
     box = Box(z_min=int(zs.min()), z_max=int(zs.max()), z_mid=int(c[0]),
-              z_mid_x_min=int(xs.min()), z_mid_x_max=int(xs.max()), z_mid_y_min=int(ys.min()), z_mid_y_max=int(ys.max()))
+              z_mid_x_min=int(xs.min()), z_mid_x_max=int(xs.max()),
+              z_mid_y_min=int(ys.min()), z_mid_y_max=int(ys.max()))
     return image, inside, box, c, r
 
 
@@ -358,7 +359,8 @@ def main(argv: List[str] = None) -> int:
                                   "compile": comp, "device": device, "repeats": args.repeats,
                                   "threads": args.threads, "shape": args.shape, "stat": args.stat, "path": name})
     header = f"{'expert':<7}{'model':<20}{'input':<7}{'attn':<7}{'path':<9}{'oneDNN':<7}{'comp':<5}" \
-             f"{'set_img s':>10}{'warm-up s':>10}{'first s':>9}{'further s':>10}{'new win s':>10}{'peak MB':>9}{'extra MB':>9}"
+             f"{'set_img s':>10}{'warm-up s':>10}{'first s':>9}{'further s':>10}{'new win s':>10}" \
+             f"{'peak MB':>9}{'extra MB':>9}"
     runs: List[List[Dict[str, Any]]] = [[] for _ in specs]
     for k in range(max(args.rounds, 1)):
         if args.rounds > 1:
@@ -411,7 +413,8 @@ def main(argv: List[str] = None) -> int:
                       f"{'met' if met else 'NOT met'}")
     if device == "cpu":
         for expert, model, key, limit in AMP_TARGETS:
-            best = [r for r in results if (r["expert"], r["model"], r["precision"], r["compiled"]) == (expert, model, "bf16", False)
+            best = [r for r in results
+                    if (r["expert"], r["model"], r["precision"], r["compiled"]) == (expert, model, "bf16", False)
                     and r["attention"] != "padded"]
             if best:
                 row = min(best, key=lambda r: r[key])
@@ -460,7 +463,8 @@ def _speedups(results: List[Dict[str, Any]]) -> List[Any]:
             continue
         b = base[0]
         out.append((row, b["first_s"] / row["first_s"], b["further_s"] / row["further_s"],
-                    b["new_window_s"] / row["new_window_s"] if row["new_window_s"] == row["new_window_s"] else float("nan")))
+                    b["new_window_s"] / row["new_window_s"] if row["new_window_s"] == row["new_window_s"]
+                    else float("nan")))
     return out
 
 

@@ -120,7 +120,8 @@ def main(argv: List[str] = None) -> int:
     machine = machine_description()
     with open(args.csv, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["date", "machine", "what", "dtype", "padded_s", "fast_s", "speedup", "max_abs_diff", "max_abs_output"])
+        w.writerow(["date", "machine", "what", "dtype", "padded_s", "fast_s", "speedup", "max_abs_diff",
+                    "max_abs_output"])
         for what, p, fs, s, d, m in rows:
             w.writerow([stamp, machine, what, "float32", f"{p:.4f}", f"{fs:.4f}", f"{s:.2f}", f"{d:.3e}", f"{m:.4f}"])
     print(f"wrote {args.csv.relative_to(ROOT) if args.csv.is_relative_to(ROOT) else args.csv}")

@@ -42,7 +42,8 @@ COLUMNS = ["date", "machine", "shape", "radius_vox", "object_voxels", "crop_s", 
 TARGET_SPEEDUP = 5.0
 
 
-def plain_nsd(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+def plain_nsd(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
+              tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
     """The same sub-voxel surface Dice with surfaces and distance transforms over the whole volume.
 
     MONAI's building blocks without any crop (an all-true mask turns MONAI's own bounding-box crop off):
@@ -79,7 +80,8 @@ def make_masks(shape: Sequence[int], radius: int):
     zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
 
     def ellipsoid(centre, radii):
-        return ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + ((xx - centre[2]) / radii[2]) ** 2 <= 1
+        return (((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2
+                + ((xx - centre[2]) / radii[2]) ** 2 <= 1)
 
     gt = np.zeros(shape, dtype=bool)
     pred = np.zeros(shape, dtype=bool)

@@ -210,7 +210,8 @@ def main(argv: List[str] = None) -> int:
         expert.backbone.set_point_head(mode)
         expert.clear_cache()
         with torch.inference_mode():
-            expert.embeddings.put(window.key, embedding if mode == "monai" else expert.backbone.fast_head.prepare(embedding))
+            expert.embeddings.put(window.key,
+                                  embedding if mode == "monai" else expert.backbone.fast_head.prepare(embedding))
         runs, times = expert.encoder_runs, []
         for k in range(args.repeats + 1):  # a new click each time (the same prompts again would cost nothing)
             p = (n // 2 + 8, n // 2 - 8 + k, n // 2 + k)
@@ -237,10 +238,12 @@ def main(argv: List[str] = None) -> int:
     ]
     rows = []
     for key, label, note in names:
-        rows.append((label, before.get(key, 0.0) + (before["product"] if key == "conv" else 0.0), after.get(key, 0.0), note))
+        rows.append((label, before.get(key, 0.0) + (before["product"] if key == "conv" else 0.0),
+                     after.get(key, 0.0), note))
     rows.append(("sum of the parts", sum(r[1] for r in rows), sum(r[2] for r in rows), ""))
     rows.append(("point head call, measured", before["call"], after["call"],
-                 f"largest difference to MONAI: {rel_diff:.1e} of the largest logit; cached mode bit-equal: {bit_equal}"))
+                 f"largest difference to MONAI: {rel_diff:.1e} of the largest logit; "
+                 f"cached mode bit-equal: {bit_equal}"))
     rows.append(("paste (sigmoid, crop, to NumPy)", paste_s, paste_s, "unchanged"))
     rows.append(("further click, LocalRoIExpert.predict", further["monai"], further["fast"],
                  f"point_head: cached (bit-equal): {further['cached']:.2f} {unit}"))

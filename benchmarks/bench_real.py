@@ -154,13 +154,15 @@ def report(runs: Dict[str, Tuple[List[Dict[str, str]], Dict[str, Tuple[int, int]
                 row.append(f"{mean([m['DSC_AUC'] for m in ms]):.3f} / {mean([m['DSC_Final'] for m in ms]):.3f}")
         per_dataset.append(row)
     shown = [p for p in policies if p in by_case]
-    text += ["## Per dataset: DSC AUC / DSC_Final", "", markdown_table(["dataset", "cases"] + shown, per_dataset, digits=3), ""]
+    text += ["## Per dataset: DSC AUC / DSC_Final", "",
+             markdown_table(["dataset", "cases"] + shown, per_dataset, digits=3), ""]
     per_case = []
     for case in sorted(datasets):
         per_case.append([case, datasets[case]] + [
             f"{by_case[p][case]['DSC_AUC']:.3f} / {by_case[p][case]['DSC_Final']:.3f}" if case in by_case[p] else "-"
             for p in shown])
-    text += ["## Per case: DSC AUC / DSC_Final", "", markdown_table(["case", "dataset"] + shown, per_case, digits=3), ""]
+    text += ["## Per case: DSC AUC / DSC_Final", "",
+             markdown_table(["case", "dataset"] + shown, per_case, digits=3), ""]
 
     targets: List[Tuple[str, bool]] = []
     means = {p: {k: mean([m[k] for m in by_case[p].values()]) for k in STEP_METRICS} for p in shown}

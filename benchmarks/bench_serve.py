@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     thread.join(30)
 
     print(f"{args.sessions} sessions x {args.interactions} interactions on {'x'.join(map(str, args.size))}, "
-          f"{args.config} {' '.join(args.set)}{' (random init)' if args.random_init else ''}: {wall:.1f} s wall, {len(errors)} errors")
+          f"{args.config} {' '.join(args.set)}{' (random init)' if args.random_init else ''}: "
+          f"{wall:.1f} s wall, {len(errors)} errors")
     print(f"| {'interaction':<11} | {'n':>4} | {'p50 (s)':>8} | {'p95 (s)':>8} | {'max (s)':>8} |")
     print(f"|{'-' * 13}|{'-' * 6}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
     for kind in ("set_image", "bbox", "point+", "point-", "scribble", "undo"):

@@ -90,7 +90,8 @@ def main(argv: List[str] = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="dcm-bench-training-") as tmp:
         data = prepare_data(Path(tmp), args.cases, args.shape)
-        print(f"machine: {machine}\ndata: {args.cases} synthetic cases {tuple(args.shape)}; {args.steps} steps per run\n")
+        print(f"machine: {machine}\ndata: {args.cases} synthetic cases {tuple(args.shape)}; "
+              f"{args.steps} steps per run\n")
         print(f"{'expert':<8}{'procs':>6}{'threads':>8}{'samples/step':>13}{'wall s':>8}{'samples/s':>10}"
               f"{'steady':>8}{'speedup':>9}")
         for expert in args.experts:

@@ -118,7 +118,8 @@ def load_checkpoint(path: PathLike, trusted: bool = False) -> Any:
         try:
             loaded = load_file(str(p), device="cpu")
         except Exception as e:
-            raise CheckpointError(f"{p}: not a readable .safetensors file ({type(e).__name__}: {_first_line(e)})") from None
+            raise CheckpointError(f"{p}: not a readable .safetensors file "
+                                  f"({type(e).__name__}: {_first_line(e)})") from None
         return _check_finite(loaded, p)
     return _check_finite(_load_pickled(p, trusted), p)
 
@@ -296,7 +297,8 @@ def _unwrap(obj: Any, key: Optional[str], src: str) -> Dict[str, torch.Tensor]:
                 break
             obj = obj[picked]
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"{src}no state dict found (looked for {', '.join(STATE_DICT_KEYS)}); it is {_describe(obj)}")
+        raise CheckpointError(f"{src}no state dict found (looked for {', '.join(STATE_DICT_KEYS)}); "
+                              f"it is {_describe(obj)}")
     bad = [k for k, v in obj.items() if not _is_tensor_like(v)]
     if bad:
         raise CheckpointError(
@@ -519,9 +521,11 @@ def load_into(
     if strict and not rep.complete:
         problems = []
         if rep.missing:
-            problems.append(f"{len(rep.missing)} missing (" + ", ".join(rep.missing[:5]) + (", ..." if len(rep.missing) > 5 else "") + ")")
+            problems.append(f"{len(rep.missing)} missing (" + ", ".join(rep.missing[:5])
+                            + (", ..." if len(rep.missing) > 5 else "") + ")")
         if rep.unexpected:
-            problems.append(f"{len(rep.unexpected)} unexpected (" + ", ".join(rep.unexpected[:5]) + (", ..." if len(rep.unexpected) > 5 else "") + ")")
+            problems.append(f"{len(rep.unexpected)} unexpected (" + ", ".join(rep.unexpected[:5])
+                            + (", ..." if len(rep.unexpected) > 5 else "") + ")")
         if rep.mismatched:
             problems.append(f"{len(rep.mismatched)} shape mismatch(es) (" + ", ".join(
                 f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in rep.mismatched[:5]

@@ -10,7 +10,8 @@ else replaced). Overrides are ``dotted.key=value`` strings with YAML values (``t
 Inference configs (those with an ``engine`` / ``global_expert`` / ``local_expert`` / ``session`` section,
 or only ``weights`` / ``device``) are checked against :mod:`dcm.config_schema`, which holds every default:
 the loaded dict has every key, the YAML files only what they change. Training configs are checked by their
-trainers against :mod:`dcm.training.config_schema` (before any model is built or data read); model presets (``configs/models``) by :func:`load_model_config` and their builders.
+trainers against :mod:`dcm.training.config_schema` (before any model is built or data read); model presets
+(``configs/models``) by :func:`load_model_config` and their builders.
 
 Where a relative path is looked up: the caller's working folder first, then the repository
 (``configs/dcm_small.yaml`` works from any folder), then ``configs/`` (a preset name); a ``_base_`` first
@@ -94,7 +95,8 @@ def resolve_config_path(name: Union[str, Path], relative_to: Optional[Path] = No
     for candidate in dict.fromkeys(candidates):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"{name}: config file not found (looked in {', '.join(str(c) for c in dict.fromkeys(candidates))})")
+    raise ConfigError(f"{name}: config file not found "
+                      f"(looked in {', '.join(str(c) for c in dict.fromkeys(candidates))})")
 
 
 def resolve_repo_path(path: Union[None, str, Path]) -> Optional[Path]:

@@ -21,7 +21,8 @@ Training configs (``configs/train_*.yaml``) have their sections' schemas in the 
 (:mod:`dcm.training.config_schema`, built on :class:`Section`), checked by each trainer when it is constructed;
 they are read by the same :func:`dcm.config.load_config`.
 
-Model presets (``configs/models/*.yaml``) are checked by :func:`dcm.experts.backbones.registry.check_model_preset` against their builders'
+Model presets (``configs/models/*.yaml``) are checked by
+:func:`dcm.experts.backbones.registry.check_model_preset` against their builders'
 own schemas (SAM-Med3D: ``dcm.models.sam_med3d.build.REQUIRED`` / ``DEFAULTS``; VISTA3D:
 ``dcm.models.vista3d.VISTA3D_DEFAULTS``), so that an expert section's ``model`` is checked before any
 network is built.
@@ -412,7 +413,8 @@ class _ExpertConfig(Section):
         try:
             lower, upper = (float(p) for p in self.percentiles)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}.percentiles must be two numbers (lower, upper), got {self.percentiles!r}") from None
+            raise ConfigError(f"{where}.percentiles must be two numbers (lower, upper), "
+                              f"got {self.percentiles!r}") from None
         if not 0.0 <= lower < upper <= 100.0:
             raise ConfigError(f"{where}.percentiles must satisfy 0 <= lower < upper <= 100, got {self.percentiles!r}")
         if self.model is not None and not isinstance(self.model, (str, Mapping)):

@@ -13,8 +13,8 @@ import numpy as np
 
 from dcm.regions import mask_bbox
 
-__all__ = ["NSD_TOLERANCE_MM", "DSC_THRESHOLD_FOR_NSD", "DICE_BOTH_EMPTY_SCORE", "DICE_BOTH_EMPTY_TRAINING", "dice", "nsd", "click_auc", "case_scores",
-           "per_class_scores"]
+__all__ = ["NSD_TOLERANCE_MM", "DSC_THRESHOLD_FOR_NSD", "DICE_BOTH_EMPTY_SCORE", "DICE_BOTH_EMPTY_TRAINING", "dice",
+           "nsd", "click_auc", "case_scores", "per_class_scores"]
 
 NSD_TOLERANCE_MM = 2.0
 #: the case NSD is only computed when the case DSC is above this (else it is 0).

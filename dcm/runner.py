@@ -122,7 +122,8 @@ def predict_folder(
             t1 = time.perf_counter()
             out = outputs / path.name
             if out.exists() and not out.is_file():
-                raise OutputError(f"{out}: cannot be written: it is {'a folder' if out.is_dir() else 'not a regular file'}")
+                raise OutputError(f"{out}: cannot be written: "
+                                  f"it is {'a folder' if out.is_dir() else 'not a regular file'}")
             segs = predict_fn(case)
             t2 = time.perf_counter()
             save_segmentation(out, segs, shape=case.shape)

@@ -11,7 +11,8 @@ weights/dcm_small.pt; one stderr line says so); --config configs/dcm.yaml --weig
 
 Exit status: 0 when every case was written; 1 when a case failed (one line on stderr names the file and the
 field; the other cases are still written, and a failed case has no output file); 2 when nothing could run
-(bad config, weights, device or seed; an output folder that cannot be written or is the input folder); 143 on SIGTERM (outputs already written stay complete, no temporary file is left).
+(bad config, weights, device or seed; an output folder that cannot be written or is the input folder); 143 on
+SIGTERM (outputs already written stay complete, no temporary file is left).
 """
 
 import time

@@ -87,7 +87,8 @@ def test_bench_training_tiny(tmp_path):
     proc = _run("bench_training.py", "--steps", "2", "--cases", "3", "--procs", "1", "2", "--csv", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = _rows(out)
-    assert [(r["expert"], r["procs"]) for r in rows] == [("global", "1"), ("global", "2"), ("local", "1"), ("local", "2")]
+    assert [(r["expert"], r["procs"]) for r in rows] == [("global", "1"), ("global", "2"),
+                                                         ("local", "1"), ("local", "2")]
 
 
 def test_bench_clicks_counts_kept_clicks_per_variant(tmp_path):

@@ -225,7 +225,8 @@ def test_turbo_into_64_by_name_and_shape(tmp_path, sam64_model, capsys):
         model.image_encoder.patch_embed.proj.weight.fill_(7.0)
     rep = load_into(model, path, strict=False)
     out = capsys.readouterr().out
-    assert [k for k, _, _ in rep.mismatched] == ["image_encoder.patch_embed.proj.weight", "mask_decoder.mask_tokens.weight"]
+    assert [k for k, _, _ in rep.mismatched] == ["image_encoder.patch_embed.proj.weight",
+                                                 "mask_decoder.mask_tokens.weight"]
     assert rep.mismatched[0][1:] == ((768, 1, 16, 16, 16), (768, 1, 8, 8, 8))
     assert rep.mismatched[1][1:] == ((4, 384), (1, 384))
     assert rep.missing == []

@@ -84,7 +84,8 @@ def test_dcm_in_process_equals_predict_sh(cases_dir, tmp_path, monkeypatch):
                 "--random-init", "--threads", 1, "--save-all-segs") == 0
     assert _table(tmp_path / "inproc", columns=NOT_TIMES) == _table(tmp_path / "sh", columns=NOT_TIMES)
     for p in two.glob("*.npz"):
-        with np.load(tmp_path / "sh" / "all_segs" / p.name) as a, np.load(tmp_path / "inproc" / "all_segs" / p.name) as b:
+        with np.load(tmp_path / "sh" / "all_segs" / p.name) as a, \
+                np.load(tmp_path / "inproc" / "all_segs" / p.name) as b:
             assert np.array_equal(a["all_segs"], b["all_segs"])
 
 

@@ -91,7 +91,8 @@ def test_wrong_shape_and_missing_output(cases_dir, tmp_path):
     one.mkdir()
     (one / first.name).write_bytes(first.read_bytes())
     out = tmp_path / "out"
-    bad = f"{sys.executable} -c \"import numpy as np, os; np.savez('outputs/{first.stem}.npz', segs=np.zeros((2, 2, 2), np.uint8))\""
+    bad = (f"{sys.executable} -c \"import numpy as np, os; "
+           f"np.savez('outputs/{first.stem}.npz', segs=np.zeros((2, 2, 2), np.uint8))\"")
     assert evaluate_main(["--cases", str(one), "--out", str(out), "--predict-cmd", bad]) == 1
     nothing = f"{sys.executable} -c pass"
     assert evaluate_main(["--cases", str(one), "--out", str(tmp_path / "o2"), "--predict-cmd", nothing]) == 0

@@ -426,7 +426,8 @@ def _check_outputs(cases: Path, out: Path) -> None:
         with np.load(cases / f"{case_file}.npz", allow_pickle=True) as z:
             imgs, gts = z["imgs"], z["gts"]
         labels = [int(v) for v in np.unique(gts) if v]
-        assert labels and [n for n in names if n.startswith(case_file)] == [f"{case_file}_obj{l:03d}.npz" for l in labels]
+        assert labels and ([n for n in names if n.startswith(case_file)]
+                           == [f"{case_file}_obj{l:03d}.npz" for l in labels])
         boxes = boxes_from_labels(gts)
         for label, bx in zip(labels, boxes):
             with np.load(out / f"{case_file}_obj{label:03d}.npz") as z:
@@ -438,7 +439,8 @@ def _check_outputs(cases: Path, out: Path) -> None:
                 np.testing.assert_array_equal(z["roi_size"], roi.size)
                 # the same resampling as inference, not normalised
                 np.testing.assert_array_equal(z["image"], crop_and_resize(imgs, roi))
-                np.testing.assert_array_equal(z["label"], crop_and_resize((gts == label).astype(np.uint8), roi, mode="nearest"))
+                np.testing.assert_array_equal(z["label"],
+                                              crop_and_resize((gts == label).astype(np.uint8), roi, mode="nearest"))
                 assert z["spacing_zyx"].shape == (3,)
 
 

@@ -123,7 +123,8 @@ def test_session_on_real_experts_caches_and_undoes(reduced):
     box = arrays["boxes"][0]
     m_box = session.add_box(obj, box)
     runs = experts["global"].encoder_runs
-    z, y, x = box["z_mid"], (box["z_mid_y_min"] + box["z_mid_y_max"]) // 2, (box["z_mid_x_min"] + box["z_mid_x_max"]) // 2
+    z, y, x = (box["z_mid"], (box["z_mid_y_min"] + box["z_mid_y_max"]) // 2,
+               (box["z_mid_x_min"] + box["z_mid_x_max"]) // 2)
     session.add_point(obj, (z, y, x), positive=True)
     assert experts["global"].encoder_runs == runs  # click inside the RoI: cached embedding
     session.add_point(obj, (z, y, x), positive=False)

@@ -62,9 +62,11 @@ def _imports() -> Dict[str, Set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                    + ([base] if base else []))
                 # ``from dcm import tables`` imports the module dcm.tables (``__version__`` is the root's)
-                targets = [f"dcm.{a.name}" if _is_module(a.name) else base for a in node.names] if base == "dcm" else [base]
+                targets = ([f"dcm.{a.name}" if _is_module(a.name) else base for a in node.names]
+                           if base == "dcm" else [base])
             else:
                 continue
             out[module].update(t for t in targets if t == "dcm" or t.startswith("dcm."))

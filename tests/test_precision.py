@@ -230,8 +230,9 @@ def test_amp_false_is_plain_float32(role):
             sparse, dense = pe(points=(torch.as_tensor(coords, dtype=torch.float32)[None],
                                        torch.as_tensor(labels)[None]), boxes=None,
                                masks=torch.as_tensor(mask)[None, None])
-            logits = model.mask_decoder(image_embeddings=emb, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
-                                        dense_prompt_embeddings=dense, multimask_output=False)[0][0, 0]
+            logits = model.mask_decoder(image_embeddings=emb, image_pe=pe.get_dense_pe(),
+                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                        multimask_output=False)[0][0, 0]
         else:
             emb, _ = model.image_encoder(x, with_point=True, with_label=False)
             logits = model.point_head(emb, torch.as_tensor(coords, dtype=torch.float32)[None],
@@ -317,7 +318,8 @@ def test_reduced_window_attention_close_to_float64(shape, use_sdpa):
     q, k, v = (torch.randn(bh, *shape, c, generator=g) for _ in range(3))
     biases = [torch.randn(bh, c, generator=g) for _ in range(3)]
     tables = [0.3 * torch.randn(2 * n - 1, c, generator=g) for _ in range(3)]
-    exact = fast_window_attention(q.double(), k.double(), v.double(), *[t.double() for t in biases + tables], n, c ** -0.5)
+    exact = fast_window_attention(q.double(), k.double(), v.double(), *[t.double() for t in biases + tables],
+                                  n, c ** -0.5)
     out = reduced_window_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), *biases, *tables, n, c ** -0.5,
                                    use_sdpa=use_sdpa)
     assert out.dtype == torch.bfloat16 and out.shape == exact.shape

@@ -147,7 +147,8 @@ def _case_payloads(marker: Path) -> Dict[str, bytes]:
         "gadget_null": b"\x80\x03" + _array(_dtype(), b"\0" * 8) + STOP,
         "gadget_flags63": b"\x80\x03" + _array(_dtype("O8", 63), ptr) + STOP,
         "gadget_structured": b"\x80\x03" + _array(_structured_with_object(), ptr) + STOP,
-        "gadget_scalar": b"\x80\x03" + _object_array(_g(MA[0], "scalar") + _dtype() + _bytes3(ptr) + TUPLE2 + REDUCE, 1) + STOP,
+        "gadget_scalar": b"\x80\x03" + _object_array(
+            _g(MA[0], "scalar") + _dtype() + _bytes3(ptr) + TUPLE2 + REDUCE, 1) + STOP,
         "gadget_nested": b"\x80\x03" + _object_array(b"}" + _u("fg") + _array(_dtype(), ptr) + b"s", 1) + STOP,
         "gadget_datetime": b"\x80\x03" + _array(_dtype("M8", 0), ptr) + STOP,
         "os_system": b"\x80\x03" + _object_array(_system(marker), 1) + STOP,
@@ -389,7 +390,8 @@ def test_truncated_nifti_is_refused_naming_the_file(tmp_path, capsys):
     from dcm.data.convert import main as convert_main
 
     image = write_nifti(tmp_path / "img.nii.gz", np.ones((10, 12, 14), np.int16) * 50)
-    code = convert_main(["--image", str(image), "--label", str(tmp_path / "cut_lbl.nii.gz"), "--out", str(tmp_path / "o")])
+    code = convert_main(["--image", str(image), "--label", str(tmp_path / "cut_lbl.nii.gz"),
+                         "--out", str(tmp_path / "o")])
     assert code != 0
     _one_line(capsys.readouterr().err, "cut_lbl.nii.gz", "truncated")
 
@@ -478,7 +480,8 @@ def test_check_writable_names_the_users_path(tmp_path):
     a_file.write_bytes(b"x")
     check_writable(tmp_path / "new" / "deeper" / "out.nii.gz")
     check_writable(a_file)
-    for bad, folder in ((tmp_path, False), (a_file / "sub.nii.gz", False), (a_file, True), (Path("/proc/x.npz"), False)):
+    for bad, folder in ((tmp_path, False), (a_file / "sub.nii.gz", False), (a_file, True),
+                        (Path("/proc/x.npz"), False)):
         with pytest.raises(OutputError) as err:
             check_writable(bad, folder=folder)
         assert str(err.value).startswith(f"{bad}: cannot be written") and "\n" not in str(err.value)

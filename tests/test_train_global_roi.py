@@ -179,7 +179,8 @@ def test_torchrun_two_processes_save_and_resume(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-            str(REPO / "train_global_roi" / "train.py"), "--config", str(REDUCED), f"data.data_dir={tmp_path / 'crops'}",
+            str(REPO / "train_global_roi" / "train.py"), "--config", str(REDUCED),
+            f"data.data_dir={tmp_path / 'crops'}",
             "train.epochs=1", "train.batch_size=1", "interaction.num_steps=1", "interaction.num_candidates=2",
             "train.figure_every_epochs=100"]
 

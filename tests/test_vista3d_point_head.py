@@ -216,7 +216,8 @@ def test_expert_clicks_equal_monai_forward_with_cache_reuse_and_invalidation(mod
     window = expert.window_of(obj)
     assert window.roi != window0.roi
     coords, labels = expert.prompts_of(obj, window)
-    assert_close_logits(expert.window_logits(window, coords, labels), monai_window_logits(expert, window, coords, labels))
+    assert_close_logits(expert.window_logits(window, coords, labels),
+                        monai_window_logits(expert, window, coords, labels))
     assert expert.encoder_runs == 2
 
     expert.set_image(image[:, ::-1].copy())  # a new image, the same window: the cache is not reused

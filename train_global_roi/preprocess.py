@@ -14,9 +14,9 @@ inference, :func:`dcm.experts.roi.roi_from_box`) is resampled with the same code
 * ``spacing_zyx``: float64 (3,) spacing of the case in mm;
 * ``roi_center``: float64 (3,) and ``roi_size``: int64 (3,): the RoI (image voxels, (z, y, x)).
 
-An object whose label is absent from ``gts`` or whose box is invalid is skipped with a warning. A case that cannot be read or is
-inconsistent is reported on one line (file and problem) and skipped; the exit status is 1 if any case
-failed, 2 for bad arguments.
+An object whose label is absent from ``gts`` or whose box is invalid is skipped with a warning. A case that
+cannot be read or is inconsistent is reported on one line (file and problem) and skipped; the exit status is 1
+if any case failed, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", required=True, help="folder of training cases (.npz with imgs, gts, spacing)")
     parser.add_argument("--out", required=True, help="output folder for <case>_obj<label>.npz")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes (default: min(8, CPUs))")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes (default: min(8, CPUs))")
     parser.add_argument("--size", type=int, default=64, help="frame size S of the crops (default 64)")
     parser.add_argument("--scale", type=float, default=1.8, help="box enlargement factor (default 1.8)")
     parser.add_argument("--min-size", type=int, default=8, help="smallest RoI extent in voxels (default 8)")

@@ -227,7 +227,8 @@ def _pick_objects(cases_dir: Path, max_objects: int,
 
 def make_figure(results: Dict[str, Dict[str, Any]], cases_dir: Path, out_dir: Path, figure: Path,
                 policy: str = "dual", max_objects: int = 6, kind_of: Callable[[Path], str] = _demo_kind,
-                suptitle: str = "DCM demo (bundled small weights): axial slice through each object's last click") -> Path:
+                suptitle: str = ("DCM demo (bundled small weights): "
+                                 "axial slice through each object's last click")) -> Path:
     """Rows of panels (image | ground truth | ``policy`` after steps 1, 3, 6 with its clicks) for one object
     per kind of case (``kind_of``), and the mean DSC per step of every policy in ``results``."""
     import matplotlib

@@ -102,7 +102,8 @@ def scale_intensity(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def _percentiles(value: Any, who: str) -> Tuple[float, float]:
-    """A config's ``percentiles`` as ``(lower, upper)`` floats; ConfigError naming ``who`` unless 0 <= lower < upper <= 100."""
+    """A config's ``percentiles`` as ``(lower, upper)`` floats; ConfigError naming ``who`` unless
+    0 <= lower < upper <= 100."""
     try:
         lower, upper = (float(p) for p in value)
     except (TypeError, ValueError):

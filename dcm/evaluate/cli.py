@@ -13,7 +13,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from dcm.errors import ConfigError, DCMError
 from dcm.evaluate import core
-from dcm.evaluate.core import (case_file_name, _names_path, absolutise_command, PredictorSpec, check_predictor_spec, build_step_runner, load_records, select_case_files, write_results, evaluate_folder, write_manifest)
+from dcm.evaluate.core import (case_file_name, _names_path, absolutise_command, PredictorSpec, check_predictor_spec,
+                               build_step_runner, load_records, select_case_files, write_results, evaluate_folder,
+                               write_manifest)
 
 
 def build_parser() -> argparse.ArgumentParser:

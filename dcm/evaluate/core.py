@@ -14,8 +14,8 @@ a working folder holding ``inputs/<case>.npz`` and ``outputs/``.
     python -m dcm.evaluate merge PART_0 PART_1 ... --out DIR
 
 Each case's result is written as it finishes (``cases/<case>.json``, atomically): ``--resume`` skips the cases
-finished before. ``--workers N`` / ``--ray`` run cases in parallel (``dcm.evaluate.parallel``); ``metrics.csv`` is the same
-as a sequential run's, apart from the time columns.
+finished before. ``--workers N`` / ``--ray`` run cases in parallel (``dcm.evaluate.parallel``);
+``metrics.csv`` is the same as a sequential run's, apart from the time columns.
 
 Writes ``metrics.csv`` (official columns and order; ``CaseName`` is the file name with ``.npz``, as the
 organisers' evaluator writes it), ``summary.csv`` / ``summary.md`` (per-modality means),
@@ -280,8 +280,8 @@ def _names_path(value: str) -> bool:
 
 def absolutise_command(command: str) -> str:
     """The command with each word that names an existing relative path (where the evaluator runs: a file, or
-    a folder written with a ``/``) made absolute; everything else (shell operators, redirections, variables, quoting) is kept as written, and the
-    command runs through ``sh -c``.
+    a folder written with a ``/``) made absolute; everything else (shell operators, redirections, variables,
+    quoting) is kept as written, and the command runs through ``sh -c``.
 
     Raises:
         ConfigError: the command is empty or has an unterminated quote.
@@ -714,7 +714,8 @@ def report_record(record: CaseRecord, write: Callable[..., None] = print) -> Non
             write(f"{record.case}: {note}")
 
 
-def write_results(out_dir: Path, records: Sequence[CaseRecord]) -> Tuple[List[Dict[str, object]], List[Tuple[str, str]]]:
+def write_results(out_dir: Path,
+                  records: Sequence[CaseRecord]) -> Tuple[List[Dict[str, object]], List[Tuple[str, str]]]:
     """Write ``metrics.csv``, ``clicks.csv``, ``summary.csv`` / ``summary.md``, ``failures.csv`` and
     ``notes.txt`` from the records, in case-name order (whatever order they finished in).
 

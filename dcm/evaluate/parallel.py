@@ -408,7 +408,8 @@ def evaluate_parallel(files: Sequence[Path], out_dir: Path, spec: PredictorSpec,
 # ------------------------------------------------------------------------------------------ parts
 
 
-def merge_runs(part_dirs: Sequence[Path], out_dir: Path) -> Tuple[List[Dict[str, object]], List[Tuple[str, str]], List[str]]:
+def merge_runs(part_dirs: Sequence[Path],
+               out_dir: Path) -> Tuple[List[Dict[str, object]], List[Tuple[str, str]], List[str]]:
     """Merge the run folders of a split run (``--num-parts K --part-id I``) into ``out_dir``: the records
     (and ``all_segs``) are copied and the result files written from all of them, as a single run writes them.
 

@@ -106,7 +106,8 @@ class GlobalRoIExpert(BackboneExpert):
     # ------------------------------------------------------------------ the frame and its prompts
 
     def global_roi(self, obj: ObjectPrompts) -> Optional[GlobalRoI]:
-        """The object's RoI from its prompts alone (see the module docstring), or None without box and positive click."""
+        """The object's RoI from its prompts alone (see the module docstring), or None without box and positive
+        click."""
         self._require_image()
         c = self.cfg
         positives = [click.zyx for click in obj.clicks if click.positive]

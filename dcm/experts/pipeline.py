@@ -282,14 +282,16 @@ class BackboneExpert(Expert):
         if source == "zeros" or prev_pred is None:
             return np.zeros((m, m, m), np.float32)
         if tuple(prev_pred.shape) != tuple(self.image.shape):  # type: ignore[union-attr]
-            raise ValueError(f"{self.who}: prev_pred shape {prev_pred.shape} differs from the image {self.image.shape}")  # type: ignore[union-attr]
+            raise ValueError(f"{self.who}: prev_pred shape {prev_pred.shape} "
+                             f"differs from the image {self.image.shape}")  # type: ignore[union-attr]
         return frame.mask_grid(prev_pred, obj.label, m)
 
     def frame_input(self, frame: Frame) -> torch.Tensor:
         """The normalised network input of ``frame``: (1, 1, *frame.frame_shape) float32 on the device."""
         self._require_image()
         if self.backbone.normalise_scope == "image":  # pointwise: the padding stays 0 after it
-            x = frame.crop(self.image, pointwise=self.backbone.normalise, mode=self.image_interpolation)  # type: ignore[arg-type]
+            x = frame.crop(self.image, pointwise=self.backbone.normalise,  # type: ignore[arg-type]
+                           mode=self.image_interpolation)
         else:  # statistics of the whole network input, padding included
             x = self.backbone.normalise(frame.crop(self.image, mode=self.image_interpolation))  # type: ignore[arg-type]
         return torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)

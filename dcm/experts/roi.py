@@ -168,7 +168,8 @@ class GlobalRoI:
         return (q - self.frame_center) * (s / self.out_size) + c
 
     def in_frame(self, q: ArrayLike) -> np.ndarray:
-        """Whether frame coordinates (..., 3) lie in the frame, ``[-0.5, out_size - 0.5)`` on every axis: (...,) bool."""
+        """Whether frame coordinates (..., 3) lie in the frame, ``[-0.5, out_size - 0.5)`` on every axis:
+        (...,) bool."""
         q = np.asarray(q, dtype=np.float64)
         return np.all((q >= -0.5) & (q < self.out_size - 0.5), axis=-1)
 
@@ -219,7 +220,8 @@ class GlobalRoI:
         if any(a >= b for a, b in zip(lo, hi)):  # the RoI misses the image: all padding
             return np.zeros(self.frame_shape, np.float32)
         block = pointwise(image[tuple(slice(a, b) for a, b in zip(lo, hi))])
-        shifted = GlobalRoI(tuple(c - a for c, a in zip(self.center, lo)), self.size, self.out_size)  # type: ignore[arg-type]
+        shifted = GlobalRoI(tuple(c - a for c, a in zip(self.center, lo)),  # type: ignore[arg-type]
+                            self.size, self.out_size)
         return np.asarray(crop_and_resize(block, shifted, mode=mode), dtype=np.float32)
 
     def mask_grid(self, label_map: np.ndarray, label: int, m: int) -> np.ndarray:

@@ -11,8 +11,8 @@ bfloat16 is slower than float32: for measurements). Elsewhere float32.
 **Channels-last 3D** (``channels_last``, :func:`channels_last_active`): the 3D convolution weights stored
 ``torch.channels_last_3d`` (N, D, H, W, C in memory), so that oneDNN writes every convolution's output in
 that layout and the next one reads it without a reorder; instance norms then run as the equal group norm
-with one channel per group (:func:`use_channels_last_norms`), which keeps the layout instead of copying back. ``auto``: on for a
-convolutional backbone (VISTA3D) under CPU bfloat16 autocast, where it was measured to pay
+with one channel per group (:func:`use_channels_last_norms`), which keeps the layout instead of copying back.
+``auto``: on for a convolutional backbone (VISTA3D) under CPU bfloat16 autocast, where it was measured to pay
 (README "Performance"); ``true`` / ``false``: always / never.
 """
 
@@ -105,7 +105,8 @@ def cpu_native(dtype: torch.dtype) -> Tuple[bool, str]:
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False, "this torch has no oneDNN"
     try:
-        kernels = bool(getattr(torch.ops.mkldnn, f"_is_mkldnn_{'bf16' if dtype is torch.bfloat16 else 'fp16'}_supported")())
+        kernels = bool(getattr(torch.ops.mkldnn,
+                               f"_is_mkldnn_{'bf16' if dtype is torch.bfloat16 else 'fp16'}_supported")())
     except Exception:
         kernels = False
     if not kernels:

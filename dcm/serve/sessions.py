@@ -251,7 +251,8 @@ class ServedSession:
             raise P.PromptError(f"interaction_bbox must be 3 [lo, hi] integer pairs, got {interaction_bbox!r}"[:200])
         for (lo, hi), n in zip(interaction_bbox, self.image_shape):
             if not 0 <= lo < hi <= n:
-                raise P.PromptError(f"interaction_bbox {interaction_bbox} is outside the image {list(self.image_shape)}")
+                raise P.PromptError(f"interaction_bbox {interaction_bbox} is outside the image "
+                                    f"{list(self.image_shape)}")
         if [hi - lo for lo, hi in interaction_bbox] != list(crop.shape):
             raise P.PromptError(f"{what} shape {list(crop.shape)} does not match interaction_bbox {interaction_bbox}")
         volume = np.zeros(self.image_shape, dtype=bool)

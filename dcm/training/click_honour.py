@@ -3,7 +3,8 @@
 After each click step of the simulated interaction (no augmentation, no gradient), every click given so far
 is checked on that step's binary prediction with :func:`dcm.training.clicks.clicks_honoured` (its voxel and
 6 face neighbours inside the mask for a positive click, outside for a negative one). The global expert's
-centre click (a convention) is left out. Prints per-step fractions (and the mean Dice of each step's masks) and writes them as JSON::
+centre click (a convention) is left out. Prints per-step fractions (and the mean Dice of each step's masks) and
+writes them as JSON::
 
     python -m dcm.training.click_honour --expert local --config configs/train_local_roi_small.yaml \\
         --weights runs/x/latest.pt --data HELD_OUT_CASES [--passes 2] [--out honour.json]
@@ -69,7 +70,8 @@ def honour_local(cfg: dict, weights: str, data: str, passes: int = 1) -> Dict[in
                     for k, clicks in enumerate(record["clicks"]):
                         given = [(zyx, lab) for zyx, lab in clicks[:step + 1] if lab >= 0]
                         honoured = clicks_honoured(pred[k], [c for c, _ in given], [lab for _, lab in given])
-                        _tally(table, step, honoured, clicks[step][1] >= 0, dice(record["gts"][k], pred[k], DICE_BOTH_EMPTY_TRAINING))
+                        _tally(table, step, honoured, clicks[step][1] >= 0,
+                               dice(record["gts"][k], pred[k], DICE_BOTH_EMPTY_TRAINING))
     return table
 
 
@@ -128,7 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     print(f"{args.expert} {args.weights}")
     print("step | all clicks honoured | newest click honoured | Dice")
     for s, r in result["per_step"].items():
-        print(f"{s} | {r['honoured']:.3f} ({r['clicks']}) | {r['newest_honoured']:.3f} ({r['newest']}) | {r['dice']:.3f}")
+        print(f"{s} | {r['honoured']:.3f} ({r['clicks']}) | {r['newest_honoured']:.3f} ({r['newest']}) | "
+              f"{r['dice']:.3f}")
     a = result["all"]
     print(f"all | {a['honoured']:.3f} ({a['clicks']}) | {a['newest_honoured']:.3f} ({a['newest']})")
     if args.out:

@@ -525,7 +525,8 @@ class GlobalRoITrainer(Trainer):
                                     min_foreground=data.min_foreground, max_retries=data.max_retries)
 
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
-        """Two groups: the image encoder at ``train.lr_encoder``, prompt encoder + mask decoder at ``train.lr_decoder``."""
+        """Two groups: the image encoder at ``train.lr_encoder``, prompt encoder + mask decoder at
+        ``train.lr_decoder``."""
         encoder = [p for p in model.image_encoder.parameters() if p.requires_grad]
         decoder = [p for part in (model.prompt_encoder, model.mask_decoder) for p in part.parameters()
                    if p.requires_grad]

@@ -440,7 +440,8 @@ class Trainer:
                 break
             mean_loss = epoch_loss / max(epoch_count, 1)
             self.losses.append(mean_loss)
-            dice = float(all_reduce_mean(torch.tensor(sum(dice_values) / len(dice_values), device=device))) if dice_values else float("nan")
+            dice = (float(all_reduce_mean(torch.tensor(sum(dice_values) / len(dice_values), device=device)))
+                    if dice_values else float("nan"))
             self.dices.append(dice)
             self.best_dice = max(self.best_dice, dice) if dice == dice else self.best_dice
             improved = mean_loss < self.best_loss
@@ -465,7 +466,8 @@ class Trainer:
         end = time.time()
         seconds = end - start
         world = self.dist.world_size
-        steady = (samples - steady_samples) * world / (end - steady_start) if steady_start and end > steady_start else None
+        steady = ((samples - steady_samples) * world / (end - steady_start)
+                  if steady_start and end > steady_start else None)
         # samples_per_second: everything (checkpoints, first step); steady_samples_per_second: after step 1.
         summary = {"steps": self.global_step, "step_losses": step_losses, "seconds": seconds,
                    "samples_per_second": samples * world / max(seconds, 1e-9),

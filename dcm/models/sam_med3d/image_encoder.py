@@ -366,7 +366,8 @@ class Attention3D(nn.Module):
             out = self._reference_core(q, k, v, d, h, w)
         return self._merge(out.view(bh, d, h, w, -1), b)
 
-    def _reference_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int, h: int, w: int) -> torch.Tensor:
+    def _reference_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        d: int, h: int, w: int) -> torch.Tensor:
         """softmax(scale q k^T + relative position) v for (BH, d h w, C) q, k, v of a whole cube."""
         bh, nt = q.shape[0], d * h * w
         attn = (q * self.scale) @ k.transpose(-2, -1)
