@@ -1,0 +1,20 @@
+"""Code style the reviewers would otherwise check by hand: every Python line of the project at most 120
+characters (the width the code is written to)."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["dcm", "benchmarks", "tests", "inference", "train_global_roi", "train_local_roi", "docker"]
+MAX_LINE = 120
+
+
+def test_python_lines_fit_the_width():
+    long = []
+    for folder in SOURCES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if len(line) > MAX_LINE:
+                    long.append(f"{path.relative_to(ROOT)}:{number} ({len(line)} characters)")
+    assert not long, "lines over 120 characters:\n" + "\n".join(long)
