@@ -37,6 +37,7 @@ COMMANDS: Dict[str, Command] = {
     "convert": Command("dcm.data.convert", "image + label NIfTI pair or nnU-Net dataset -> challenge cases"),
     "checkpoints": Command("dcm.checkpoints", "checkpoint tools (combine the two experts into DCM's file)"),
     "serve": Command("dcm.serve.__main__", "serve nnInteractive's remote protocol (napari, 3D Slicer) and the page"),
+    "info": Command("dcm.cli.info", "versions, device and the precision path each expert would run here"),
 }
 
 

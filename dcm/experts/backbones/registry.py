@@ -24,6 +24,7 @@ from dcm.experts.backbones.vista3d import Vista3DBackbone
 __all__ = [
     "BACKBONES",
     "DEFAULT_MODELS",
+    "backbone_class",
     "backbone_kind_of",
     "backbone_options",
     "build_backbone_model",
@@ -43,6 +44,13 @@ DEFAULT_MODELS: Dict[str, str] = {"sam_med3d": "sam_med3d_64", "vista3d": "vista
 _BACKBONE_CLASSES = {"sam_med3d": SamMed3DBackbone, "vista3d": Vista3DBackbone}
 #: The options only one backbone takes; :func:`make_backbone` drops those of the other one.
 _OWN_OPTIONS = {"sam_med3d": ("znorm",), "vista3d": ("percentiles", "point_head")}
+
+
+def backbone_class(kind: str) -> type:
+    """The :class:`Backbone` subclass of a ``backbone`` name (``sam_med3d`` / ``vista3d``)."""
+    if kind not in _BACKBONE_CLASSES:
+        raise ConfigError(f"backbone must be one of {BACKBONES}, got {kind!r}")
+    return _BACKBONE_CLASSES[kind]
 
 
 def backbone_options(cfg: Mapping[str, Any], who: str, cache_size: int = 1) -> Dict[str, Any]:
