@@ -446,15 +446,15 @@ def test_predict_cmd_runs_shell_syntax_and_resolves_relative_paths(tmp_path, mon
     assert (there / "made.txt").exists() and "to-log" in log
 
 
-def test_predict_cmd_keeps_a_bare_word_that_is_only_a_folder_here(tmp_path, monkeypatch):
+def test_predict_cmd_keeps_a_preset_name_that_is_also_a_folder_here(tmp_path, monkeypatch):
     """``--config dcm`` run from the repository root names the preset, not the package folder ``dcm/`` (the
-    evaluator made it ``/repo/dcm`` before 2026-12-02 and every step failed); files and folders written as
-    paths are still made absolute."""
+    evaluator made it ``/repo/dcm`` before 2026-12-02 and every step failed); files and other folders are
+    still made absolute."""
     (tmp_path / "dcm").mkdir()
     (tmp_path / "runs").mkdir()
     (tmp_path / "predict.sh").write_text("")
     monkeypatch.chdir(tmp_path)
-    command = absolutise_command("sh predict.sh --config dcm --out runs/ --cases ./runs")
+    command = absolutise_command("sh predict.sh --config dcm --out runs --cases ./runs")
     assert command == (f"sh {tmp_path / 'predict.sh'} --config dcm --out {tmp_path / 'runs'} "
                        f"--cases {tmp_path / 'runs'}")
 

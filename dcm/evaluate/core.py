@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.atomic import atomic_path
+from dcm.config import CONFIG_DIR
 from dcm.data.cases import Case, atomic_savez, load_case, load_npz, prompts_to_arrays
 from dcm.errors import CaseError, ConfigError, DCMError
 from dcm.engine.clicks import clicks_kept, promises_of
@@ -268,9 +269,7 @@ def _shell_words(command: str) -> List[Tuple[int, int, str]]:
 
 
 def _names_path(value: str) -> bool:
-    """Whether a command word names an existing file, or a directory written as a path (with a ``/``): a
-    bare word that is only a folder here is left as written (``--config dcm`` is the preset, not the package
-    folder ``dcm/`` next to ``predict.sh``)."""
+    """Whether a word names an existing file, or a folder written as a path (with a ``/``)."""
     try:
         path = Path(value)
         return path.is_file() or ("/" in value and path.exists())
@@ -278,10 +277,22 @@ def _names_path(value: str) -> bool:
         return False
 
 
+def _names_command_path(value: str) -> bool:
+    """Whether a command word names an existing path here: a file, or a folder unless the bare word is also
+    a config preset (``--config dcm`` from the repository root is ``configs/dcm.yaml``, not the package
+    folder ``dcm/``)."""
+    if _names_path(value):
+        return True
+    try:
+        return Path(value).is_dir() and not (CONFIG_DIR / f"{value}.yaml").is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def absolutise_command(command: str) -> str:
-    """The command with each word that names an existing relative path (where the evaluator runs: a file, or
-    a folder written with a ``/``) made absolute; everything else (shell operators, redirections, variables,
-    quoting) is kept as written, and the command runs through ``sh -c``.
+    """The command with each word that names an existing relative path (where the evaluator runs; a bare
+    word that is both a folder and a config preset stays a preset) made absolute; everything else (shell
+    operators, redirections, variables, quoting) is kept as written, and the command runs through ``sh -c``.
 
     Raises:
         ConfigError: the command is empty or has an unterminated quote.
@@ -296,7 +307,7 @@ def absolutise_command(command: str) -> str:
     for start, end, value in words:
         raw = command[start:end]
         if (value and not value.startswith("-") and not Path(value).is_absolute() and "$" not in raw
-                and "`" not in raw and _names_path(value)):
+                and "`" not in raw and _names_command_path(value)):
             out.append(command[last:start] + shlex.quote(str(Path(value).resolve())))
             last = end
     return "".join(out) + command[last:]
