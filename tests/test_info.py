@@ -62,6 +62,10 @@ def test_bad_config_and_device_are_refused_in_one_line(capsys):
     assert err.startswith("dcm info: no_such_config: config file not found") and err.count("\n") == 1
     assert info.main(["--config", "dcm_small", "engine.policy=sideways"]) == 2
     assert "policy" in capsys.readouterr().err
+    for not_inference in ("train_global_roi", "configs/models/sam_med3d_64.yaml"):  # a training / model config
+        assert info.main(["--config", not_inference]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dcm info: ") and err.count("\n") == 1
     if not torch.cuda.is_available():
         assert info.main(["--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err

@@ -74,13 +74,18 @@ def config_info(name: str, device: Optional[str] = None, overrides: Sequence[str
     import torch
 
     from dcm.config import load_config, resolve_config_path, resolve_repo_path
+    from dcm.config_schema import check_dcm_config
+    from dcm.errors import ConfigError
     from dcm.experts import needed_roles, resolve_device
     from dcm.experts.backbones.registry import DEFAULT_MODELS, backbone_class
     from dcm.models.onednn import onednn_linear_pays
     from dcm.models.precision import autocast_dtype, channels_last_active, precision_label
 
     path = resolve_config_path(name)
-    cfg = load_config(name, tuple(overrides))
+    try:  # an inference config (a training or model config is refused, naming the file)
+        cfg = check_dcm_config(load_config(name, tuple(overrides)))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     dev = torch.device(resolve_device(device or cfg.get("device")))
     weights = cfg.get("weights")
     found = resolve_repo_path(weights) if weights else None
