@@ -9,6 +9,7 @@ from dcm.cli import info
 from dcm.config import load_config
 from dcm.experts import build_experts
 from dcm.models import precision
+from dcm.models.onednn import OneDNNLinear
 
 #: the reduced presets with both experts asking for bfloat16 on any CPU (amp_device: cpu)
 FORCED_BF16 = ("global_expert.amp=true", "global_expert.amp_dtype=bfloat16", "global_expert.amp_device=cpu",
@@ -22,6 +23,8 @@ def test_reported_precision_is_what_the_built_experts_run(overrides):
     assert set(reported) == set(experts) == {"global", "local"}
     for role, expert in experts.items():
         assert reported[role]["precision"] == expert.backbone.precision
+    packed = any(type(m) is OneDNNLinear for m in experts["global"].backbone.model.modules())
+    assert reported["global"].get("packed_onednn_linear", False) is packed
     if overrides:
         assert reported["local"]["precision"] == "bfloat16 autocast + channels-last 3D"
         assert reported["global"]["precision"] == "bfloat16 autocast"
@@ -47,7 +50,7 @@ def test_text_and_json(capsys):
     text = capsys.readouterr().out
     assert "config dcm_small" in text and "weights/dcm_small.pt (found)" in text
     assert "config dcm_released" in text and "weights: none" in text
-    assert f"torch {torch.__version__}" in text
+    assert "torch " in text and "CUDA: " in text
     assert info.main(["--json", "--config", "dcm_small", "engine.policy=global_only"]) == 0
     data = json.loads(capsys.readouterr().out)
     small = data["configs"]["dcm_small"]
@@ -66,6 +69,18 @@ def test_bad_config_and_device_are_refused_in_one_line(capsys):
         assert info.main(["--config", not_inference]) == 2
         err = capsys.readouterr().err
         assert err.startswith("dcm info: ") and err.count("\n") == 1
+    assert info.main(["--config", "dcm_small", "global_expert.model=nosuch"]) == 2  # what building would refuse
+    assert "dcm_small.yaml: nosuch: no such model config" in capsys.readouterr().err
+    assert info.main(["--config", "dcm_small", "device=gpu"]) == 2
+    assert "device 'gpu': not a device" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert info.main(["--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_reads_predict_sh_environment(monkeypatch, capsys):
+    monkeypatch.setenv("DCM_CONFIG", "dcm_small")
+    monkeypatch.setenv("DCM_DEVICE", "cpu")
+    assert info.main(["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert list(data["configs"]) == ["dcm_small"] and data["configs"]["dcm_small"]["device"] == "cpu"

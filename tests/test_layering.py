@@ -26,7 +26,7 @@ LAYERS = [
     # what runs the engine: the challenge runner and evaluator, the trainers, the nnInteractive server
     {"dcm.runner", "dcm.baselines", "dcm.evaluate", "dcm.training", "dcm.serve"},
     # commands, and the old module paths that forward to them
-    {"dcm.cli", "dcm.__main__", "dcm.ablate", "dcm.demo", "dcm.segment"},
+    {"dcm.cli", "dcm.__main__", "dcm.ablate", "dcm.demo", "dcm.segment", "dcm.info"},
 ]
 
 #: The package root holds ``__version__`` and a lazy alias of ``dcm.engine.session.InteractiveSession``; it

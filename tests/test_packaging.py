@@ -21,7 +21,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 #: each subcommand and the module ``python -m`` ran before the ``dcm`` command existed
 OLD_MODULES = {"demo": "dcm.demo", "evaluate": "dcm.evaluate", "segment": "dcm.segment", "ablate": "dcm.ablate",
                "convert": "dcm.data.convert", "checkpoints": "dcm.checkpoints", "serve": "dcm.serve",
-               "info": "dcm.cli.info"}  # info: new with the dcm command
+               "info": "dcm.info"}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -446,17 +446,20 @@ def test_predict_cmd_runs_shell_syntax_and_resolves_relative_paths(tmp_path, mon
     assert (there / "made.txt").exists() and "to-log" in log
 
 
-def test_predict_cmd_keeps_a_preset_name_that_is_also_a_folder_here(tmp_path, monkeypatch):
+def test_predict_cmd_keeps_a_config_preset_that_is_also_a_folder_here(tmp_path, monkeypatch):
     """``--config dcm`` run from the repository root names the preset, not the package folder ``dcm/`` (the
-    evaluator made it ``/repo/dcm`` before 2026-12-02 and every step failed); files and other folders are
-    still made absolute."""
-    (tmp_path / "dcm").mkdir()
-    (tmp_path / "runs").mkdir()
+    evaluator made it ``/repo/dcm`` before 2026-12-02 and every step failed); files and folders elsewhere in
+    the command, bare or not, are still made absolute."""
+    for folder in ("dcm", "runs", "train_global_roi"):
+        (tmp_path / folder).mkdir()
     (tmp_path / "predict.sh").write_text("")
+    (tmp_path / "my.yaml").write_text("")
     monkeypatch.chdir(tmp_path)
-    command = absolutise_command("sh predict.sh --config dcm --out runs --cases ./runs")
+    command = absolutise_command("sh predict.sh --config dcm --out runs --cases ./runs && cd train_global_roi")
     assert command == (f"sh {tmp_path / 'predict.sh'} --config dcm --out {tmp_path / 'runs'} "
-                       f"--cases {tmp_path / 'runs'}")
+                       f"--cases {tmp_path / 'runs'} && cd {tmp_path / 'train_global_roi'}")
+    assert absolutise_command("sh predict.sh --config my.yaml") == (f"sh {tmp_path / 'predict.sh'} "
+                                                                      f"--config {tmp_path / 'my.yaml'}")
 
 
 def test_nan_weights_are_refused_naming_file_and_tensor(tmp_path):

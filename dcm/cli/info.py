@@ -77,15 +77,18 @@ def config_info(name: str, device: Optional[str] = None, overrides: Sequence[str
     from dcm.config_schema import check_dcm_config
     from dcm.errors import ConfigError
     from dcm.experts import needed_roles, resolve_device
-    from dcm.experts.backbones.registry import DEFAULT_MODELS, backbone_class
+    from dcm.checks import check_device
+    from dcm.experts.backbones.registry import DEFAULT_MODELS, backbone_class, check_expert_models
     from dcm.models.onednn import onednn_linear_pays
     from dcm.models.precision import autocast_dtype, channels_last_active, precision_label
 
     path = resolve_config_path(name)
-    try:  # an inference config (a training or model config is refused, naming the file)
+    try:  # an inference config whose experts could be built (a training or model config is refused)
         cfg = check_dcm_config(load_config(name, tuple(overrides)))
+        check_expert_models(cfg, needed_roles(cfg))
+        check_device(device or cfg.get("device"), "--device" if device else "device")
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     dev = torch.device(resolve_device(device or cfg.get("device")))
     weights = cfg.get("weights")
     found = resolve_repo_path(weights) if weights else None
@@ -133,8 +136,10 @@ def render(info: Dict[str, Any]) -> str:
              f"  bfloat16 native: {_yes(cpu['bfloat16'][0])} ({cpu['bfloat16'][1]}); "
              f"float16 native: {_yes(cpu['float16'][0])} ({cpu['float16'][1]})"]
     for name, config in info["configs"].items():
-        weights = "none (pass --weights FILE, or --random-init for a test run)" if config["weights"] is None else (
-            f"{config['weights']} ({'found' if config['weights_found'] else 'NOT FOUND'})")
+        if config["weights"] is None:
+            weights = "none in the config (predict.sh needs --weights FILE or DCM_WEIGHTS)"
+        else:
+            weights = f"{config['weights']} ({'found' if config['weights_found'] else 'NOT FOUND'})"
         lines += ["", f"config {name} ({config['config']}): policy {config['policy']}, device {config['device']}",
                   f"  weights: {weights}"]
         for role, expert in config["experts"].items():
@@ -146,10 +151,12 @@ def render(info: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcm.cli.info", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dcm.info", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", dest="configs",
-                        help=f"config path or preset name (repeat; default: {' and '.join(DEFAULT_CONFIGS)})")
-    parser.add_argument("--device", help="auto, cpu or cuda (default: each config's device)")
+                        help="config path or preset name (repeat; default: DCM_CONFIG when set, as predict.sh "
+                             f"reads it, else {' and '.join(DEFAULT_CONFIGS)})")
+    parser.add_argument("--device", default=os.environ.get("DCM_DEVICE") or None,
+                        help="auto, cpu or cuda (default: DCM_DEVICE when set, else each config's device)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, applied to every config")
     args = parser.parse_args(argv)
@@ -159,7 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.device:
             check_device(args.device, "--device")
-        info = collect(args.configs or DEFAULT_CONFIGS, args.device, args.overrides)
+        configs = args.configs or ([os.environ["DCM_CONFIG"]] if os.environ.get("DCM_CONFIG") else DEFAULT_CONFIGS)
+        info = collect(configs, args.device, args.overrides)
     except DCMError as e:
         print(" ".join(f"dcm info: {e}".split()), file=sys.stderr)
         return 2

@@ -44,7 +44,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dcm.atomic import atomic_path
-from dcm.config import CONFIG_DIR
 from dcm.data.cases import Case, atomic_savez, load_case, load_npz, prompts_to_arrays
 from dcm.errors import CaseError, ConfigError, DCMError
 from dcm.engine.clicks import clicks_kept, promises_of
@@ -277,21 +276,21 @@ def _names_path(value: str) -> bool:
         return False
 
 
-def _names_command_path(value: str) -> bool:
-    """Whether a command word names an existing path here: a file, or a folder unless the bare word is also
-    a config preset (``--config dcm`` from the repository root is ``configs/dcm.yaml``, not the package
-    folder ``dcm/``)."""
-    if _names_path(value):
-        return True
+def _names_command_path(value: str, after: Optional[str]) -> bool:
+    """Whether a command word names an existing path here: a file or a folder; the word after ``--config``
+    only as a file or a path written with a ``/`` (``--config dcm`` from the repository root is the preset
+    ``configs/dcm.yaml``, not the package folder ``dcm/``)."""
+    if after == "--config":
+        return _names_path(value)
     try:
-        return Path(value).is_dir() and not (CONFIG_DIR / f"{value}.yaml").is_file()
-    except (OSError, ValueError):
+        return Path(value).exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte
         return False
 
 
 def absolutise_command(command: str) -> str:
-    """The command with each word that names an existing relative path (where the evaluator runs; a bare
-    word that is both a folder and a config preset stays a preset) made absolute; everything else (shell
+    """The command with each word that names an existing relative path (where the evaluator runs; after
+    ``--config`` a file, so that a preset name stays a preset) made absolute; everything else (shell
     operators, redirections, variables, quoting) is kept as written, and the command runs through ``sh -c``.
 
     Raises:
@@ -303,13 +302,14 @@ def absolutise_command(command: str) -> str:
         raise ConfigError(f"--predict-cmd {command!r}: {e}") from None
     if not words:
         raise ConfigError("--predict-cmd: empty command")
-    out, last = [], 0
+    out, last, after = [], 0, None
     for start, end, value in words:
         raw = command[start:end]
         if (value and not value.startswith("-") and not Path(value).is_absolute() and "$" not in raw
-                and "`" not in raw and _names_command_path(value)):
+                and "`" not in raw and _names_command_path(value, after)):
             out.append(command[last:start] + shlex.quote(str(Path(value).resolve())))
             last = end
+        after = value
     return "".join(out) + command[last:]
 
 

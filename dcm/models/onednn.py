@@ -15,10 +15,12 @@ anyway. :func:`use_pytorch_conv3d` undoes :func:`use_onednn_conv3d` (an expert's
 Linear layers in bfloat16 (:class:`OneDNNLinear`, :func:`use_onednn_linear`): a CPU bfloat16 ``F.linear`` hands
 oneDNN the plain (out, in) weight at every call, which oneDNN reorders into its blocked layout each time;
 a weight reordered once and kept (``torch.ops.mkldnn._reorder_linear_weight``) runs the same products on the
-same values (bit-equal outputs at the SAM-Med3D encoder's 512 tokens; with a few tokens oneDNN may sum in
-another order, a bfloat16 rounding apart), 4-6 % less time per global first click on a processor without AMX
-(``benchmarks/profile_first_click.py --ab-linear``); with AMX it is slower, so it is used only where
-:func:`onednn_linear_pays`. The packed copy costs the weights' size again in memory.
+same values, 4-6 % less time per global first click on a processor without AMX
+(``benchmarks/profile_first_click.py --ab-linear``). The outputs were bit-equal there at the SAM-Med3D
+encoder's 512 tokens (and are in the tests' reduced encoder on any processor); with a few tokens, or on AMX at
+full width, oneDNN may sum in another order, a bfloat16 rounding apart. With AMX the packed layers were
+slower, so they are used only where :func:`onednn_linear_pays`. The packed copy costs the weights' size again
+in memory.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def onednn_linear_pays() -> bool:
 
 class OneDNNLinear(nn.Linear):
     """``nn.Linear`` whose bfloat16 CPU products run on a weight packed once for oneDNN (same parameters, same
-    state-dict keys; the same outputs, bit for bit at the image encoders' 512 tokens).
+    state-dict keys; the same products, summed in the same order at the image encoders' 512 tokens on a
+    processor without AMX: see the module docstring).
 
     It applies where autocast would run the layer in bfloat16 (or the input already is bfloat16) and the
     weight is stored in bfloat16 (:func:`dcm.models.precision.store_weights_in`); the bias is cast to

@@ -27,8 +27,9 @@ class SamMed3DBackbone(Backbone):
     mask prompt on the prompt encoder's ``m``^3 grid (32), low-resolution logits on that grid. Under autocast
     the network's linear and convolution weights are stored in the autocast dtype
     (:func:`dcm.models.precision.store_weights_in`: the same values autocast would cast them to); under CPU
-    bfloat16 with ``onednn`` on, the image encoder's linear layers run on weights packed once for oneDNN
-    (:class:`dcm.models.onednn.OneDNNLinear`, bit-equal outputs).
+    bfloat16 with ``onednn`` on, on a processor without AMX (:func:`dcm.models.onednn.onednn_linear_pays`),
+    the image encoder's linear layers run on weights packed once for oneDNN
+    (:class:`dcm.models.onednn.OneDNNLinear`).
 
     Args:
         model: the SAM-Med3D model.
