@@ -118,6 +118,8 @@ def _load_file(path: Path, seen: tuple = ()) -> Dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file in UTF-8 (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(data, dict):

@@ -163,6 +163,10 @@ def test_path_preset_name_and_dict_load_alike(tmp_path):
     mine.write_text("_base_: dcm_small.yaml\nengine:\n  threshold: 0.4\n")
     assert load_config(mine)["engine"]["threshold"] == 0.4
     assert load_config("train_local_roi_reduced")["model"] == "vista3d_reduced"
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("engine:\n  threshold: 0.4  # r\xe9glage\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not a text file in UTF-8"):
+        load_config(latin1)
 
 
 def test_config_path_from_another_working_folder(tmp_path, monkeypatch):
