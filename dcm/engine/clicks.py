@@ -229,10 +229,9 @@ class _Work:
     def start(cls, region: Region, prob: np.ndarray, label: int, prev_pred: Optional[np.ndarray],
               threshold: float) -> "_Work":
         prev, others = _previous(prev_pred, region, label, prob.shape)
-        covered = ~np.isnan(prob)
-        mask = prev.copy()
         with np.errstate(invalid="ignore"):
-            mask[covered] = prob[covered] > threshold
+            mask = prob > threshold  # NaN: False, then the previous mask there (whole-array passes, no gathers)
+        np.copyto(mask, prev, where=np.isnan(prob))
         return cls(region, prob, prev, others, mask, threshold)
 
     def keep_previous(self, part: np.ndarray) -> None:
@@ -260,7 +259,10 @@ def _previous(prev_pred: Optional[np.ndarray], region: Region, label: int, shape
     if prev_pred is None:
         return np.zeros(shape, bool), np.zeros(shape, bool)
     view = prev_pred[region]
-    return view == label, (view != label) & (view != 0)
+    mine = view == label
+    others = view != 0
+    others ^= mine  # labelled and not this label (label > 0)
+    return mine, others
 
 
 def honour_clicks(
@@ -393,9 +395,9 @@ def _cap_change(work: _Work, click_zyx: Sequence[int], limit: int, spacing_zyx: 
         if np.count_nonzero(change) > limit:
             work.keep_previous(change)
         return
-    changed = np.argwhere(change)
-    if len(changed) <= limit:
+    if np.count_nonzero(change) <= limit:  # the common case: no coordinates needed
         return
+    changed = np.argwhere(change)
     origin = np.array([s.start for s in work.region])
     farthest = changed[nearest_first(changed + origin, click_zyx, spacing_zyx)[limit:]]
     part = np.zeros(work.mask.shape, dtype=bool)

@@ -323,8 +323,11 @@ class LabelWriter:
         """``max_taken``: drop from ``win`` (in place) the other objects' previous voxels beyond each one's
         allowance, farthest from the anchor first; ``own`` (the object's protected voxels) are never dropped
         but count."""
-        prev = self._prev[region]
-        taken = win & (view != 0) & (view != label) & (view == prev)  # others' voxels held since the last pass
+        # others' voxels held since the last pass: in place, one region-sized array (objects' RoIs are large)
+        taken = np.equal(view, self._prev[region])
+        taken &= win
+        np.logical_and(taken, view, out=taken)  # view != 0
+        taken &= view != label
         if not taken.any():
             return
         if anchor_zyx is None:
