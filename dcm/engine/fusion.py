@@ -342,7 +342,7 @@ class LabelWriter:
             is_forced = np.zeros(len(claimed), dtype=bool)
         if self._prev_counts is None:
             self._prev_counts = label_counts(self._prev)
-        for other in np.unique(owners):
+        for other in np.flatnonzero(np.bincount(owners, minlength=256)):  # the owners, ascending (no hashing)
             other = int(other)
             allowed = max(0, int(self.max_taken * self._prev_counts[other]) - self._taken.get(other, 0))
             mine = owners == other
