@@ -5,20 +5,10 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
-import platform
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from dcm.models.precision import cpu_name  # one reader of /proc/cpuinfo; scripts import it from here too
 
 
 def machine_description() -> str:

@@ -31,22 +31,12 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> Dict[str, Any]:
     """Versions, the devices and the processor's bfloat16 / float16 support."""
     import torch
 
     from dcm import __version__
-    from dcm.models.precision import cpu_flags, cpu_has_amx, cpu_native
+    from dcm.models.precision import cpu_flags, cpu_has_amx, cpu_name, cpu_native
 
     cuda = torch.cuda.is_available()
     flags = cpu_flags()
@@ -57,7 +47,7 @@ def machine_info() -> Dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "cpu": {
-            "name": _cpu_name(),
+            "name": cpu_name(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "features": sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
@@ -79,14 +69,15 @@ def config_info(name: str, device: Optional[str] = None, overrides: Sequence[str
     from dcm.experts import needed_roles, resolve_device
     from dcm.checks import check_device
     from dcm.experts.backbones.registry import DEFAULT_MODELS, backbone_class, check_expert_models
-    from dcm.models.onednn import onednn_linear_pays
+    from dcm.models.onednn import packs_encoder_linear
     from dcm.models.precision import autocast_dtype, channels_last_active, precision_label
 
     path = resolve_config_path(name)
     try:  # an inference config whose experts could be built (a training or model config is refused)
         cfg = check_dcm_config(load_config(name, tuple(overrides)))
         check_expert_models(cfg, needed_roles(cfg))
-        check_device(device or cfg.get("device"), "--device" if device else "device")
+        if not device:  # a --device is checked once, by main()
+            check_device(cfg.get("device"), "device")
     except ConfigError as e:
         raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     dev = torch.device(resolve_device(device or cfg.get("device")))
@@ -103,7 +94,7 @@ def config_info(name: str, device: Optional[str] = None, overrides: Sequence[str
         entry = {"backbone": kind, "model": model if isinstance(model, str) else "(inline)",
                  "precision": precision_label(autocast, channels_last)}
         if kind == "sam_med3d" and autocast is torch.bfloat16 and dev.type == "cpu":
-            entry["packed_onednn_linear"] = bool(section["onednn"]) and onednn_linear_pays()
+            entry["packed_onednn_linear"] = packs_encoder_linear(section["onednn"], autocast, dev)
         experts[role] = entry
     return {
         "config": str(path),

@@ -25,7 +25,7 @@ in memory.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ __all__ = [
     "is_channels_last",
     "onednn_linear_available",
     "onednn_linear_pays",
+    "packs_encoder_linear",
     "use_onednn_conv3d",
     "use_onednn_linear",
     "use_pytorch_conv3d",
@@ -123,6 +124,14 @@ def onednn_linear_pays() -> bool:
     from dcm.models.precision import cpu_has_amx
 
     return onednn_linear_available() and not cpu_has_amx()
+
+
+def packs_encoder_linear(onednn: bool, autocast: Optional[torch.dtype], device: Union[str, torch.device]) -> bool:
+    """Whether a SAM-Med3D backbone runs its image encoder's linear layers as :class:`OneDNNLinear`: its
+    ``onednn`` setting on, bfloat16 autocast on the CPU, and :func:`onednn_linear_pays` (what ``dcm info``
+    reports is this same decision)."""
+    return (bool(onednn) and torch.device(device).type == "cpu" and autocast is torch.bfloat16
+            and onednn_linear_pays())
 
 
 class OneDNNLinear(nn.Linear):

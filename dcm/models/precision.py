@@ -19,6 +19,7 @@ with one channel per group (:func:`use_channels_last_norms`), which keeps the la
 from __future__ import annotations
 
 import functools
+import platform
 import sys
 from pathlib import Path
 from typing import Any, FrozenSet, Optional, Set, Tuple, Union
@@ -37,6 +38,7 @@ __all__ = [
     "channels_last_active",
     "cpu_flags",
     "cpu_has_amx",
+    "cpu_name",
     "cpu_native",
     "precision_label",
     "say_once",
@@ -54,15 +56,26 @@ _NATIVE_FLAGS = {
 }
 
 
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    """The processor's model name from ``/proc/cpuinfo``, else what :mod:`platform` knows."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> FrozenSet[str]:
     """The processor's feature flags from ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on aarch64); empty
     where the file does not exist."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
+    for line in _cpuinfo().splitlines():
         name, _, value = line.partition(":")
         if name.strip() in ("flags", "Features"):
             return frozenset(value.split())

@@ -53,14 +53,13 @@ class SamMed3DBackbone(Backbone):
             # encode() and decode() run under autocast, whose layers would cast their weights at every call
             # (a tenth of a CPU encoder pass)
             store_weights_in(self.model, self.autocast_dtype)
-            if self.onednn and self.device.type == "cpu" and self.autocast_dtype is torch.bfloat16:
-                from dcm.models.onednn import onednn_linear_pays, use_onednn_linear
+            from dcm.models.onednn import packs_encoder_linear, use_onednn_linear
 
-                # weights packed once for oneDNN: 5 % of a first click without AMX (slower with it), bit-equal
-                # at the encoder's 512 tokens there (not in the decoder, whose few-token products oneDNN
-                # accumulates in another order)
-                if onednn_linear_pays():
-                    use_onednn_linear(self.model.image_encoder)
+            # weights packed once for oneDNN: 5 % of a first click without AMX (slower with it), bit-equal at
+            # the encoder's 512 tokens there (not in the decoder, whose few-token products oneDNN accumulates
+            # in another order)
+            if packs_encoder_linear(self.onednn, self.autocast_dtype, self.device):
+                use_onednn_linear(self.model.image_encoder)
 
     def default_frame_size(self) -> int:
         return self.img_size
